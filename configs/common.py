@@ -1,0 +1,67 @@
+"""Shared defaults: every config starts from `get_config()` here and changes what differs.
+
+The recipe defaults are S²-MLPv2's (SPEC §5): AdamW, lr 2e-3 per 1024 images,
+cosine to 1e-5, 10 warmup epochs, weight decay 0.05, RandAugment rand-m9-mstd0.5,
+Mixup 0.8 / CutMix 1.0, random erasing 0.25, label smoothing 0.1, DropPath 0.1,
+EMA of weights, 300 epochs at 224×224.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # ---- model: s2mlp.models.get_model(model.name, **model.overrides) ----
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "s2mlpv2_small"
+    config.model.drop_path_rate = 0.1
+    config.model.overrides = ml_collections.ConfigDict()  # e.g. {'shift_pattern': 'eight'}
+    config.compute_dtype = "bfloat16"  # activations; parameters stay float32
+
+    # ---- data -------------------------------------------------------------
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "imagenet2012"  # any tfds image dataset, 'directory' or 'digits'
+    config.data.data_dir = ml_collections.FieldReference(None, field_type=str)  # tfds data_dir / image root
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.download = False  # let tfds download datasets that need no manual step
+    config.data.shuffle_buffer = 50_000
+    config.data.bad_images = "fail"  # 'directory' datasets: 'fail' or 'skip' unreadable files
+    config.data.normalization = "imagenet"
+    config.data.eval_crop_pct = 0.875  # eval: resize shorter side to image_size / crop_pct, center crop
+    config.image_size = 224
+
+    # ---- augmentation (each off-able) ----------------------------------------
+    config.augment = ml_collections.ConfigDict()
+    config.augment.inception_crop = True
+    config.augment.crop_area_min = 0.08
+    config.augment.flip = True
+    config.augment.randaugment = "rand-m9-mstd0.5"  # '' turns it off
+    config.augment.random_erase = 0.25  # probability per image; 0 turns it off
+    config.augment.mixup = 0.8  # Beta(alpha, alpha); 0 turns it off
+    config.augment.cutmix = 1.0  # Beta(alpha, alpha); 0 turns it off
+    config.augment.mix_switch_prob = 0.5  # when both are on: chance of CutMix per batch
+    config.augment.label_smoothing = 0.1
+
+    # ---- optimisation --------------------------------------------------------
+    config.batch_size = 1024  # global, over all devices and hosts
+    config.eval_batch_size = 1024
+    config.num_epochs = 300
+    config.warmup_epochs = 10
+    config.base_lr = 2e-3  # per 1024 images: lr = base_lr * batch_size / 1024
+    config.min_lr = 1e-5
+    config.weight_decay = 0.05
+    config.grad_clip_norm = 0.0  # global-norm clipping; 0 turns it off
+    config.grad_accum_steps = 1
+    config.ema_decay = 0.99996  # 0 turns the EMA of weights off
+    config.fsdp = False  # shard parameters and optimizer state over the data axis
+
+    # ---- cadences and bookkeeping ------------------------------------------
+    config.seed = 0
+    config.log_every_steps = 100
+    config.eval_every_steps = 5000
+    config.checkpoint_every_steps = 5000
+    config.keep_checkpoints = 3
+    config.total_steps = 0  # 0: num_epochs worth of steps; > 0 overrides
+    return config

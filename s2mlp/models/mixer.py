@@ -1,0 +1,87 @@
+"""MLP-Mixer (Tolstikhin et al., 2021), for side-by-side runs: SPEC §4.
+
+Parameter names and shapes are exactly those of google-research/vision_transformer
+(``stem``, ``MixerBlock_{i}/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}``
+with ``Dense_0``/``Dense_1`` inside each MLP, ``pre_head_layer_norm``, ``head``),
+so its published ``.npz`` checkpoints load unchanged (see `s2mlp.mixer_npz`).
+GELU is flax's default (tanh approximation), as there. DropPath (default 0) and
+the compute `dtype` are the only additions; neither adds parameters.
+
+The token-mixing MLP has a weight per token, so a Mixer is tied to the
+resolution it was built for: (image_size / patch)² tokens.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s2mlp.models.layers import DropPath, Dtype, drop_path_rates
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
+        return nn.Dense(x.shape[-1], dtype=self.dtype)(nn.gelu(y))
+
+
+class MixerBlock(nn.Module):
+    """Token mixing then channel mixing on (B, tokens, channels), pre-norm."""
+
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        drop = DropPath(self.drop_path_rate)
+        y = jnp.swapaxes(nn.LayerNorm(dtype=self.dtype)(x), 1, 2)
+        y = jnp.swapaxes(MlpBlock(self.tokens_mlp_dim, self.dtype, name="token_mixing")(y), 1, 2)
+        x = x + drop(y, deterministic=not train)
+        y = MlpBlock(self.channels_mlp_dim, self.dtype, name="channel_mixing")(nn.LayerNorm(dtype=self.dtype)(x))
+        return x + drop(y, deterministic=not train)
+
+
+class MlpMixer(nn.Module):
+    """MLP-Mixer on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes)."""
+
+    num_classes: int
+    patch_size: int
+    num_blocks: int
+    hidden_dim: int
+    tokens_mlp_dim: int
+    channels_mlp_dim: int
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images.astype(self.dtype))
+        b, h, w, c = x.shape
+        if not self.is_initializing() and "MixerBlock_0" in self.variables.get("params", {}):
+            built_for = self.variables["params"]["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[0]
+            if built_for != h * w:
+                side = int(round(built_for**0.5)) * p
+                raise ValueError(
+                    f"MlpMixer was built for {built_for} tokens (images of {side}x{side} with patch {p}) "
+                    f"but got {h * w} tokens from {images.shape[1]}x{images.shape[2]} images. Mixer's "
+                    f"token-mixing MLP fixes the resolution: resize the images to {side}x{side}."
+                )
+        x = x.reshape(b, h * w, c)
+        self.sow("intermediates", "stem", x)
+        for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
+            x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype, name=f"MixerBlock_{i}")(
+                x, train=train
+            )
+            self.sow("intermediates", f"block_{i}", x)
+        x = jnp.mean(nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x), axis=1)
+        self.sow("intermediates", "pre_logits", x)
+        x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
+        return x.astype(jnp.float32)

@@ -1,0 +1,113 @@
+"""S²-MLPv2 (Yu et al., 2021): SPEC §3.
+
+ViP's two-stage pyramid: a 7×7 stride-7 conv patch embedding, stage 1 blocks,
+a 2×2 stride-2 conv downsampling (c1 -> c2), stage 2 blocks, final LayerNorm,
+mean pool, Dense head. Pre-norm blocks (Eq. 5) with DropPath on both branches::
+
+    y = x + S2MLPv2Module(LN(x))
+    z = y + ChannelMLP(LN(y))           Dense(3c) -> GELU -> Dense(c)
+
+S2MLPv2Module: Dense c -> 3c, split into X1, X2, X3; X1 <- SS1(X1),
+X2 <- SS2(X2), X3 unshifted; split attention over the three; Dense c -> c.
+Split attention (ResNeSt via ViP, Eqs. 2-4) with hidden width c/4 and biases,
+the choice that reproduces the paper's 25.1M / 55.3M parameters.
+Works at any H, W divisible by 14 (patch 7, then downsampling by 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from s2mlp.models.layers import DropPath, Dtype, drop_path_rates
+from s2mlp.shift import spatial_shift
+
+
+def _layernorm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
+
+
+class SplitAttention(nn.Module):
+    """Re-weights K branches (B, K, h, w, c) per channel; returns (B, h, w, c)."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, branches: jax.Array) -> jax.Array:
+        _, k, _, _, c = branches.shape
+        a = jnp.mean(jnp.sum(branches, axis=1), axis=(1, 2))  # (B, c)
+        a = nn.Dense(c // 4, dtype=self.dtype, name="fc1")(a)
+        a = nn.Dense(k * c, dtype=self.dtype, name="fc2")(nn.gelu(a, approximate=False))
+        weights = jax.nn.softmax(a.reshape(-1, k, 1, 1, c).astype(jnp.float32), axis=1)
+        return jnp.sum(branches * weights.astype(branches.dtype), axis=1)
+
+
+class S2MLPv2Module(nn.Module):
+    """The spatial-shift token mixer: Dense(3c), SS1 / SS2 / identity, split attention, Dense(c)."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        x1, x2, x3 = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name="fc1")(x), 3, axis=-1)
+        branches = jnp.stack([spatial_shift(x1, "ss1"), spatial_shift(x2, "ss2"), x3], axis=1)
+        x = SplitAttention(self.dtype, name="split_attention")(branches)
+        return nn.Dense(c, dtype=self.dtype, name="fc2")(x)
+
+
+class S2MLPv2Block(nn.Module):
+    mlp_ratio: int = 3
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        c = x.shape[-1]
+        drop = DropPath(self.drop_path_rate)
+        x = x + drop(S2MLPv2Module(self.dtype, name="spatial_mlp")(_layernorm(self.dtype, "norm1")(x)), deterministic=not train)
+        y = _layernorm(self.dtype, "norm2")(x)
+        y = nn.Dense(self.mlp_ratio * c, dtype=self.dtype, name="channel_mlp_fc1")(y)
+        y = nn.Dense(c, dtype=self.dtype, name="channel_mlp_fc2")(nn.gelu(y, approximate=False))
+        return x + drop(y, deterministic=not train)
+
+
+class S2MLPv2(nn.Module):
+    """S²-MLPv2 on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
+
+    Intermediates (``stem``, ``block_{i}`` numbered across both stages,
+    ``pre_logits``) are sown into the ``'intermediates'`` collection.
+    """
+
+    num_classes: int
+    hidden_dims: Sequence[int] = (192, 384)
+    num_blocks: Sequence[int] = (4, 14)
+    patch_size: int = 7
+    mlp_ratio: int = 3
+    drop_path_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        p = self.patch_size
+        x = nn.Conv(self.hidden_dims[0], (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(
+            images.astype(self.dtype)
+        )
+        self.sow("intermediates", "stem", x)
+        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.num_blocks)))
+        i = 0
+        for stage, (dim, depth) in enumerate(zip(self.hidden_dims, self.num_blocks)):
+            if stage > 0:
+                x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name=f"downsample_{stage}")(x)
+            for _ in range(depth):
+                x = S2MLPv2Block(self.mlp_ratio, next(rates), self.dtype, name=f"block_{i}")(x, train=train)
+                self.sow("intermediates", f"block_{i}", x)
+                i += 1
+        x = _layernorm(self.dtype, "final_norm")(x)
+        x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "pre_logits", x)
+        x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
+        return x.astype(jnp.float32)
