@@ -1,15 +1,20 @@
 """Shared defaults: every config starts from `get_config()` here and changes what differs.
 
-The recipe defaults are S²-MLPv2's (SPEC §5): AdamW, lr 2e-3 per 1024 images,
+`get_config('v2')` is S²-MLPv2's recipe (SPEC §5): AdamW, lr 2e-3 per 1024 images,
 cosine to 1e-5, 10 warmup epochs, weight decay 0.05, RandAugment rand-m9-mstd0.5,
 Mixup 0.8 / CutMix 1.0, random erasing 0.25, label smoothing 0.1, DropPath 0.1,
-EMA of weights, 300 epochs at 224×224.
+EMA of weights, 300 epochs at 224×224. `get_config('deit')` is S²-MLP's
+(DeiT's: lr 1e-3 per 1024, 5 warmup epochs, no EMA). DeiT's repeated
+augmentation is not implemented.
 """
 
 import ml_collections
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
+    """The shared defaults with `recipe` 'v2' (S²-MLPv2 paper) or 'deit' (S²-MLP paper)."""
+    if recipe not in ("v2", "deit"):
+        raise ValueError(f"recipe={recipe!r} is unknown; choose 'v2' or 'deit'.")
     config = ml_collections.ConfigDict()
 
     # ---- model: s2mlp.models.get_model(model.name, **model.overrides) ----
@@ -64,4 +69,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 5000
     config.keep_checkpoints = 3
     config.total_steps = 0  # 0: num_epochs worth of steps; > 0 overrides
+
+    # ---- modes -----------------------------------------------------------------
+    config.init_from = ""  # fine-tune: a workdir or checkpoint step folder; the head is replaced
+    config.init_from_ema = True  # take the EMA weights of init_from when it has them
+
+    if recipe == "deit":
+        # S²-MLP (SPEC §5): the DeiT recipe. lr 1e-3 at batch 1024 (5e-4 per 512),
+        # 5 warmup epochs (DeiT's; the paper does not say), no EMA.
+        config.base_lr = 1e-3
+        config.warmup_epochs = 5
+        config.ema_decay = 0.0
     return config

@@ -112,7 +112,9 @@ def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"model override(s) {unknown} are not fields of {name} ({cls.__name__}); valid: {sorted(fields)}.")
+        raise ValueError(
+            f"model override(s) {unknown} are not fields of {name} ({cls.__name__}); valid: {sorted(fields)}."
+        )
     kwargs = {"num_classes": 1000, **kwargs, **overrides}
     if isinstance(kwargs.get("dtype"), str):
         if kwargs["dtype"] not in _DTYPES:
@@ -159,6 +161,11 @@ def _validate(name: str, cls: type, kw: dict[str, Any]) -> None:
             fail("hidden_dims", "must all be positive multiples of 4 (the shift's four channel groups)")
         if any(n < 1 for n in kw["num_blocks"]):
             fail("num_blocks", "must all be positive integers")
+        patterns = kw.get("shift_patterns", ("ss1", "ss2"))
+        if len(patterns) != 2 or any(p not in PATTERNS for p in patterns):
+            fail("shift_patterns", f"must be two patterns (branches 1 and 2) from {sorted(PATTERNS)}")
+        if any(d % num_groups(p) for d in kw["hidden_dims"] for p in patterns):
+            fail("shift_patterns", "split channels into more groups than hidden_dims divide into")
     else:
         for field in ("num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
             if kw[field] < 1:

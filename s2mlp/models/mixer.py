@@ -75,12 +75,12 @@ class MlpMixer(nn.Module):
                     f"token-mixing MLP fixes the resolution: resize the images to {side}x{side}."
                 )
         x = x.reshape(b, h * w, c)
-        self.sow("intermediates", "stem", x)
+        self.sow("intermediates", "stem_out", x)
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
             x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype, name=f"MixerBlock_{i}")(
                 x, train=train
             )
-            self.sow("intermediates", f"block_{i}", x)
+            self.sow("intermediates", f"block_{i}_out", x)
         x = jnp.mean(nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x), axis=1)
         self.sow("intermediates", "pre_logits", x)
         x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)

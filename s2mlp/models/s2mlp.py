@@ -48,7 +48,7 @@ class S2MLPBlock(nn.Module):
 class S2MLP(nn.Module):
     """S²-MLP on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
-    Intermediates (``stem``, ``block_{i}``, ``pre_logits``) are sown into the
+    Intermediates (``stem_out``, ``block_{i}_out``, ``pre_logits``) are sown into the
     ``'intermediates'`` collection; pass ``mutable=['intermediates']`` to get them.
     """
 
@@ -69,12 +69,12 @@ class S2MLP(nn.Module):
             images.astype(self.dtype)
         )
         x = make_norm(self.norm, self.dtype, "patch_norm")(x)
-        self.sow("intermediates", "stem", x)
+        self.sow("intermediates", "stem_out", x)
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
-            x = S2MLPBlock(
-                self.expansion, self.norm, self.shift_pattern, rate, self.dtype, name=f"block_{i}"
-            )(x, train=train)
-            self.sow("intermediates", f"block_{i}", x)
+            x = S2MLPBlock(self.expansion, self.norm, self.shift_pattern, rate, self.dtype, name=f"block_{i}")(
+                x, train=train
+            )
+            self.sow("intermediates", f"block_{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "pre_logits", x)
         x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)

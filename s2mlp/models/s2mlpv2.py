@@ -46,15 +46,20 @@ class SplitAttention(nn.Module):
 
 
 class S2MLPv2Module(nn.Module):
-    """The spatial-shift token mixer: Dense(3c), SS1 / SS2 / identity, split attention, Dense(c)."""
+    """The spatial-shift token mixer: Dense(3c), SS1 / SS2 / identity, split attention, Dense(c).
 
+    `shift_patterns` are the shifts of branches 1 and 2 (("none", "none") for ablations).
+    """
+
+    shift_patterns: tuple[str, str] = ("ss1", "ss2")
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x1, x2, x3 = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name="fc1")(x), 3, axis=-1)
-        branches = jnp.stack([spatial_shift(x1, "ss1"), spatial_shift(x2, "ss2"), x3], axis=1)
+        p1, p2 = self.shift_patterns
+        branches = jnp.stack([spatial_shift(x1, p1), spatial_shift(x2, p2), x3], axis=1)
         x = SplitAttention(self.dtype, name="split_attention")(branches)
         return nn.Dense(c, dtype=self.dtype, name="fc2")(x)
 
@@ -62,13 +67,17 @@ class S2MLPv2Module(nn.Module):
 class S2MLPv2Block(nn.Module):
     mlp_ratio: int = 3
     drop_path_rate: float = 0.0
+    shift_patterns: tuple[str, str] = ("ss1", "ss2")
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c = x.shape[-1]
         drop = DropPath(self.drop_path_rate)
-        x = x + drop(S2MLPv2Module(self.dtype, name="spatial_mlp")(_layernorm(self.dtype, "norm1")(x)), deterministic=not train)
+        x = x + drop(
+            S2MLPv2Module(self.shift_patterns, self.dtype, name="spatial_mlp")(_layernorm(self.dtype, "norm1")(x)),
+            deterministic=not train,
+        )
         y = _layernorm(self.dtype, "norm2")(x)
         y = nn.Dense(self.mlp_ratio * c, dtype=self.dtype, name="channel_mlp_fc1")(y)
         y = nn.Dense(c, dtype=self.dtype, name="channel_mlp_fc2")(nn.gelu(y, approximate=False))
@@ -78,7 +87,7 @@ class S2MLPv2Block(nn.Module):
 class S2MLPv2(nn.Module):
     """S²-MLPv2 on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
-    Intermediates (``stem``, ``block_{i}`` numbered across both stages,
+    Intermediates (``stem_out``, ``block_{i}_out`` numbered across both stages,
     ``pre_logits``) are sown into the ``'intermediates'`` collection.
     """
 
@@ -88,6 +97,7 @@ class S2MLPv2(nn.Module):
     patch_size: int = 7
     mlp_ratio: int = 3
     drop_path_rate: float = 0.0
+    shift_patterns: Sequence[str] = ("ss1", "ss2")  # branches 1 and 2; ("none", "none") for ablations
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -96,15 +106,19 @@ class S2MLPv2(nn.Module):
         x = nn.Conv(self.hidden_dims[0], (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(
             images.astype(self.dtype)
         )
-        self.sow("intermediates", "stem", x)
+        self.sow("intermediates", "stem_out", x)
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.num_blocks)))
         i = 0
         for stage, (dim, depth) in enumerate(zip(self.hidden_dims, self.num_blocks)):
             if stage > 0:
-                x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name=f"downsample_{stage}")(x)
+                x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name=f"downsample_{stage}")(
+                    x
+                )
             for _ in range(depth):
-                x = S2MLPv2Block(self.mlp_ratio, next(rates), self.dtype, name=f"block_{i}")(x, train=train)
-                self.sow("intermediates", f"block_{i}", x)
+                x = S2MLPv2Block(
+                    self.mlp_ratio, next(rates), tuple(self.shift_patterns), self.dtype, name=f"block_{i}"
+                )(x, train=train)
+                self.sow("intermediates", f"block_{i}_out", x)
                 i += 1
         x = _layernorm(self.dtype, "final_norm")(x)
         x = jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,174 @@
+"""google-research/vision_transformer's published MLP-Mixer ``.npz`` checkpoints, loaded into `s2mlp.models`.
+
+Those files are ``np.savez`` archives of the parameter tree flattened with '/'
+(vit_jax ``checkpoint.save``): ``stem/kernel`` (p, p, 3, C),
+``MixerBlock_{i}/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}/...``
+with ``Dense_0``/``Dense_1`` inside each MLP, ``pre_head_layer_norm/{scale,bias}``
+and ``head/{kernel,bias}``. Our `MlpMixer` uses exactly these names (SPEC §4),
+so the arrays are used unchanged. Files are read with ``allow_pickle=False``:
+nothing in them is executed.
+
+    model, params = load_mixer_npz("imagenet1k_Mixer-B_16.npz", "mixer_b16")
+    clf = classifier_from_npz("imagenet1k_Mixer-B_16.npz", "mixer_b16")   # the inference.Classifier interface
+
+`save_mixer_npz` writes the same format (used by the tests and the notebook).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+import numpy as np
+from etils import epath
+
+from s2mlp import checkpoint as ckpt
+from s2mlp import models
+
+__all__ = ["classifier_from_npz", "flatten", "load_mixer_npz", "save_mixer_npz", "unflatten"]
+
+TOKEN_KERNEL = "MixerBlock_0/token_mixing/Dense_0/kernel"  # (tokens, tokens_mlp_dim): fixes the resolution
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    """A nested dict of arrays -> ``{'a/b/kernel': array}`` (vit_jax's layout)."""
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if hasattr(value, "items"):
+            flat.update(flatten(value, path))
+        else:
+            flat[path] = np.asarray(value)
+    return flat
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{'a/b/kernel': array}`` -> nested dicts."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def save_mixer_npz(path_or_file: epath.PathLike | BinaryIO, params: Any) -> None:
+    """Writes `params` as vision_transformer does: ``np.savez`` of the '/'-flattened tree."""
+    flat = flatten(params)
+    if hasattr(path_or_file, "write"):
+        np.savez(path_or_file, **flat)
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, **flat)
+    epath.Path(path_or_file).write_bytes(buffer.getvalue())
+
+
+def _read_npz(path_or_file) -> tuple[str, dict[str, np.ndarray]]:
+    if hasattr(path_or_file, "read"):
+        name, source = getattr(path_or_file, "name", "<file object>"), path_or_file
+    else:
+        path = epath.Path(path_or_file)
+        if not path.exists():
+            raise FileNotFoundError(f"Mixer checkpoint {path} does not exist.")
+        name, source = str(path), io.BytesIO(path.read_bytes())
+    try:
+        with np.load(source, allow_pickle=False) as archive:
+            flat = {k: archive[k] for k in archive.files}
+    except ValueError as e:  # object arrays need pickle: refused
+        raise ValueError(f"{name}: not a plain-array .npz ({e}); refusing to unpickle it.") from None
+    except (OSError, EOFError) as e:
+        raise ValueError(f"{name}: not a readable .npz file ({e}).") from None
+    return name, flat
+
+
+def _describe(flat: dict[str, np.ndarray]) -> str:
+    """What the file holds, and the registered Mixer of that shape if there is one."""
+    try:
+        found = dict(
+            patch_size=int(flat["stem/kernel"].shape[0]),
+            num_blocks=len({k.split("/")[0] for k in flat if k.startswith("MixerBlock_")}),
+            hidden_dim=int(flat["stem/kernel"].shape[-1]),
+            tokens_mlp_dim=int(flat[TOKEN_KERNEL].shape[1]),
+            channels_mlp_dim=int(flat["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape[1]),
+        )
+    except (KeyError, IndexError):
+        return "The file does not have the layout of any MLP-Mixer."
+    same = [
+        n
+        for n in models.model_names()
+        if n.startswith("mixer") and all(getattr(models.get_model(n), k) == v for k, v in found.items())
+    ]
+    hint = f"; that is model_name={same[0]!r}" if same else "; no registered model has these sizes"
+    return "The file holds a Mixer with " + ", ".join(f"{k}={v}" for k, v in found.items()) + hint + "."
+
+
+def load_mixer_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int | None = None,
+                   *, dtype: str = "float32") -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """Loads a vision_transformer Mixer ``.npz`` into the registered model `model_name`.
+
+    `path_or_file`: a local or ``gs://`` path, or a binary file object.
+    `num_classes`: default the size of ``head/bias`` in the file. The image size
+    is read from the token-mixing kernel ((H/p)·(W/p) tokens, square images).
+    Returns ``(model, params)``: a `MlpMixer` and a nested dict of float32
+    arrays. Raises ValueError listing every missing, unexpected and mis-shaped
+    key when the file does not hold `model_name`'s parameters.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    name, flat = _read_npz(path_or_file)
+    if "head/bias" not in flat or TOKEN_KERNEL not in flat:
+        missing = [k for k in ("head/bias", TOKEN_KERNEL) if k not in flat]
+        raise ValueError(
+            f"{name}: missing {missing}; not a vision_transformer MLP-Mixer checkpoint "
+            f"(found {len(flat)} arrays, e.g. {sorted(flat)[:4]})."
+        )
+    num_classes = int(flat["head/bias"].shape[0]) if num_classes is None else num_classes
+    probe = models.get_model(model_name, num_classes=num_classes)
+    if type(probe).__name__ != "MlpMixer":
+        raise ValueError(f"model_name={model_name!r} is not an MLP-Mixer; choose a mixer_* model.")
+    tokens = int(flat[TOKEN_KERNEL].shape[0])
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"{name}: {TOKEN_KERNEL} has {tokens} tokens, not a square grid.")
+    image_size = side * probe.patch_size
+    model = models.get_model(model_name, image_size=image_size, num_classes=num_classes, dtype=dtype)
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)["params"]
+    problems = ckpt.shape_mismatch(ckpt.flat_shapes(abstract), {k: v.shape for k, v in flat.items()}, limit=20)
+    if problems:
+        raise ValueError(
+            f"{name} does not hold the parameters of {model_name} "
+            f"(num_classes={num_classes}, {image_size}x{image_size} images):\n{problems}\n{_describe(flat)}"
+        )
+    return model, unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+
+
+def classifier_from_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int | None = None, *,
+                        class_names: Sequence[str] | None = None, eval_crop_pct: float = 0.875):  # fmt: skip
+    """A Mixer ``.npz`` as an `s2mlp.inference.Classifier`, to run beside S²-MLP on the same images.
+
+    Normalisation is vision_transformer's value range (-1, 1) ('minus_one_to_one').
+    Preprocessing resizes the shorter side to ``image_size / eval_crop_pct`` and
+    centre-crops, like our own runs; vit_jax's eval instead resizes the whole
+    image to the square (``eval_crop_pct=1.0`` comes closest for square images).
+    """
+    from s2mlp import inference
+
+    model, params = load_mixer_npz(path_or_file, model_name, num_classes)
+    image_size = int(math.isqrt(params["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[0])) * int(
+        model.patch_size
+    )
+    return inference.from_params(
+        model,
+        params,
+        image_size=image_size,
+        normalization="minus_one_to_one",
+        eval_crop_pct=eval_crop_pct,
+        class_names=class_names,
+        model_name=model_name,
+    )

@@ -1,0 +1,34 @@
+"""Every test process sees 8 fake CPU devices, so sharded code paths run everywhere."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+MOCK_EXAMPLES = 20  # examples in every split of the mocked imagenet2012
+
+
+@pytest.fixture(scope="session")
+def imagenet_metadata(tmp_path_factory):
+    """A tfds data_dir whose imagenet2012 metadata says MOCK_EXAMPLES per split, so the builder reads as
+    prepared; `tfds.testing.mock_data(policy=USE_FILES, data_dir=...)` then serves random examples. No download."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import naming, splits
+
+    root = str(tmp_path_factory.mktemp("tfds"))
+    builder = tfds.builder("imagenet2012", data_dir=root)
+    os.makedirs(builder.data_dir)
+    template = naming.ShardedFileTemplate(
+        data_dir=builder.data_dir, dataset_name=builder.name, filetype_suffix="tfrecord", split="train"
+    )
+    split_infos = [
+        splits.SplitInfo(
+            name=s, shard_lengths=[MOCK_EXAMPLES], num_bytes=0, filename_template=template.replace(split=s)
+        )
+        for s in ("train", "validation")
+    ]
+    builder.info.set_splits(splits.SplitDict(split_infos))
+    builder.info.write_to_directory(builder.data_dir)
+    return root

@@ -1,0 +1,310 @@
+"""Tests of input_pipeline.py: sources, determinism/resumption, eval sharding, errors, RandAugment ops.
+
+Nothing here downloads: tfds is mocked (`tfds.testing.mock_data`, policy USE_FILES on metadata written
+by the test), 'digits' is scikit-learn's bundled data and 'directory' images are written to tmp_path.
+"""
+
+import collections
+import logging
+import os
+import re
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+from sklearn.datasets import load_digits
+
+import input_pipeline as ip
+from configs.common import get_config
+from tests.conftest import MOCK_EXAMPLES
+
+
+def make_config(name="digits", **overrides):
+    config = get_config()
+    config.data.name = name
+    config.data.eval_split = "test" if name == "digits" else "validation"
+    config.image_size, config.batch_size, config.eval_batch_size = 16, 32, 32
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, leaf, value)
+    return config
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+# ---------------------------------------------------------------- mocked tfds imagenet2012
+@pytest.fixture
+def mock_imagenet(imagenet_metadata):
+    with tfds.testing.mock_data(
+        num_examples=MOCK_EXAMPLES, policy=tfds.testing.MockPolicy.USE_FILES, data_dir=imagenet_metadata
+    ):
+        yield make_config(
+            "imagenet2012",
+            **{"data.data_dir": imagenet_metadata, "batch_size": 8, "eval_batch_size": 8, "image_size": 32},
+        )
+
+
+def test_tfds_mock_info_and_eval(mock_imagenet):
+    config = mock_imagenet
+    info = ip.dataset_info(config)
+    assert (info.num_classes, info.num_train, info.num_eval, len(info.class_names)) == (1000, 20, 20, 1000)
+    evals = list(ip.create_eval_iterator(config))
+    assert len(evals) == 3  # 20 examples in batches of 8, the last padded
+    assert evals[-1]["mask"].tolist() == [1.0] * 4 + [0.0] * 4
+    assert all(e["image"].shape == (8, 32, 32, 3) and e["label"].dtype == np.int32 for e in evals)
+    assert all(e["image"].dtype == np.float32 and e["mask"].dtype == np.float32 for e in evals)
+
+
+def test_tfds_mock_train_shapes_and_resumption_across_epochs(mock_imagenet):
+    config = mock_imagenet  # 20 examples, batch 8: batches 3..6 hold examples 24..55, epochs 1 and 2
+    reference = take(ip.create_train_iterator(config), 7)
+    batch = reference[0]
+    assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    assert np.all((batch["label"] >= 0) & (batch["label"] < 1000)) and np.isfinite(batch["image"]).all()
+    labels = np.concatenate([b["label"] for b in reference])
+    assert collections.Counter(labels[:20].tolist()) == collections.Counter(labels[20:40].tolist())  # full epochs
+    assert not np.array_equal(labels[:20], labels[20:40])  # reshuffled each epoch
+    assert_batches_equal(take(ip.create_train_iterator(config, start_step=3), 4), reference[3:])
+
+
+# ---------------------------------------------------------------- digits: determinism
+AUGMENT_ALL = {
+    "augment.inception_crop": True,
+    "augment.flip": True,
+    "augment.randaugment": "rand-m9-mstd0.5",
+    "augment.random_erase": 0.5,
+}
+
+
+def test_digits_info_batches_and_resumption_across_epoch_boundary():
+    config = make_config(**AUGMENT_ALL)
+    info = ip.dataset_info(config)
+    assert (info.num_classes, info.num_train, info.num_eval) == (10, 1497, 300)
+    assert info.class_names == [str(i) for i in range(10)]
+    config.data.train_split, config.batch_size = "test", 32  # train on the 300 held-out digits: short epochs
+    k = 8  # batches 8..11 hold examples 256..383: epoch 0 ends at 300
+    reference = take(ip.create_train_iterator(config), k + 4)
+    assert reference[0]["image"].shape == (32, 16, 16, 3) and reference[0]["image"].dtype == np.float32
+    assert reference[0]["label"].dtype == np.int32
+    first_epoch = np.concatenate([b["label"] for b in reference])[:300]  # a permutation of the split
+    assert collections.Counter(first_epoch.tolist()) == collections.Counter(ip._digits()["test"][1].tolist())
+    resumed = take(ip.create_train_iterator(config, start_step=k), 4)
+    assert_batches_equal(resumed, reference[k:])
+
+
+def test_seed_changes_order_and_is_repeatable():
+    config = make_config(**{"augment.randaugment": "", "augment.random_erase": 0.0})
+    a = next(ip.create_train_iterator(config))
+    tf.random.set_seed(7)  # TF's global seed must not matter: every random op is stateless
+    try:
+        b = next(ip.create_train_iterator(config))
+    finally:
+        tf.random.set_seed(None)
+    assert_batches_equal([a], [b])
+    config.seed = 1
+    c = next(ip.create_train_iterator(config))
+    assert not np.array_equal(a["label"], c["label"])
+    first, second = (next(ip.create_train_iterator(config, process_index=i, process_count=2)) for i in (0, 1))
+    assert not np.array_equal(first["label"], second["label"])
+
+
+# ---------------------------------------------------------------- eval sharding
+def eval_examples(config, process_count):
+    """Runs every process's eval iterator; returns per-process batch counts and the masked-in examples."""
+    mean, std = ip.mean_std(config.data.normalization)
+    counts, examples = [], collections.Counter()
+    for index in range(process_count):
+        batches = list(ip.create_eval_iterator(config, process_index=index, process_count=process_count))
+        counts.append(len(batches))
+        for b in batches:
+            assert b["image"].shape == (config.eval_batch_size // process_count, 8, 8, 3)
+            assert set(np.unique(b["mask"])) <= {0.0, 1.0}
+            pixels = np.round(np.round(b["image"] * std + mean)[..., 0] * 16 / 255).astype(np.uint8)
+            for image, label, mask in zip(pixels, b["label"], b["mask"], strict=True):
+                if mask:
+                    examples[(image.tobytes(), int(label))] += 1
+    return counts, examples
+
+
+def test_eval_two_processes_cover_each_example_once():
+    digits = load_digits()
+    everything = collections.Counter(
+        (im.astype(np.uint8).tobytes(), int(t)) for im, t in zip(digits.images, digits.target, strict=True)
+    )
+    # 1,497 train examples -> shares of 749 and 748; local batch 11 -> 69 and 68 batches before padding.
+    config = make_config(**{"image_size": 8, "eval_batch_size": 22, "data.eval_split": "train"})
+    counts, train = eval_examples(config, 2)
+    assert counts == [69, 69]
+    assert sum(train.values()) == 1497
+    config = make_config(**{"image_size": 8, "eval_batch_size": 64, "seed": 123})
+    counts, test = eval_examples(config, 2)
+    assert counts[0] == counts[1] == 5 and sum(test.values()) == 300
+    assert train + test == everything  # disjoint and complete: each example exactly once
+    held_out = np.random.RandomState(ip.DIGITS_SPLIT_SEED).permutation(1797)[-300:]  # fixed, independent of seed
+    assert test == collections.Counter(
+        (digits.images[i].astype(np.uint8).tobytes(), int(digits.target[i])) for i in held_out
+    )
+
+
+# ---------------------------------------------------------------- directory datasets
+@pytest.fixture
+def image_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for c, cls in enumerate(("cat", "dog")):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(n):
+                pixels = np.clip(rng.normal(60 + 120 * c, 30, (24 + i, 30, 3)), 0, 255).astype(np.uint8)
+                fmt = "png" if i == 0 else "jpg"
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.{fmt}")
+    (tmp_path / "train" / "cat" / "garbage.jpg").write_bytes(b"this is not an image")
+    good = (tmp_path / "train" / "dog" / "1.jpg").read_bytes()
+    (tmp_path / "train" / "dog" / "truncated.jpeg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("ignored: not an image extension")
+    bad = sorted(str(tmp_path / "train" / p) for p in ("cat/garbage.jpg", "dog/truncated.jpeg"))
+    return make_config(
+        "directory",
+        **{
+            "data.data_dir": str(tmp_path),
+            "data.eval_split": "val",
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "augment.randaugment": "",
+        },
+    ), bad
+
+
+def test_directory_bad_images_fail_lists_paths(image_dir):
+    config, bad = image_dir
+    with pytest.raises(ValueError, match="unreadable") as error:
+        ip.dataset_info(config)
+    for path in bad:
+        assert path in str(error.value)
+
+
+def test_directory_bad_images_skip(image_dir, caplog):
+    config, bad = image_dir
+    config.data.bad_images = "skip"
+    with caplog.at_level(logging.WARNING):
+        info = ip.dataset_info(config)
+    assert (info.num_classes, info.num_train, info.num_eval, info.class_names) == (2, 6, 4, ["cat", "dog"])
+    assert all(path in caplog.text for path in bad)
+    labels = np.concatenate([b["label"] for b in take(ip.create_train_iterator(config), 3)])
+    assert sorted(labels[:6].tolist()) == [0, 0, 0, 1, 1, 1]  # one epoch = the 6 readable images
+    evals = list(ip.create_eval_iterator(config))
+    assert [b["mask"].sum() for b in evals] == [4.0] and sorted(evals[0]["label"].tolist()) == [0, 0, 1, 1]
+    assert evals[0]["image"].shape == (4, 16, 16, 3)
+
+
+def test_directory_missing_split_folder(image_dir):
+    config, _ = image_dir
+    config.data.eval_split = "validation"
+    with pytest.raises(ValueError, match=re.escape(os.path.join(config.data.data_dir, "validation"))):
+        ip.validate_data_config(config)
+
+
+# ---------------------------------------------------------------- configuration errors
+def test_missing_imagenet_names_manual_tars(tmp_path):
+    config = make_config("imagenet2012", **{"data.data_dir": str(tmp_path)})
+    with pytest.raises(ValueError) as error:
+        ip.validate_data_config(config)
+    message = str(error.value)
+    manual = os.path.join(str(tmp_path), "downloads", "manual")
+    assert os.path.join(manual, "ILSVRC2012_img_train.tar") in message
+    assert os.path.join(manual, "ILSVRC2012_img_val.tar") in message
+    assert "tfds build imagenet2012" in message
+    assert not os.path.exists(manual)  # nothing downloaded or created
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="config.data.name='no_such_dataset_xyz'"):
+        ip.validate_data_config(make_config("no_such_dataset_xyz"))
+    with pytest.raises(ValueError, match="config.batch_size"):
+        ip.create_train_iterator(make_config(batch_size=30), process_count=4)
+    with pytest.raises(ValueError, match="config.eval_batch_size"):
+        ip.create_eval_iterator(make_config(eval_batch_size=30), process_count=4)
+    with pytest.raises(ValueError, match="config.augment.randaugment"):
+        ip.validate_data_config(make_config(**{"augment.randaugment": "rand-q9"}))
+    with pytest.raises(ValueError, match="config.data.eval_split"):
+        ip.validate_data_config(make_config(**{"data.eval_split": "validation"}))
+
+
+# ---------------------------------------------------------------- RandAugment and random erasing
+IMAGE = tf.constant(np.random.default_rng(1).integers(20, 250, (16, 16, 3)), tf.uint8)
+SEED = tf.constant([3, 4], tf.int64)
+
+
+def test_parse_randaugment():
+    assert ip.parse_randaugment("") is None
+    assert ip.parse_randaugment("rand-m9-mstd0.5") == ip.RandAugmentSpec(2, 9.0, 0.5, 10.0, False, 0.5)
+    assert ip.parse_randaugment("rand-n3-m7-inc1-mmax8") == ip.RandAugmentSpec(3, 7.0, 0.0, 8.0, True, 0.5)
+
+
+@pytest.mark.parametrize("name", ip.RANDAUGMENT_OPS)
+def test_randaugment_op_changes_image_keeping_shape_and_dtype(name):
+    out = ip.randaugment_op(IMAGE, name, 9.0, SEED)
+    assert out.shape == IMAGE.shape and out.dtype == tf.uint8
+    assert not np.array_equal(out.numpy(), IMAGE.numpy())
+
+
+@pytest.mark.parametrize(
+    "name, magnitude",
+    [
+        ("Rotate", 0.0),
+        ("ShearX", 0.0),
+        ("ShearY", 0.0),
+        ("TranslateXRel", 0.0),
+        ("TranslateYRel", 0.0),
+        ("SolarizeAdd", 0.0),  # timm's maps are the identity at magnitude 0 for these ...
+        ("Color", 5.0),
+        ("Contrast", 5.0),
+        ("Brightness", 5.0),
+        ("Sharpness", 5.0),  # ... factor 1.8 m/10 + 0.1 = 1
+    ],
+)
+def test_randaugment_op_identity(name, magnitude):
+    np.testing.assert_array_equal(ip.randaugment_op(IMAGE, name, magnitude, SEED).numpy(), IMAGE.numpy())
+
+
+def test_randaugment_op_values():
+    image = IMAGE.numpy().astype(int)
+    posterized = ip.randaugment_op(IMAGE, "Posterize", 5.0, SEED).numpy()  # 2 bits kept
+    np.testing.assert_array_equal(posterized, image & 0b11000000)
+    solarized = ip.randaugment_op(IMAGE, "Solarize", 5.0, SEED).numpy()  # threshold 128
+    np.testing.assert_array_equal(solarized, np.where(image < 128, image, 255 - image))
+    np.testing.assert_array_equal(ip.randaugment_op(IMAGE, "Invert", 3.0, SEED).numpy(), 255 - image)
+    stretched = ip.randaugment_op(IMAGE, "AutoContrast", 0.0, SEED).numpy()
+    assert stretched.min(axis=(0, 1)).tolist() == [0] * 3 and stretched.max(axis=(0, 1)).tolist() == [255] * 3
+    assert ip.randaugment_op(IMAGE, "Equalize", 0.0, SEED).numpy().max() == 255
+    fill = (10.0, 20.0, 30.0)
+    shifted = ip.randaugment_op(IMAGE, "TranslateXRel", 10.0, SEED, fill=fill).numpy()  # 45% of 16 = 7.2 px
+    assert {tuple(shifted[0, c]) for c in (0, 15)} & {fill}  # one border column is filled with the fill colour
+
+
+def test_randaugment_and_erase_are_stateless():
+    spec = ip.parse_randaugment("rand-m9-mstd0.5")
+    a = ip.randaugment(IMAGE, spec, SEED, (128.0,) * 3)
+    assert a.shape == IMAGE.shape and a.dtype == tf.uint8
+    np.testing.assert_array_equal(a.numpy(), ip.randaugment(IMAGE, spec, SEED, (128.0,) * 3).numpy())
+    x = tf.zeros([16, 16, 3])
+    np.testing.assert_array_equal(ip.random_erase(x, 0.0, SEED).numpy(), x.numpy())
+    erased = [ip.random_erase(x, 1.0, tf.constant([s, 0], tf.int64)).numpy() for s in range(20)]
+    areas = [np.any(e != 0, axis=-1).mean() for e in erased]
+    assert all(0.0 < a <= 0.5 for a in areas)  # 2%..1/3 of the image after rounding of the sides
+    np.testing.assert_array_equal(erased[0], ip.random_erase(x, 1.0, tf.constant([0, 0], tf.int64)).numpy())

@@ -1,0 +1,378 @@
+"""Models, registry and MAC counts (`s2mlp/models`, `s2mlp/flops.py`) against SPEC §2-§4 and the papers.
+
+Parameter counts and MACs use abstract shapes only (``jax.eval_shape``); forwards use cheap
+deterministic parameters built with NumPy (a jitted ``init`` of a big model costs a minute on CPU).
+Each paper model is compiled once at 224 (the compile serves both the forward and XLA's flop count).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s2mlp.flops import FAST_COMPILE, cost_flops, count_macs, jaxpr_macs, xla_flops
+from s2mlp.models import PAPER_MODELS, get_model, model_names
+from s2mlp.models.layers import DropPath
+from s2mlp.shift import PATTERNS
+
+# name -> (parameters with the 1000-class head, without it). SPEC §2-§4.
+PARAMS = {
+    "s2mlp_wide": (72_241_384, 71_472_384),
+    "s2mlp_deep": (53_917_288, 53_532_288),
+    "s2mlpv2_small": (25_133_416, 24_748_416),
+    "s2mlpv2_medium": (55_303_976, 54_790_976),
+    "mixer_s16": (18_528_264, 18_015_264),
+    "mixer_b16": (59_880_472, 59_111_472),
+    "mixer_l16": (208_196_168, 207_171_168),
+}
+# name -> multiply-accumulates of the dots and convs of a batch-1 forward at 224.
+MACS = {
+    "s2mlp_wide": 13_989_033_984,
+    "s2mlp_deep": 10_462_682_112,
+    "s2mlpv2_small": 6_901_767_168,
+    "s2mlpv2_medium": 16_284_307_456,
+    "mixer_s16": 3_776_958_464,
+    "mixer_b16": 12_601_767_936,
+    "mixer_l16": 44_547_678_208,
+}
+PAPER_GMACS = {"s2mlp_wide": 14.0, "s2mlp_deep": 10.5, "s2mlpv2_small": 6.9, "s2mlpv2_medium": 16.3}
+TINY = sorted(set(model_names()) - set(PAPER_MODELS))
+
+
+# ---- helpers ---------------------------------------------------------------------
+def abstract_params(model, size: int = 224):
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+
+
+def compiled_apply(model, params, x, *, train: bool = False, intermediates: bool = False):
+    """``model.apply`` jitted and compiled once for these shapes; call as ``f(params, x, dropout_key)``."""
+
+    mutable = ["intermediates"] if intermediates else False
+
+    def apply(p, x, key):
+        return model.apply(p, x, train=train, rngs={"dropout": key}, mutable=mutable)
+
+    compiled = jax.jit(apply).lower(params, x, jax.random.key(0)).compile(FAST_COMPILE)
+    return lambda p, x, key=None: compiled(p, x, jax.random.key(0) if key is None else key)
+
+
+def count(tree) -> int:
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def cheap_params(abstract, seed: int = 0):
+    """Parameters shaped like `abstract`: norm scales 1, biases small, kernels N(0, 1/fan_in) (tiled noise)."""
+    rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(1 << 20).astype(np.float32)
+
+    def leaf(path, shape):
+        name, n = path[-1].key, math.prod(shape.shape)
+        start = int(rng.integers(len(pool)))
+        values = np.resize(np.roll(pool, start), n).reshape(shape.shape)
+        if name == "scale":
+            return jnp.ones(shape.shape, shape.dtype)
+        if name == "bias":
+            return jnp.asarray(0.1 * values, shape.dtype)
+        return jnp.asarray(values / math.sqrt(n // shape.shape[-1]), shape.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def images(size: int, batch: int = 1, seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32))
+
+
+@functools.cache
+def compiled_paper_model(name: str):
+    """(compiled batch-1 eval forward at 224, abstract params): one compile per paper model."""
+    model = get_model(name)
+    abstract = abstract_params(model)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    compiled = jax.jit(lambda p, x: model.apply(p, x, train=False)).lower(abstract, x).compile(FAST_COMPILE)
+    return compiled, abstract
+
+
+# ---- parameter counts ------------------------------------------------------------
+def test_registry_lists_the_paper_models_and_tiny_variants():
+    assert set(PAPER_MODELS) == set(PARAMS) == set(MACS)
+    assert set(PAPER_MODELS) <= set(model_names())
+    assert TINY == ["mixer_tiny", "s2mlp_tiny", "s2mlpv2_tiny"]
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_exact_parameter_counts(name):
+    params = abstract_params(get_model(name))["params"]
+    total, without_head = PARAMS[name]
+    assert count(params) == total
+    assert count(params) - count(params["head"]) == without_head
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
+
+
+@pytest.mark.parametrize("name", ["s2mlp_wide", "s2mlp_deep"])
+def test_s2mlp_matches_the_papers_parameter_formula(name):
+    model = get_model(name)
+    params = abstract_params(model)["params"]
+    c, r, p, n = model.hidden_dim, model.expansion, model.patch_size, model.num_blocks
+    norm = 2 * c  # LayerNorm scale + bias, or Affine scale + bias
+    block = c * c * (2 * r + 2) + c * (3 + r)  # SPEC §2, norms excluded
+    assert all(count(params[f"block_{i}"]) == block + 2 * norm for i in range(n))
+    assert count(params) == (3 * p * p * c + c + norm) + n * (block + 2 * norm) + (c * 1000 + 1000)
+
+
+def test_s2mlp_deep_differs_from_the_printed_51m():
+    without_head = PARAMS["s2mlp_deep"][1]
+    assert round(without_head / 1e6, 1) == 53.5 != 51  # the paper's own formula, not its table
+    assert round(PARAMS["s2mlp_wide"][1] / 1e6) == 71
+
+
+def test_mixer_b16_has_vision_transformers_parameter_tree():
+    params = abstract_params(get_model("mixer_b16"))["params"]
+    shapes = flat_shapes(params)
+    expected = {
+        "stem/kernel": (16, 16, 3, 768),
+        "stem/bias": (768,),
+        "MixerBlock_0/LayerNorm_0/scale": (768,),
+        "MixerBlock_0/LayerNorm_0/bias": (768,),
+        "MixerBlock_0/token_mixing/Dense_0/kernel": (196, 384),
+        "MixerBlock_0/token_mixing/Dense_0/bias": (384,),
+        "MixerBlock_0/token_mixing/Dense_1/kernel": (384, 196),
+        "MixerBlock_0/token_mixing/Dense_1/bias": (196,),
+        "MixerBlock_0/LayerNorm_1/scale": (768,),
+        "MixerBlock_0/LayerNorm_1/bias": (768,),
+        "MixerBlock_0/channel_mixing/Dense_0/kernel": (768, 3072),
+        "MixerBlock_0/channel_mixing/Dense_0/bias": (3072,),
+        "MixerBlock_0/channel_mixing/Dense_1/kernel": (3072, 768),
+        "MixerBlock_0/channel_mixing/Dense_1/bias": (768,),
+        "pre_head_layer_norm/scale": (768,),
+        "pre_head_layer_norm/bias": (768,),
+        "head/kernel": (768, 1000),
+        "head/bias": (1000,),
+    }
+    outside_blocks_1_to_11 = {
+        k: v for k, v in shapes.items() if k.split("/")[0] not in {f"MixerBlock_{i}" for i in range(1, 12)}
+    }
+    assert outside_blocks_1_to_11 == expected
+    assert set(params) == {"stem", "pre_head_layer_norm", "head"} | {f"MixerBlock_{i}" for i in range(12)}
+    block_0 = flat_shapes(params["MixerBlock_0"])
+    assert all(flat_shapes(params[f"MixerBlock_{i}"]) == block_0 for i in range(12))
+
+
+# ---- MACs ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_exact_macs(name):
+    macs = count_macs(get_model(name))
+    assert macs == MACS[name]
+    if name in PAPER_GMACS:
+        assert round(macs / 1e9, 1) == PAPER_GMACS[name]
+
+
+@pytest.mark.parametrize("name", ["s2mlp_wide", "s2mlp_deep"])
+def test_s2mlp_macs_equal_the_papers_multiplication_formula(name):
+    model = get_model(name)
+    c, r, p, n, m = model.hidden_dim, model.expansion, model.patch_size, model.num_blocks, (224 // 16) ** 2
+    assert MACS[name] == n * m * c * c * (2 * r + 2) + 3 * m * c * p * p + c * 1000  # SPEC §2
+
+
+def test_s2mlpv2_macs_with_the_weighted_sum_give_6_91_and_16_30():
+    # The split-attention weighted sum Σ_k X_k ⊙ Ā[k] is 3·h·w·c elementwise multiplies per block.
+    for name, printed in [("s2mlpv2_small", 6.91), ("s2mlpv2_medium", 16.30)]:
+        model = get_model(name)
+        stages = enumerate(zip(model.hidden_dims, model.num_blocks, strict=True))
+        extra = sum(3 * (32 // 2**s) ** 2 * c * d for s, (c, d) in stages)
+        assert round((MACS[name] + extra) / 1e9, 2) == printed
+        assert round(MACS[name] / 1e9, 2) == {"s2mlpv2_small": 6.90, "s2mlpv2_medium": 16.28}[name]
+
+
+def test_count_macs_walks_nested_jaxprs():
+    a, w = jax.ShapeDtypeStruct((8, 16), jnp.float32), jax.ShapeDtypeStruct((16, 32), jnp.float32)
+    dot = 8 * 32 * 16
+
+    @jax.custom_jvp
+    def custom_jvp(a, w):
+        return a @ w
+
+    custom_jvp.defjvp(lambda primals, tangents: (custom_jvp(*primals), custom_jvp(*primals)))
+
+    @jax.custom_vjp
+    def custom_vjp(a, w):
+        return a @ w
+
+    custom_vjp.defvjp(lambda a, w: (a @ w, (a, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+    cases = {
+        "plain": (lambda a, w: a @ w, dot),
+        "jit + remat": (lambda a, w: jax.jit(jax.checkpoint(lambda a, w: a @ w))(a, w), dot),
+        "custom_jvp": (custom_jvp, dot),
+        "custom_vjp": (custom_vjp, dot),
+        "scan x5": (lambda a, w: jax.lax.scan(lambda c, _: (c @ jnp.eye(16), None), a, None, length=5)[0], 5 * 2048),
+        "cond takes the max": (lambda a, w: jax.lax.cond(a.sum() > 0, lambda: (a @ w).sum(), lambda: a.sum()), dot),
+        "batched dot": (lambda a, w: jnp.einsum("bij,bjk->bik", a[None].repeat(3, 0), w[None].repeat(3, 0)), 3 * dot),
+    }
+    for label, (fn, expected) in cases.items():
+        assert jaxpr_macs(jax.make_jaxpr(fn)(a, w)) == expected, label
+    x, k = jax.ShapeDtypeStruct((2, 9, 9, 12), jnp.float32), jax.ShapeDtypeStruct((3, 3, 4, 6), jnp.float32)
+    grouped = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3
+    )
+    assert jaxpr_macs(jax.make_jaxpr(grouped)(x, k)) == (2 * 9 * 9 * 6) * (3 * 3) * (12 // 3)
+
+
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_xla_flops_cross_check(name):
+    compiled, _ = compiled_paper_model(name)
+    ratio = cost_flops(compiled.cost_analysis()) / 2 / MACS[name]
+    assert 1.0 <= ratio <= 1.08, ratio  # XLA also counts GELU, LayerNorm, softmax, ...
+
+
+def test_xla_flops_and_its_return_forms():
+    assert cost_flops({"flops": 6.0}) == cost_flops([{"flops": 6.0}]) == 6.0
+    model = get_model("s2mlp_tiny")
+    flops = xla_flops(model, 32)
+    assert flops / 2 >= count_macs(model, 32) > 0
+    params, x = abstract_params(model, 32), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    default = jax.jit(lambda p, x: model.apply(p, x, train=False)).lower(params, x).compile()
+    assert cost_flops(default.cost_analysis()) == flops  # the fast compile does not change the count
+
+
+# ---- forwards --------------------------------------------------------------------
+@pytest.mark.parametrize("name", PAPER_MODELS)
+def test_paper_model_forward_at_224(name):
+    compiled, abstract = compiled_paper_model(name)
+    logits = compiled(cheap_params(abstract), images(224))
+    assert logits.shape == (1, 1000) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_model_forward_at_224_and_intermediates(name):
+    model = get_model(name, image_size=224)
+    params, x = cheap_params(abstract_params(model)), images(224, batch=2)
+    logits, state = compiled_apply(model, params, x, intermediates=True)(params, x)
+    assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    blocks = [f"block_{i}_out" for i in range(int(np.sum(model.num_blocks)))]
+    assert set(state["intermediates"]) == {"stem_out", "pre_logits", *blocks}
+
+
+@pytest.mark.parametrize("size, grid", [(160, 40), (288, 72)])
+def test_s2mlp_at_other_resolutions(size, grid):
+    tiny = get_model("s2mlp_tiny", image_size=size)
+    params, x = cheap_params(abstract_params(tiny, size)), images(size)
+    logits, state = compiled_apply(tiny, params, x, intermediates=True)(params, x)
+    assert state["intermediates"]["block_1_out"][0].shape == (1, grid, grid, 32)
+    assert logits.shape == (1, 1000) and np.isfinite(np.asarray(logits)).all()
+    wide = get_model("s2mlp_wide", image_size=size, num_classes=10)
+    params = cheap_params(abstract_params(wide, size))
+    logits = compiled_apply(wide, params, x)(params, x)
+    assert logits.shape == (1, 10) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("size, grids", [(154, (22, 11)), (294, (42, 21))])
+def test_s2mlpv2_at_other_resolutions(size, grids):
+    model = get_model("s2mlpv2_tiny", patch_size=7, image_size=size)
+    params, x = cheap_params(abstract_params(model, size)), images(size)
+    logits, state = compiled_apply(model, params, x, intermediates=True)(params, x)
+    assert state["intermediates"]["block_0_out"][0].shape == (1, grids[0], grids[0], 16)
+    assert state["intermediates"]["block_1_out"][0].shape == (1, grids[1], grids[1], 32)
+    assert logits.shape == (1, 1000) and np.isfinite(np.asarray(logits)).all()
+
+
+def test_s2mlpv2_rejects_sides_not_divisible_by_14():
+    with pytest.raises(ValueError, match=r"image_size=160 .*multiple of 14"):
+        get_model("s2mlpv2_small", image_size=160)
+
+
+def test_mixer_at_another_resolution_raises():
+    model = get_model("mixer_tiny", image_size=32)
+    params = cheap_params(abstract_params(model, 32))
+    assert jax.eval_shape(lambda p, x: model.apply(p, x, train=False), params, images(32)).shape == (1, 1000)
+    with pytest.raises(ValueError, match=r"resolution.*32x32"):
+        model.apply(params, images(64), train=False)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bfloat16_compute_is_close_and_params_stay_float32(name):
+    f32, bf16 = get_model(name), get_model(name, dtype="bfloat16")
+    abstract = abstract_params(bf16, 32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(abstract))
+    params, x = cheap_params(abstract, seed=1), images(32, batch=2)  # random head kernel: logits not all zero
+    ref = np.asarray(compiled_apply(f32, params, x)(params, x))
+    low = compiled_apply(bf16, params, x)(params, x)
+    assert low.dtype == jnp.float32
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(np.asarray(low), ref, rtol=0, atol=0.05 * np.abs(ref).max() + 0.02)
+    assert not np.array_equal(np.asarray(low), ref)  # bf16 really was used
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_drop_path_is_identity_at_eval_and_stochastic_in_training(name):
+    model, plain = get_model(name, drop_path_rate=0.5), get_model(name, drop_path_rate=0.0)
+    params, x = cheap_params(abstract_params(model, 32), seed=2), images(32, batch=4)
+    evaluate = compiled_apply(model, params, x)
+    evaluated = np.asarray(evaluate(params, x, jax.random.key(0)))
+    np.testing.assert_array_equal(evaluated, np.asarray(evaluate(params, x, jax.random.key(1))))
+    np.testing.assert_array_equal(evaluated, np.asarray(compiled_apply(plain, params, x)(params, x)))
+    train = compiled_apply(model, params, x, train=True)
+    trained = [np.asarray(train(params, x, jax.random.key(s))) for s in (0, 1)]
+    assert not np.allclose(trained[0], trained[1])
+    assert not np.allclose(trained[0], evaluated)
+
+
+def test_drop_path_keeps_the_expectation():
+    x = jnp.ones((20_000, 3, 2))
+    out = np.asarray(DropPath(0.5).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    assert set(np.unique(out)) == {0.0, 2.0}  # kept branches scaled by 1 / (1 - rate)
+    assert (out == out[:, :1, :1]).all()  # one decision per example
+    assert abs(out.mean() - 1.0) < 0.03
+    np.testing.assert_array_equal(np.asarray(DropPath(0.5).apply({}, x, deterministic=True)), np.asarray(x))
+
+
+# ---- registry errors and shift patterns ------------------------------------------------
+@pytest.mark.parametrize(
+    "name, kwargs, words",
+    [
+        ("s2mlp_huge", {}, ["s2mlp_huge", "s2mlp_wide", "mixer_b16"]),
+        ("s2mlp_tiny", {"widht": 3}, ["widht", "hidden_dim"]),
+        ("s2mlp_tiny", {"hidden_dim": 30}, ["hidden_dim=30", "multiple of 4"]),
+        ("s2mlp_tiny", {"hidden_dim": 36, "shift_pattern": "eight"}, ["hidden_dim=36", "multiple of 8"]),
+        ("s2mlp_tiny", {"shift_pattern": "diagonal"}, ["shift_pattern", "ss1"]),
+        ("s2mlp_tiny", {"drop_path_rate": -0.1}, ["drop_path_rate=-0.1"]),
+        ("s2mlpv2_tiny", {"hidden_dims": (16, 30)}, ["hidden_dims"]),
+        ("mixer_tiny", {"hidden_dim": 0}, ["hidden_dim=0"]),
+        ("s2mlp_tiny", {"dtype": "float64"}, ["dtype='float64'", "bfloat16"]),
+        ("s2mlp_wide", {"image_size": 200}, ["image_size=200", "16"]),
+        ("mixer_b16", {"image_size": 230}, ["image_size=230", "16"]),
+    ],
+)
+def test_registry_errors_name_the_field(name, kwargs, words):
+    with pytest.raises(ValueError) as error:
+        get_model(name, **kwargs)
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_every_shift_pattern_runs_in_s2mlp_tiny():
+    x = images(32, batch=2)
+    params = cheap_params(abstract_params(get_model("s2mlp_tiny"), 32), seed=3)
+    for pattern in PATTERNS:  # traced (shapes and code path) for every pattern
+        model = get_model("s2mlp_tiny", shift_pattern=pattern, image_size=32)
+        assert flat_shapes(abstract_params(model, 32)) == flat_shapes(params)  # the shift has no parameters
+        assert jax.eval_shape(lambda p, x: model.apply(p, x, train=False), params, x).shape == (2, 1000)
+    outputs = {}
+    for pattern in ["none", "ss1", "eight"]:  # and run for a few
+        model = get_model("s2mlp_tiny", shift_pattern=pattern)
+        outputs[pattern] = np.asarray(compiled_apply(model, params, x)(params, x))
+        assert np.isfinite(outputs[pattern]).all()
+    assert not np.allclose(outputs["none"], outputs["ss1"])
+    assert not np.allclose(outputs["ss1"], outputs["eight"])

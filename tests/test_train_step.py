@@ -1,0 +1,160 @@
+"""The train step, optimizer and config checks of train_lib, without the input pipeline."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import train_lib
+from configs import common, tiny
+
+NUM_CLASSES = 10
+
+
+def _setup(config, devices, fsdp=False):
+    model = train_lib.build_model(config, NUM_CLASSES)
+    tx = train_lib.make_optimizer(config, train_lib.learning_rate_schedule(config, 10, 100))
+    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+    init = functools.partial(train_lib.init_state, model=model, tx=tx, image_size=config.image_size, use_ema=True)
+    shardings = train_lib.state_sharding(mesh, jax.eval_shape(init, jax.random.key(0)), fsdp)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    step = jax.jit(
+        functools.partial(train_lib.train_step, model=model, tx=tx, config=config, num_classes=NUM_CLASSES),
+        in_shardings=(shardings, batch_sharding, replicated),
+        out_shardings=(shardings, replicated),
+    )
+    return state, step, batch_sharding
+
+
+def _batch(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(n, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, size=n).astype(np.int32),
+    }
+
+
+def _run(config, devices, batches, fsdp=False):
+    state, step, sharding = _setup(config, devices, fsdp)
+    losses = []
+    for b in batches:
+        state, metrics = step(state, train_lib.to_global(b, sharding), jax.random.key(1))
+        losses.append(float(metrics["loss"]))
+    return jax.device_get(state), losses
+
+
+def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("model,fsdp", [("s2mlp_tiny", False), ("s2mlpv2_tiny", True)])
+def test_eight_devices_match_one_device(model, fsdp):
+    """Mixup, CutMix, DropPath and EMA on: the sharded step computes the single-device step."""
+    assert jax.device_count() == 8
+    config = tiny.get_config(model)
+    batches = [_batch(16, config.image_size, seed) for seed in range(3)]
+    one, losses_one = _run(config, jax.devices()[:1], batches)
+    eight, losses_eight = _run(config, jax.devices(), batches, fsdp=fsdp)
+    np.testing.assert_allclose(losses_one, losses_eight, rtol=1e-5)
+    _assert_trees_close(one.params, eight.params)
+    _assert_trees_close(one.ema_params, eight.ema_params)
+    assert int(eight.step) == 3
+
+
+def test_fsdp_shards_parameters():
+    config = tiny.get_config("s2mlp_tiny")
+    state, _, _ = _setup(config, jax.devices(), fsdp=True)
+    kernel = state.params["block_0"]["fc3"]["kernel"]  # (32, 64)
+    assert kernel.sharding.spec == P(None, "data")
+    assert state.params["block_0"]["fc3"]["bias"].sharding.spec == P()
+    assert state.opt_state[0].mu["block_0"]["fc3"]["kernel"].sharding.spec == P(None, "data")
+
+
+def test_two_micro_batches_equal_one_full_batch():
+    config = tiny.get_config("s2mlp_tiny")
+    config.model.drop_path_rate = 0.0  # DropPath draws per micro-batch; everything else is identical
+    batches = [_batch(16, config.image_size, seed) for seed in range(2)]
+    full, losses_full = _run(config, jax.devices()[:2], batches)
+    config.grad_accum_steps = 2
+    accum, losses_accum = _run(config, jax.devices()[:2], batches)
+    np.testing.assert_allclose(losses_full, losses_accum, rtol=1e-5)
+    _assert_trees_close(full.params, accum.params)
+
+
+def test_non_finite_loss_skips_the_update_and_records_the_step():
+    config = tiny.get_config("s2mlp_tiny")
+    state, step, sharding = _setup(config, jax.devices()[:1])
+    good = _batch(16, config.image_size)
+    state, _ = step(state, train_lib.to_global(good, sharding), jax.random.key(1))
+    before = jax.device_get(state.params)
+    bad = dict(good, image=np.full_like(good["image"], np.nan))
+    state, metrics = step(state, train_lib.to_global(bad, sharding), jax.random.key(1))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.bad_step) == 1 and int(state.step) == 2
+    _assert_trees_close(before, jax.device_get(state.params), rtol=0, atol=0)
+    state, _ = step(state, train_lib.to_global(good, sharding), jax.random.key(1))
+    assert int(state.bad_step) == 1  # the first bad step is kept
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    config = tiny.get_config("s2mlp_tiny")
+    config.weight_decay = 0.5
+    tx = train_lib.make_optimizer(config, lambda step: 1.0)
+    params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}}
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["dense"]["kernel"], -0.5 * np.ones((2, 2)))
+    np.testing.assert_array_equal(updates["dense"]["bias"], np.zeros(2))
+    np.testing.assert_array_equal(updates["norm"]["scale"], np.zeros(2))
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+    config = common.get_config()
+    config.batch_size, config.base_lr, config.min_lr, config.warmup_epochs = 512, 2e-3, 1e-5, 2
+    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    peak = 2e-3 * 512 / 1024
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(10)), peak / 2, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(20)), peak, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(60)), 1e-5 + (peak - 1e-5) * 0.5, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(100)), 1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model.name", "resnet50", "config.model.name='resnet50' is unknown"),
+        ("batch_size", 12, "config.batch_size=12 must be a positive multiple of devices (8)"),
+        ("grad_accum_steps", 0, "config.grad_accum_steps=0 must be >= 1"),
+        ("image_size", 30, "image_size=30 is not a positive multiple of 4"),
+        ("base_lr", -1.0, "config.base_lr=-1.0 must be positive"),
+        ("ema_decay", 1.5, "config.ema_decay=1.5 must be in [0, 1)"),
+        ("augment.mixup", -0.2, "config.augment.mixup=-0.2 must be >= 0"),
+        ("augment.label_smoothing", 1.0, "config.augment.label_smoothing=1.0 must be in [0, 1)"),
+        ("model.drop_path_rate", -0.1, "drop_path_rate=-0.1 must be in [0, 1)"),
+        ("model.overrides", {"hidden_dim": 30}, "hidden_dim=30 must be a positive multiple of 4"),
+        ("model.overrides", {"widht": 3}, "['widht'] are not fields of s2mlp_tiny"),
+    ],
+)
+def test_invalid_config_names_the_field(field, value, message):
+    config = tiny.get_config("s2mlp_tiny")
+    parent, _, leaf = field.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+    if field == "batch_size":
+        config.grad_accum_steps = 1
+    with pytest.raises(ValueError) as e:
+        train_lib.validate_config(config, num_devices=8)
+    assert message in str(e.value)
+
+
+def test_batch_must_divide_by_devices_times_accumulation():
+    config = tiny.get_config("s2mlp_tiny")
+    config.batch_size, config.grad_accum_steps = 24, 2
+    with pytest.raises(ValueError, match=r"devices \(8\) × grad_accum_steps \(2\) = 16"):
+        train_lib.validate_config(config, num_devices=8)
