@@ -7,6 +7,8 @@ Multi-host: ``--multihost`` calls ``jax.distributed.initialize()`` (TPU VMs and
 SLURM/GPU clusters detect their peers), or pass the coordinator explicitly.
 """
 
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,8 +24,16 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Keeps INFO lines from our own files; libraries (Orbax, JAX, TF) still show warnings and errors."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+
+
 def main(argv):
     del argv
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     import jax
 
     if FLAGS.coordinator_address:

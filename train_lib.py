@@ -457,6 +457,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             if step % config.checkpoint_every_steps == 0 or last:
                 evaluated = step % config.eval_every_steps == 0 or last
                 save(step, eval_metrics if evaluated else None)
+    if eval_metrics:
+        logging.info(
+            "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
+            "TensorBoard: tensorboard --logdir=%s",
+            100 * eval_metrics.get("eval_ema_top1", eval_metrics["eval_top1"]),
+            total_steps,
+            eval_metrics["eval_num_examples"],
+            ckpt_dir,
+            workdir / "metrics.jsonl",
+            workdir,
+        )
     return eval_metrics
 
 

@@ -36,7 +36,7 @@ def get_config():
     config.eval_batch_size = 100
     config.total_steps = 600
     config.warmup_epochs = 2
-    config.base_lr = 4e-3
+    config.base_lr = 0.032  # per 1024 images: 2e-3 at batch 64
     config.weight_decay = 0.05
     config.ema_decay = 0.0
     config.log_every_steps = 50
