@@ -121,7 +121,7 @@ def _saved_arrays(step_dir: epath.Path, item: str) -> dict[str, Any]:
         with _quiet_orbax():
             meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(step_dir / item)
         tree = getattr(meta, "item_metadata", meta)
-        leaves = _flat(getattr(tree, "tree", tree))
+        leaves = flatten(getattr(tree, "tree", tree))
     except Exception as e:  # noqa: BLE001
         raise corrupt(step_dir, e) from e
     if not leaves:
@@ -138,7 +138,7 @@ def restore(step_dir: epath.PathLike, item: str, abstract: Any = None, sharding=
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if abstract is None:
         saved = _saved_arrays(step_dir, item)
-        abstract = _unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in saved.items()})
+        abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in saved.items()})
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
     try:
         with _quiet_orbax():
@@ -155,7 +155,8 @@ def params_item(step_dir: epath.PathLike, *, ema: bool) -> str:
     return "ema_params" if ema and "ema_params" in saved_items(step_dir) else "params"
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{'a/b/kernel': leaf}`` -> nested dicts; the inverse of `flatten`."""
     tree: dict[str, Any] = {}
     for key, value in flat.items():
         *parents, leaf = key.split("/")
@@ -166,14 +167,15 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _flat(tree: Any) -> dict[str, Any]:
+def flatten(tree: Any) -> dict[str, Any]:
+    """A pytree of arrays (or shape structs) -> ``{'a/b/kernel': leaf}``, the '/'-joined key paths."""
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
 
 
 def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``{'a/b/kernel': shape}`` of a pytree of arrays or shape structs."""
-    return {k: tuple(v.shape) for k, v in _flat(tree).items()}
+    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
 
 
 def shape_mismatch(expected: dict[str, tuple], found: dict[str, tuple], limit: int = 5) -> str:

@@ -27,38 +27,14 @@ from etils import epath
 from s2mlp import checkpoint as ckpt
 from s2mlp import models
 
-__all__ = ["classifier_from_npz", "flatten", "load_mixer_npz", "save_mixer_npz", "unflatten"]
+__all__ = ["classifier_from_npz", "load_mixer_npz", "save_mixer_npz"]
 
 TOKEN_KERNEL = "MixerBlock_0/token_mixing/Dense_0/kernel"  # (tokens, tokens_mlp_dim): fixes the resolution
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    """A nested dict of arrays -> ``{'a/b/kernel': array}`` (vit_jax's layout)."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if hasattr(value, "items"):
-            flat.update(flatten(value, path))
-        else:
-            flat[path] = np.asarray(value)
-    return flat
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{'a/b/kernel': array}`` -> nested dicts."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def save_mixer_npz(path_or_file: epath.PathLike | BinaryIO, params: Any) -> None:
     """Writes `params` as vision_transformer does: ``np.savez`` of the '/'-flattened tree."""
-    flat = flatten(params)
+    flat = {k: np.asarray(v) for k, v in ckpt.flatten(params).items()}
     if hasattr(path_or_file, "write"):
         np.savez(path_or_file, **flat)
         return
@@ -145,7 +121,7 @@ def load_mixer_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int
             f"{name} does not hold the parameters of {model_name} "
             f"(num_classes={num_classes}, {image_size}x{image_size} images):\n{problems}\n{_describe(flat)}"
         )
-    return model, unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+    return model, ckpt.unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
 
 
 def classifier_from_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int | None = None, *,

@@ -19,6 +19,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
 
@@ -96,7 +97,11 @@ def test_load_restores_what_the_trainer_saved(workdir, config):
         assert (clf.step, clf.image_size, clf.num_classes) == (step, 16, 10)
         assert clf.class_names == [str(i) for i in range(10)]
         assert clf.workdir is not None and os.path.samefile(clf.workdir, workdir)
-        reference = ckpt.restore_params(directory, step, ema=ema)
+        item = "ema_params" if ema else "params"  # read back independently, through a CheckpointManager
+        restored = ocp.CheckpointManager(directory).restore(
+            step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
+        )
+        reference = restored[item]
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(clf.params), jax.device_get(reference))
         expected = _jit_apply(model, reference, batch["image"])
         np.testing.assert_allclose(clf.logits(batch["image"]), expected, rtol=1e-6, atol=1e-6)
