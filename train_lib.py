@@ -309,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
     # ---- checks, before any compilation --------------------------------------
     validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-    input_pipeline.validate_data_config(config)
+    input_pipeline.validate_data_config(config, process_count=jax.process_count())
     info = input_pipeline.dataset_info(config)
     model = build_model(config, info.num_classes)
     steps_per_epoch = max(info.num_train // config.batch_size, 1)
@@ -481,7 +481,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None) -> dict[str, f
     import input_pipeline
 
     validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-    input_pipeline.validate_data_config(config)
+    input_pipeline.validate_data_config(config, process_count=jax.process_count())
     info = input_pipeline.dataset_info(config)
     model = build_model(config, info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
