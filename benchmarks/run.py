@@ -1,0 +1,576 @@
+"""``python -m benchmarks.run``: compile time, throughput, memory and MFU of the real train step.
+
+For each model (and each ``--image_sizes`` × ``--batches`` point) one process measures:
+
+* compile time of the train step (``lower`` + ``compile``) and of the eval step;
+* images/s of the eval step (``train_lib.eval_step``) and of the train step
+  (``train_lib.train_step``: label smoothing 0.1, Mixup 0.8 / CutMix 1.0, DropPath 0.1,
+  AdamW, EMA 0.99996, i.e. the S²-MLPv2 recipe of SPEC §5), median and [min–max] over
+  ``--repeats`` timed calls after ``--warmup`` untimed ones, each timed to
+  ``jax.block_until_ready``;
+* peak memory: on CPU the host RSS high-water mark (``VmHWM``, reset before the
+  model's warm-up steps), on GPU/TPU the device's ``peak_bytes_in_use`` (process-wide
+  and monotone: run one model per process for per-model figures); beside it XLA's own
+  estimate for the compiled train step (arguments + outputs − donated + temporaries);
+* achieved FLOP/s and MFU: train FLOPs/image = 6 × forward MACs (forward 2 flops/MAC,
+  backward twice the forward; MACs of every matmul and conv from
+  `s2mlp.flops.count_macs`, the papers' "FLOPs"), divided by the dense-matmul rate
+  measured in the same run with the same dtype (a square N³ matmul per device,
+  best of ``--matmul_repeats``, measured before and after the models; the better is kept).
+
+``--shift_identity`` adds, for every S² model, the same model with the shift replaced
+by the identity (same shapes and parameters) and times both in one process, alternating
+shift / identity calls (ABBA order), and reports the shift's overhead from the medians.
+
+Examples::
+
+    python -m benchmarks.run --models=s2mlp_wide,mixer_b16 --batch=8 --dtype=float32 --image_size=224 --repeats=5
+    python -m benchmarks.run --models=s2mlp_wide --shift_identity --repeats=7
+    python -m benchmarks.run --models=s2mlp_wide,s2mlpv2_small --image_sizes=160,224,288 --batches=4,8,16
+    python -m benchmarks.run --input_pipeline          # see benchmarks/input_throughput.py
+
+Needs neither TensorFlow nor ml_collections (except ``--input_pipeline``). Runs unchanged
+on CPU, GPU and TPU: the batch is sharded over all devices of `train_lib.make_mesh`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import functools
+import gc
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import train_lib
+from s2mlp import models
+from s2mlp.flops import cost_flops, count_macs
+from s2mlp.models.s2mlp import S2MLP
+from s2mlp.models.s2mlpv2 import S2MLPv2
+
+DEFAULT_MODELS = ("s2mlp_wide", "s2mlp_deep", "s2mlpv2_small", "s2mlpv2_medium", "mixer_b16")
+
+COLUMNS = (
+    "model",
+    "shift",
+    "image",
+    "batch",
+    "dtype",
+    "params (M)",
+    "fwd GMAC/img",
+    "compile train (s)",
+    "compile eval (s)",
+    "eval img/s",
+    "train img/s",
+    "train step (s)",
+    "train CPU s/img",
+    "peak mem (GiB)",
+    "XLA train mem (GiB)",
+    "XLA train GFLOP/img",
+    "train TFLOP/s",
+    "train MFU (%)",
+)
+
+SHIFT_COLUMNS = (
+    "model",
+    "image",
+    "batch",
+    "train step, shift (s)",
+    "train step, identity (s)",
+    "train overhead (%)",
+    "paired train overhead (%)",
+    "eval overhead (%)",
+    "train overhead, CPU time (%)",
+)
+
+
+# =============================================================================
+# The recipe the train step runs with (no ml_collections needed).
+# =============================================================================
+def recipe_config(batch_size: int) -> SimpleNamespace:
+    """The fields `train_lib.train_step` and the optimizer read, at S²-MLPv2's recipe (SPEC §5)."""
+    return SimpleNamespace(
+        batch_size=batch_size,
+        grad_accum_steps=1,
+        base_lr=2e-3,
+        min_lr=1e-5,
+        warmup_epochs=10,
+        weight_decay=0.05,
+        grad_clip_norm=0.0,
+        ema_decay=0.99996,
+        augment=SimpleNamespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch_prob=0.5),
+    )
+
+
+DROP_PATH_RATE = 0.1
+NUM_CLASSES = 1000
+STEPS_PER_EPOCH = 1_281_167 // 1024  # ImageNet-1K at batch 1024: only shapes the lr schedule
+NUM_EPOCHS = 300
+
+
+def identity_overrides(model) -> dict | None:
+    """Overrides that replace `model`'s shift by the identity; None for models without a shift."""
+    if isinstance(model, S2MLP):
+        return {"shift_pattern": "none"}
+    if isinstance(model, S2MLPv2):
+        return {"shift_patterns": ("none", "none")}
+    return None
+
+
+def shift_name(model) -> str:
+    if isinstance(model, S2MLP):
+        return model.shift_pattern
+    if isinstance(model, S2MLPv2):
+        return "+".join(model.shift_patterns)
+    return "n/a"
+
+
+def fit_image_size(name: str, size: int) -> int:
+    """`size`, or the nearest positive multiple of the model's input divisor (14 for S²-MLPv2)."""
+    divisor = models.input_divisor(models.get_model(name))
+    return size if size % divisor == 0 else max(divisor, round(size / divisor) * divisor)
+
+
+# =============================================================================
+# Machine: description, dense-matmul rate, peak memory.
+# =============================================================================
+def machine_description() -> str:
+    devices = jax.devices()
+    kinds = sorted({d.device_kind for d in devices})
+    text = f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} × {', '.join(kinds)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        cpu = found.group(1).strip() if found else cpu
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import psutil
+
+        ram = f", {psutil.virtual_memory().total / 2**30:.1f} GiB RAM"
+    except ImportError:
+        ram = ""
+    return f"{text}; host: {cpu}, {cores} cores{ram}"
+
+
+def matmul_flops_per_s(mesh, n: int, dtype, repeats: int) -> float:
+    """Best-of-`repeats` FLOP/s of one square n×n @ n×n matmul on every device at once."""
+    devices = mesh.shape["data"]
+    sharding = NamedSharding(mesh, P("data"))
+    make = jax.jit(
+        lambda key: jax.random.normal(key, (devices, n, n), jnp.float32).astype(dtype), out_shardings=sharding
+    )
+    a, b = make(jax.random.key(1)), make(jax.random.key(2))
+    matmul = jax.jit(lambda a, b: jnp.einsum("dij,djk->dik", a, b), out_shardings=sharding)
+    jax.block_until_ready(matmul(a, b))
+    best = min(_timed(lambda: matmul(a, b)) for _ in range(repeats))
+    return devices * 2 * n**3 / best
+
+
+class PeakMemory:
+    """Peak memory: host RSS high-water mark on CPU, device ``peak_bytes_in_use`` elsewhere."""
+
+    def __init__(self):
+        stats = jax.local_devices()[0].memory_stats()
+        self.device = bool(stats and "peak_bytes_in_use" in stats)
+        self.kind = "device peak_bytes_in_use (process-wide)" if self.device else "host RSS high-water mark"
+
+    def reset(self) -> None:
+        """Starts a new high-water mark (host RSS on Linux; device peaks cannot be reset).
+
+        On the host, first hands freed heap back to the OS (glibc ``malloc_trim``): XLA's compiler
+        frees gigabytes that would otherwise stay resident and count towards every later mark.
+        """
+        if not self.device:
+            try:
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass  # the mark then covers the whole process
+
+    def read(self) -> float:
+        """Bytes: the largest device peak over local devices, or the host RSS high-water mark."""
+        if self.device:
+            return float(max(d.memory_stats()["peak_bytes_in_use"] for d in jax.local_devices()))
+        try:
+            with open("/proc/self/status") as f:
+                return float(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+        except (OSError, AttributeError):
+            import resource
+
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, kB on Linux
+            return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+# =============================================================================
+# One model at one (image size, batch): build, compile, time.
+# =============================================================================
+class ModelBench:
+    """The real train step and eval step of one model on a fixed random batch."""
+
+    def __init__(self, name: str, *, image_size: int, batch: int, dtype: str, mesh, overrides: dict | None = None):
+        self.name, self.image_size, self.batch, self.dtype = name, image_size, batch, dtype
+        self.identity = bool(overrides)
+        self.model = models.get_model(
+            name,
+            image_size=image_size,
+            num_classes=NUM_CLASSES,
+            dtype=dtype,
+            drop_path_rate=DROP_PATH_RATE,
+            **(overrides or {}),
+        )
+        config = recipe_config(batch)
+        schedule = train_lib.learning_rate_schedule(config, STEPS_PER_EPOCH, NUM_EPOCHS * STEPS_PER_EPOCH)
+        tx = train_lib.make_optimizer(config, schedule)
+        init = functools.partial(train_lib.init_state, model=self.model, tx=tx, image_size=image_size, use_ema=True)
+        init_rng = jax.random.key(0)
+        abstract = jax.eval_shape(init, init_rng)
+        shardings = train_lib.state_sharding(mesh, abstract, fsdp=False)
+        batch_sharding = NamedSharding(mesh, P("data"))
+        replicated = NamedSharding(mesh, P())
+        self.params_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+        self.macs = count_macs(self.model, image_size=image_size, batch=1)
+
+        self.train_fn = jax.jit(
+            functools.partial(train_lib.train_step, model=self.model, tx=tx, config=config, num_classes=NUM_CLASSES),
+            in_shardings=(shardings, batch_sharding, replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_fn = jax.jit(
+            functools.partial(train_lib.eval_step, model=self.model), in_shardings=(shardings.params, batch_sharding)
+        )
+        self.state = jax.jit(init, out_shardings=shardings)(init_rng)
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
+        labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+        self.train_batch = train_lib.to_global({"image": images, "label": labels}, batch_sharding)
+        self.eval_batch = train_lib.to_global(
+            {"image": images, "label": labels, "mask": np.ones(batch, np.float32)}, batch_sharding
+        )
+        self.rng = jax.device_put(jax.random.key(1), replicated)
+        self.train_cpu_s: list[float] = []
+
+    def compile(self) -> None:
+        start = time.perf_counter()
+        self.train_compiled = self.train_fn.lower(self.state, self.train_batch, self.rng).compile()
+        self.train_compile_s = time.perf_counter() - start
+        start = time.perf_counter()
+        self.eval_compiled = self.eval_fn.lower(self.state.params, self.eval_batch).compile()
+        self.eval_compile_s = time.perf_counter() - start
+        self.xla_train_flops = cost_flops(self.train_compiled.cost_analysis())
+        mem = self.train_compiled.memory_analysis()
+        self.xla_train_bytes = (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+            if mem is not None
+            else math.nan
+        )
+
+    def train_once(self) -> float:
+        """Wall seconds of one train step; its process CPU seconds are appended to `train_cpu_s`."""
+        cpu, start = time.process_time(), time.perf_counter()
+        self.state, self.metrics = self.train_compiled(self.state, self.train_batch, self.rng)
+        jax.block_until_ready((self.state, self.metrics))
+        self.train_cpu_s.append(time.process_time() - cpu)
+        return time.perf_counter() - start
+
+    def eval_once(self) -> float:
+        return _timed(lambda: self.eval_compiled(self.state.params, self.eval_batch))
+
+    def check_finite(self) -> None:
+        loss, bad = float(self.metrics["loss"]), int(self.state.bad_step)
+        if not math.isfinite(loss) or bad >= 0:
+            raise FloatingPointError(f"{self.name}: the train step produced a non-finite loss ({loss}, step {bad}).")
+
+
+def measure(benches: list[ModelBench], *, repeats: int, warmup: int, peak: PeakMemory) -> None:
+    """Compiles and warms up each bench, then times them interleaved (ABBA...) `repeats` times each."""
+    for bench in benches:
+        bench.compile()
+        peak.reset()
+        for _ in range(warmup):
+            bench.train_once()
+            bench.eval_once()
+        bench.peak_bytes = peak.read()
+        bench.train_s, bench.eval_s, bench.train_cpu_s = [], [], []
+    for i in range(repeats):
+        for bench in benches if i % 2 == 0 else benches[::-1]:
+            bench.train_s.append(bench.train_once())
+    for i in range(repeats):
+        for bench in benches if i % 2 == 0 else benches[::-1]:
+            bench.eval_s.append(bench.eval_once())
+    for bench in benches:
+        bench.check_finite()
+
+
+# =============================================================================
+# Rows and the markdown tables.
+# =============================================================================
+def _fmt(x: float) -> str:
+    """3 significant digits, no exponent for ordinary magnitudes."""
+    if not math.isfinite(x):
+        return str(x)
+    a = abs(x)
+    if a >= 100:
+        return f"{x:.0f}"
+    if a >= 10:
+        return f"{x:.1f}"
+    if a >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def _spread(values: list[float]) -> str:
+    return f"{_fmt(statistics.median(values))} [{_fmt(min(values))}–{_fmt(max(values))}]"
+
+
+def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
+    """The figures of one bench; ``cells`` holds the table's strings in COLUMNS order."""
+    train_med, eval_med = statistics.median(bench.train_s), statistics.median(bench.eval_s)
+    train_flops = 6 * bench.macs * bench.batch / train_med
+    row = {
+        "model": bench.name,
+        "shift": "none" if bench.identity else shift_name(bench.model),
+        "image": bench.image_size,
+        "batch": bench.batch,
+        "dtype": bench.dtype,
+        "params": bench.params_count,
+        "fwd_macs_per_image": bench.macs,
+        "compile_train_s": bench.train_compile_s,
+        "compile_eval_s": bench.eval_compile_s,
+        "eval_images_per_s": [bench.batch / t for t in bench.eval_s],
+        "train_images_per_s": [bench.batch / t for t in bench.train_s],
+        "train_step_s": bench.train_s,
+        "eval_step_s": bench.eval_s,
+        "train_cpu_s_per_image": statistics.median(bench.train_cpu_s) / bench.batch,
+        "peak_bytes": bench.peak_bytes,
+        "xla_train_bytes": bench.xla_train_bytes,
+        "xla_train_flops_per_image": bench.xla_train_flops / bench.batch,
+        "train_flops_per_s": train_flops,
+        "train_mfu": train_flops / matmul_flops,
+        "eval_flops_per_s": 2 * bench.macs * bench.batch / eval_med,
+    }
+    row["cells"] = [
+        row["model"],
+        row["shift"],
+        str(row["image"]),
+        str(row["batch"]),
+        row["dtype"],
+        _fmt(row["params"] / 1e6),
+        _fmt(row["fwd_macs_per_image"] / 1e9),
+        _fmt(row["compile_train_s"]),
+        _fmt(row["compile_eval_s"]),
+        _spread(row["eval_images_per_s"]),
+        _spread(row["train_images_per_s"]),
+        _spread(row["train_step_s"]),
+        _fmt(row["train_cpu_s_per_image"]),
+        _fmt(row["peak_bytes"] / 2**30),
+        _fmt(row["xla_train_bytes"] / 2**30),
+        _fmt(row["xla_train_flops_per_image"] / 1e9),
+        _fmt(row["train_flops_per_s"] / 1e12),
+        _fmt(100 * row["train_mfu"]),
+    ]
+    return row
+
+
+def shift_row(shifted: ModelBench, identity: ModelBench) -> dict:
+    """The shift's overhead: medians of the interleaved timings, and the spread of the paired ratios."""
+    t_shift, t_id = statistics.median(shifted.train_s), statistics.median(identity.train_s)
+    paired = [100 * (a / b - 1) for a, b in zip(shifted.train_s, identity.train_s, strict=True)]
+    eval_overhead = 100 * (statistics.median(shifted.eval_s) / statistics.median(identity.eval_s) - 1)
+    cpu_overhead = 100 * (statistics.median(shifted.train_cpu_s) / statistics.median(identity.train_cpu_s) - 1)
+    row = {
+        "model": shifted.name,
+        "image": shifted.image_size,
+        "batch": shifted.batch,
+        "train_step_shift_s": t_shift,
+        "train_step_identity_s": t_id,
+        "train_overhead_pct": 100 * (t_shift / t_id - 1),
+        "paired_train_overhead_pct": paired,
+        "eval_overhead_pct": eval_overhead,
+        "train_cpu_overhead_pct": cpu_overhead,
+    }
+    row["cells"] = [
+        row["model"],
+        str(row["image"]),
+        str(row["batch"]),
+        _fmt(t_shift),
+        _fmt(t_id),
+        f"{row['train_overhead_pct']:+.1f}",
+        f"{statistics.median(paired):+.1f} [{min(paired):+.1f} – {max(paired):+.1f}]",
+        f"{eval_overhead:+.1f}",
+        f"{cpu_overhead:+.1f}",
+    ]
+    return row
+
+
+def markdown_table(columns, rows) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row["cells"]) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# =============================================================================
+# Command line.
+# =============================================================================
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated registry names")
+    p.add_argument("--batch", type=int, default=8, help="global batch (a multiple of the device count)")
+    p.add_argument("--batches", default="", help="comma-separated batches: a sweep (overrides --batch)")
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument(
+        "--image_sizes",
+        default="",
+        help="comma-separated sides: a sweep (overrides --image_size); a side the model cannot take is replaced "
+        "by the nearest multiple of its input divisor (S²-MLPv2: 14, e.g. 160 -> 154, 288 -> 294)",
+    )
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per step and model")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+    p.add_argument("--shift_identity", action="store_true", help="also time each S² model with an identity shift")
+    p.add_argument("--matmul_size", type=int, default=0, help="N of the N³ matmul (default 2048 on CPU, else 8192)")
+    p.add_argument("--matmul_repeats", type=int, default=10)
+    p.add_argument("--output", default="", help="append the markdown tables to this file")
+    p.add_argument("--input_pipeline", action="store_true", help="benchmark the input pipeline instead (needs TF)")
+    p.add_argument("--num_images", type=int, default=256, help="--input_pipeline: JPEGs to write and decode")
+    p.add_argument("--jpeg_size", default="500,375", help="--input_pipeline: width,height of the JPEGs")
+    p.add_argument("--input_cores", default="1,all", help="--input_pipeline: core counts to pin to ('all': every core)")
+    args = p.parse_args(argv)
+    for name in args.models.split(","):
+        if name not in models.model_names():
+            p.error(f"--models: {name!r} is unknown; choose from {models.model_names()}")
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+    devices = 1 if args.input_pipeline else jax.device_count()
+    for batch in _ints(args.batches) or [args.batch]:
+        if batch < 1 or batch % devices:
+            p.error(f"batch {batch} must be a positive multiple of the device count ({devices})")
+    return args
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def header(argv: list[str], extra: list[str], started: str) -> str:
+    lines = [f"### benchmarks.run, {started} to {now()}", "", f"`python -m benchmarks.run {' '.join(argv)}`", ""]
+    lines += [f"- {machine_description()}"] + [f"- {x}" for x in extra]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmarks of `argv` (default: sys.argv[1:]); prints and returns the tables and rows."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    started = now()
+    args = parse_args(argv)
+    if args.input_pipeline:
+        from benchmarks import input_throughput
+
+        return input_throughput.main(args, argv, started)
+
+    mesh = train_lib.make_mesh()
+    dtype = jnp.dtype(args.dtype)
+    n = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
+    peak = PeakMemory()
+    rows, shift_rows, notes = [], [], []
+    with jax.set_mesh(mesh):
+        matmul_before = matmul_flops_per_s(mesh, n, dtype, args.matmul_repeats)
+        results = []
+        for name in args.models.split(","):
+            for requested in _ints(args.image_sizes) or [args.image_size]:
+                size = fit_image_size(name, requested)
+                if size != requested:
+                    notes.append(f"{name}: image side {requested} -> {size} (a multiple of its input divisor)")
+                for batch in _ints(args.batches) or [args.batch]:
+                    make = functools.partial(
+                        ModelBench, name, image_size=size, batch=batch, dtype=args.dtype, mesh=mesh
+                    )
+                    benches = [make()]
+                    swap = identity_overrides(benches[0].model) if args.shift_identity else None
+                    if swap:
+                        benches.append(make(overrides=swap))
+                    measure(benches, repeats=args.repeats, warmup=args.warmup, peak=peak)
+                    results.append(benches)
+                    print(f"[benchmarks] {name} {size}px batch {batch}: " + ", ".join(
+                        f"{'identity' if b.identity else 'shift'} train {statistics.median(b.train_s):.3f} s"
+                        for b in benches), file=sys.stderr, flush=True)  # fmt: skip
+                    for bench in benches:  # free the device buffers; keep the timings
+                        bench.state = bench.train_batch = bench.eval_batch = None
+                        bench.train_compiled = bench.eval_compiled = bench.metrics = None
+                    gc.collect()
+        matmul_after = matmul_flops_per_s(mesh, n, dtype, args.matmul_repeats)
+    matmul = max(matmul_before, matmul_after)
+    for benches in results:
+        rows += [bench_row(b, matmul) for b in benches]
+        if len(benches) == 2:
+            shift_rows.append(shift_row(*benches))
+
+    extra = [
+        f"dense matmul: {n}³ {args.dtype} per device, best of {args.matmul_repeats}: "
+        f"{matmul / 1e12:.3f} TFLOP/s (before the models {matmul_before / 1e12:.3f}, after {matmul_after / 1e12:.3f})",
+        f"train step: train_lib.train_step (AdamW, EMA {recipe_config(1).ema_decay}, Mixup 0.8 / CutMix 1.0, "
+        f"label smoothing 0.1, DropPath {DROP_PATH_RATE}); eval step: train_lib.eval_step; random inputs",
+        f"timings: median [min–max] of {args.repeats} calls after {args.warmup} warm-up call(s), to block_until_ready",
+        "train TFLOP/s = 6 × fwd MACs × batch / median step (matmul and conv MACs from s2mlp.flops.count_macs, "
+        "2 flops/MAC, backward = 2 × forward); MFU = that / the dense-matmul rate above",
+        "train CPU s/img: process CPU seconds (all threads) per image, median; on a shared CPU host it barely "
+        "depends on other processes' load, unlike wall time (on GPU/TPU it is host overhead only)",
+        f"peak mem: {peak.kind}, over the warm-up calls (in one process, later models also count memory the "
+        "allocator kept from earlier ones: run one model per process for exact peaks); XLA train mem: arguments + "
+        "outputs − donated + temporaries of the compiled train step, per model",
+    ]
+    if args.shift_identity:
+        extra.append(
+            "shift = none: the same model with the shift replaced by the identity (same shapes and parameters), "
+            "timed alternately with the shifted one in this process; its peak mem includes the shifted model's "
+            "live state"
+        )
+    extra += notes
+    text = header(argv, extra, started) + "\n\n" + markdown_table(COLUMNS, rows) + "\n"
+    if shift_rows:
+        text += "\nShift overhead (train and eval steps; paired: each shifted call vs its neighbouring identity call, "
+        text += "median [min – max]; CPU time: process CPU seconds per train step, which other processes' load "
+        text += (
+            "barely changes, meaningful on the CPU backend only):\n\n"
+            + markdown_table(SHIFT_COLUMNS, shift_rows)
+            + "\n"
+        )
+    print(text)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(text + "\n")
+    return {"rows": rows, "shift_rows": shift_rows, "matmul_flops_per_s": matmul, "markdown": text}
+
+
+if __name__ == "__main__":
+    main()

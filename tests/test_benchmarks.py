@@ -1,0 +1,137 @@
+"""Smoke tests of `benchmarks.run`: the tables have their columns and every figure is positive and finite.
+
+No timing thresholds. The model benchmark runs in a subprocess so it can ask XLA for a cheap
+compile (optimisation level 0) on 2 CPU devices (the sharded path); the input-pipeline mode
+runs in-process on a handful of tiny JPEGs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.I)
+
+
+def tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """(header, rows) of every markdown table in `text`."""
+    found, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            rows = []
+            for body in lines[i + 2 :]:
+                if not body.startswith("|"):
+                    break
+                rows.append([c.strip() for c in body.strip("|").split("|")])
+            found.append(([c.strip() for c in line.strip("|").split("|")], rows))
+    return found
+
+
+def numbers(cell: str) -> list[float]:
+    values = [float(x) for x in NUMBER.findall(cell)]
+    assert values, f"no number in cell {cell!r}"
+    return values
+
+
+def test_model_benchmark_table():
+    common = [
+        "--shift_identity",
+        "--image_size=16",
+        "--batch=2",
+        "--repeats=1",
+        "--matmul_size=64",
+        "--matmul_repeats=2",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+    # Two processes side by side: XLA:CPU compiles mostly on one thread, and compiling is most of the time.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.run", f"--models={models}", *common],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for models in ("s2mlp_tiny,mixer_tiny", "s2mlpv2_tiny")
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, stderr) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, stderr[-3000:]
+    main_rows, shift_rows = [], []
+    for stdout, _ in outputs:
+        assert "2 × cpu" in stdout  # the batch really was sharded over 2 devices
+        (main_header, rows), (shift_header, shifts) = tables(stdout)
+        main_rows += rows
+        shift_rows += shifts
+
+    assert tuple(main_header) == run.COLUMNS
+    names = [(r[0], r[1]) for r in main_rows]
+    assert names == [
+        ("s2mlp_tiny", "ss1"),
+        ("s2mlp_tiny", "none"),
+        ("mixer_tiny", "n/a"),
+        ("s2mlpv2_tiny", "ss1+ss2"),
+        ("s2mlpv2_tiny", "none"),
+    ]
+    text_columns = {"model", "shift", "dtype"}
+    for row in main_rows:
+        assert len(row) == len(run.COLUMNS)
+        for column, cell in zip(run.COLUMNS, row, strict=True):
+            if column not in text_columns:
+                assert all(math.isfinite(v) and v > 0 for v in numbers(cell)), (column, cell)
+    # Same shapes and parameters with and without the shift.
+    assert main_rows[0][5:7] == main_rows[1][5:7] and main_rows[3][5:7] == main_rows[4][5:7]
+
+    assert tuple(shift_header) == run.SHIFT_COLUMNS
+    assert [r[0] for r in shift_rows] == ["s2mlp_tiny", "s2mlpv2_tiny"]
+    for row in shift_rows:
+        for column, cell in zip(run.SHIFT_COLUMNS[1:], row[1:], strict=True):
+            values = numbers(cell)
+            assert all(math.isfinite(v) for v in values), (column, cell)
+            if "overhead" not in column:  # overheads may be negative on a noisy machine
+                assert all(v > 0 for v in values), (column, cell)
+
+
+def test_image_sizes_fit_the_model():
+    assert run.fit_image_size("s2mlpv2_small", 160) == 154
+    assert run.fit_image_size("s2mlpv2_small", 288) == 294
+    assert run.fit_image_size("s2mlpv2_small", 224) == 224
+    assert run.fit_image_size("s2mlp_wide", 288) == 288
+
+
+def test_recipe_config_has_the_fields_the_train_step_reads():
+    config = run.recipe_config(8)
+    assert config.batch_size == 8 and config.grad_accum_steps == 1 and config.ema_decay > 0
+    assert config.augment.mixup > 0 and config.augment.cutmix > 0 and config.augment.label_smoothing == 0.1
+
+
+def test_input_pipeline_table(capsys):
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("ml_collections")
+    out = run.main(
+        ["--input_pipeline", "--input_cores=1", "--num_images=4", "--jpeg_size=64,48", "--image_size=32", "--batch=4"]
+        + ["--repeats=1"]
+    )
+    header, rows = tables(out["markdown"])[0]
+    assert tuple(header) == run_input_columns()
+    assert {r[0].split(" ")[0] for r in rows} == {"train", "eval"}
+    for row in rows:
+        for cell in row[1:]:
+            if cell[0].isdigit():
+                assert all(math.isfinite(v) and v > 0 for v in numbers(cell)), cell
+    assert out["markdown"] in capsys.readouterr().out
+
+
+def run_input_columns():
+    from benchmarks import input_throughput
+
+    return input_throughput.COLUMNS
