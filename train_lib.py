@@ -95,7 +95,11 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1) -> None
     check(0 <= config.augment.mix_switch_prob <= 1, "augment.mix_switch_prob", "must be in [0, 1]")
     for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         check(config[field] >= 1, field, "must be >= 1")
-    check(config.compute_dtype in ("float32", "bfloat16", "float16"), "compute_dtype", "must be float32 or bfloat16")
+    check(
+        config.compute_dtype in ("float32", "bfloat16", "float16"),
+        "compute_dtype",
+        "must be float32, bfloat16 or float16",
+    )
     build_model(config, num_classes=1000)  # model name, overrides, rates and image_size
 
 

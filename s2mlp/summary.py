@@ -27,7 +27,7 @@ PAPER_FIGURES = {
     "s2mlpv2_medium": ("55M", "16.3B", "83.6", "S²-MLPv2 Table 2"),
     "mixer_s16": ("—", "—", "—", "not quoted in SPEC or the S² papers"),
     "mixer_b16": ("59M †", "11.6B §", "76.4", "S²-MLP Table 3, S²-MLPv2 Table 2"),
-    "mixer_l16": ("207M †", "44.6B", "—", "Mixer paper as quoted in the brief; not in SPEC"),
+    "mixer_l16": ("—", "—", "—", "not quoted in SPEC or the S² papers"),
 }
 
 NOTES = """\
