@@ -63,7 +63,7 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1) -> None
 
     def check(ok: bool, field: str, why: str):
         if not ok:
-            raise ValueError(f"config.{field}={config[field] if '.' not in field else _get(config, field)!r} {why}.")
+            raise ValueError(f"config.{field}={_get(config, field)!r} {why}.")
 
     if config.model.name not in models.model_names():
         raise ValueError(f"config.model.name={config.model.name!r} is unknown; choose one of {models.model_names()}.")
