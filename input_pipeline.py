@@ -15,7 +15,9 @@ import dataclasses
 import functools
 import logging
 import math
+import operator
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 DIGITS_SPLIT_SEED = 0  # fixed: the digits held-out split never depends on config.seed
 DIGITS_NUM_EVAL = 300
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PROGRESS_SECONDS = 5.0  # long start-up passes (image verification, tfds label reads) log progress this often
 RANDAUGMENT_OPS = (
     "AutoContrast",
     "Equalize",
@@ -60,10 +63,50 @@ class DatasetInfo:
 @dataclasses.dataclass
 class _Source:
     kind: str  # how records hold images: 'encoded' bytes, 'path' to a file, 'raw' uint8 (H, W, 3)
-    info: DatasetInfo
-    # (split, process_index, process_count) -> this process's share of the split: a finite tf.data.Dataset of
+    info: DatasetInfo  # num_train counts the train subset when there is one
+    # (split, process_index, process_count, keep) -> this process's share of the split (of the records at the
+    # sorted positions `keep` of the split's record order when keep is not None): a finite tf.data.Dataset of
     # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one.
-    shard: Callable[[str, int, int], tf.data.Dataset]
+    shard: Callable[[str, int, int, np.ndarray | None], tf.data.Dataset]
+    train_split: str
+    train_keep: np.ndarray | None  # the train subset (`_select_subset`), None: the whole split
+
+    def train_shard(self, process_index: int, process_count: int) -> tf.data.Dataset:
+        return self.shard(self.train_split, process_index, process_count, self.train_keep)
+
+
+class _Progress:
+    """Logs `done / total`, rate and ETA of a long pass every PROGRESS_SECONDS, and nothing for short ones."""
+
+    def __init__(self, what: str, total: int, unit: str = "images"):
+        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info(
+                "%s: %d / %d %s (%.0f%%), %.0f %s/s, ETA %s",
+                self.what,
+                self.done,
+                self.total,
+                self.unit,
+                100.0 * self.done / self.total,
+                rate,
+                self.unit,
+                _duration((self.total - self.done) / rate),
+            )
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def _hide_accelerators():
@@ -101,30 +144,132 @@ def _tfds_builder(config, prepare: bool):
     return builder
 
 
+def _tfds_read(builder, split, num_threads: int, *, in_order: bool = False) -> tf.data.Dataset:
+    """(encoded image, int32 label) records of `split` (a tfds split or ReadInstruction) in a fixed order.
+
+    in_order: read the files one after the other, so that record i of a sub-range [a, b) of the split is record
+    a + i of the whole split (tfds otherwise interleaves 16 files, an order that depends on the range).
+    """
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    read_config = tfds.ReadConfig(options=_options(num_threads), **({"interleave_cycle_length": 1} if in_order else {}))
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, read_config=read_config, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_labels(name: str, data_dir: str | None, split: str) -> np.ndarray:
+    """The labels of `split` in record order (files read in order): one pass that reads every record."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    ds = _tfds_read(builder, split, 0, in_order=True)
+    progress = _Progress(f"Reading the labels of {name} {split} to select the train subset", _count(ds), "records")
+    labels = []
+    for batch in ds.map(lambda image, label: label).batch(4096).as_numpy_iterator():
+        labels.append(batch)
+        progress.update(len(batch))
+    labels = np.concatenate(labels) if labels else np.zeros([0], np.int32)
+    log.info("Read %d labels of %s %s in %.1fs.", len(labels), name, split, progress.seconds())
+    return labels
+
+
+def _tfds_range(builder, split: str, lo: int, hi: int):
+    """ReadInstruction of records lo..hi-1 of `split` (which may be a sub-split spec like 'train[:90%]+validation')."""
+    pieces, start = [], 0
+    for inst in tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits):
+        a = inst.from_ or 0
+        b = builder.info.splits[inst.splitname].num_examples if inst.to is None else inst.to
+        x, y = max(lo, start), min(hi, start + b - a)
+        if x < y:
+            pieces.append(tfds.core.ReadInstruction(inst.splitname, from_=a + x - start, to=a + y - start, unit="abs"))
+        start += b - a
+    return functools.reduce(operator.add, pieces)
+
+
 def _tfds_source(config) -> _Source:
     builder = _tfds_builder(config, prepare=True)
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
-    read_config = tfds.ReadConfig(options=_options())
+    num_threads = config.data.num_threads
 
-    def shard(split, index, count):
-        sub = tfds.split_for_jax_process(split, process_index=index, process_count=count)
-        ds = builder.as_dataset(
-            split=sub, shuffle_files=False, read_config=read_config, decoders={image_key: tfds.decode.SkipDecoding()}
-        )
-        return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+    def shard(split, index, count, keep=None):
+        if keep is None:
+            return _tfds_read(
+                builder, tfds.split_for_jax_process(split, process_index=index, process_count=count), num_threads
+            )
+        part = np.array_split(keep, count)[index]
+        if not len(part):
+            return _tfds_read(builder, split, num_threads).take(0)
+        lo, hi = int(part[0]), int(part[-1]) + 1  # read this range of the split, keep the subset's records
+        mask = np.zeros(hi - lo, bool)
+        mask[part - lo] = True
+        ds = _tfds_read(builder, _tfds_range(builder, split, lo, hi), num_threads, in_order=True).enumerate()
+        ds = ds.filter(lambda i, rec: tf.gather(mask, i)).map(lambda i, rec: rec)
+        return ds.apply(tf.data.experimental.assert_cardinality(len(part)))
 
+    _, label_key = builder.info.supervised_keys or ("image", "label")
     labels = builder.info.features[label_key]
+    train = config.data.train_split
+    keep = None
+    if _subset_requested(config):
+        keep = _select_subset(_tfds_labels(config.data.name, config.data.data_dir, train), list(labels.names), config)
     info = DatasetInfo(
         labels.num_classes,
-        _count(shard(config.data.train_split, 0, 1)),
+        len(keep) if keep is not None else _count(shard(train, 0, 1)),
         _count(shard(config.data.eval_split, 0, 1)),
         list(labels.names),
     )
-    return _Source("encoded", info, shard)
+    return _Source("encoded", info, shard, train, keep)
+
+
+def _subset_requested(config) -> bool:
+    return config.data.train_per_class > 0 or config.data.train_fraction != 1.0
+
+
+def _select_subset(labels: np.ndarray, class_names: list[str], config) -> np.ndarray | None:
+    """Sorted positions (in the train split's record order) of the train subset; None: the whole split.
+
+    A pure function of (labels, config.data.train_fraction / train_per_class, config.data.subset_seed): one
+    seeded permutation of the split orders each class's records, and each class keeps its first
+    k_c = train_per_class, or k_c = max(1, floor(train_fraction * n_c + 0.5)) of its n_c records (stratified).
+    Subsets are nested: with the same subset_seed, a smaller fraction or count is part of a larger one.
+    """
+    if not _subset_requested(config):
+        return None
+    data = config.data
+    counts = np.bincount(labels, minlength=len(class_names))
+    if data.train_per_class > 0:
+        short = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if n < data.train_per_class]
+        if short:
+            (name, n), more = short[0], len(short) - 1
+            raise ValueError(
+                f"config.data.train_per_class={data.train_per_class}: class {name!r} has only {n} examples in "
+                f"config.data.train_split={data.train_split!r}"
+                + (f" ({more} more classes have too few)" if more else "")
+                + "; lower train_per_class, or use config.data.train_fraction for a stratified fraction."
+            )
+        want = np.full(len(counts), data.train_per_class)
+    else:
+        want = np.where(counts > 0, np.maximum(1, np.floor(data.train_fraction * counts + 0.5)), 0).astype(np.int64)
+    order = np.random.RandomState(data.subset_seed).permutation(len(labels))  # RandomState: stable across numpy
+    by_class = order[np.argsort(labels[order], kind="stable")]  # grouped by class, each in the seeded order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(labels)) - starts[labels[by_class]]
+    keep = np.sort(by_class[rank < want[labels[by_class]]])
+    how = f"{data.train_per_class} per class" if data.train_per_class > 0 else f"train_fraction={data.train_fraction}"
+    _log_once(
+        f"Training on {len(keep)} of the {len(labels)} examples of {data.train_split} ({how}, "
+        f"subset_seed={data.subset_seed})."
+    )
+    return keep
+
+
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    log.info(message)
 
 
 def _verify_image(path: str) -> str | None:
-    """Returns None if PIL fully decodes `path` as JPEG/PNG (which TF decodes too), else the reason."""
+    """Returns None if PIL fully decodes `path` as JPEG, PNG, GIF or BMP (what tf.io.decode_image reads), else the
+    reason. Files are picked by extension (IMAGE_EXTENSIONS), but the format is read from their content."""
     from PIL import Image
 
     try:
@@ -148,20 +293,39 @@ def _scan_split(root: str, split: str, classes: tuple[str, ...]) -> tuple[list[s
     paths, labels = [], []
     for label, name in enumerate(classes):
         d = os.path.join(folder, name)
-        files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS)) if os.path.isdir(d) else []
+        files = _image_files(d) if os.path.isdir(d) else []
         paths += [os.path.join(d, f) for f in files]
         labels += [label] * len(files)
+    progress, reasons = _Progress(f"Verifying the images of {folder}", len(paths)), []
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        reasons = list(pool.map(_verify_image, paths))
+        for reason in pool.map(_verify_image, paths):
+            reasons.append(reason)
+            progress.update()
     bad = [f"{p} ({r})" for p, r in zip(paths, reasons, strict=True) if r]
     keep = [i for i, r in enumerate(reasons) if not r]
-    return [paths[i] for i in keep], [labels[i] for i in keep], bad
+    labels = [labels[i] for i in keep]
+    log.info(
+        "%s: %d readable images in %d classes, %d unreadable; verified in %.1fs.",
+        folder,
+        len(keep),
+        len(set(labels)),
+        len(bad),
+        progress.seconds(),
+    )
+    return [paths[i] for i in keep], labels, bad
+
+
+def _class_folders(folder: str) -> tuple[str, ...]:
+    return tuple(sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))))
+
+
+def _image_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def _directory_source(config) -> _Source:
     root = config.data.data_dir
-    train_dir = os.path.join(root, config.data.train_split)
-    classes = tuple(sorted(c for c in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, c))))
+    classes = _class_folders(os.path.join(root, config.data.train_split))
     splits = {}
     for split in (config.data.train_split, config.data.eval_split):
         paths, labels, bad = _scan_split(root, split, classes)
@@ -173,14 +337,23 @@ def _directory_source(config) -> _Source:
                     f"to leave them out, or fix them):\n  {listing}"
                 )
             log.warning("Skipping %d unreadable images in %s/%s:\n  %s", len(bad), root, split, listing)
+        if split == config.data.train_split and len(set(labels)) < len(classes):
+            empty = os.path.join(root, split, classes[min(set(range(len(classes))) - set(labels))])
+            raise ValueError(
+                f"class folder {empty} has no readable images (config.data.bad_images='skip' left them all out); "
+                "add readable images to it or remove the folder."
+            )
         splits[split] = (np.array([p.encode() for p in paths], dtype=object), np.array(labels, np.int32))
 
-    def shard(split, index, count):
-        paths, labels = (np.array_split(a, count)[index] for a in splits[split])
+    def shard(split, index, count, keep=None):
+        paths, labels = (np.array_split(a if keep is None else a[keep], count)[index] for a in splits[split])
         return tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
 
-    sizes = [len(splits[s][1]) for s in (config.data.train_split, config.data.eval_split)]
-    return _Source("path", DatasetInfo(len(classes), *sizes, list(classes)), shard)
+    train = config.data.train_split
+    keep = _select_subset(splits[train][1], list(classes), config)
+    num_train = len(splits[train][1]) if keep is None else len(keep)
+    info = DatasetInfo(len(classes), num_train, len(splits[config.data.eval_split][1]), list(classes))
+    return _Source("path", info, shard, train, keep)
 
 
 @functools.lru_cache(maxsize=1)
@@ -198,13 +371,14 @@ def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _digits_source(config) -> _Source:
     data = _digits()
 
-    def shard(split, index, count):
-        return tf.data.Dataset.from_tensor_slices(tuple(np.array_split(a, count)[index] for a in data[split]))
+    def shard(split, index, count, keep=None):
+        arrays = data[split] if keep is None else tuple(a[keep] for a in data[split])
+        return tf.data.Dataset.from_tensor_slices(tuple(np.array_split(a, count)[index] for a in arrays))
 
-    info = DatasetInfo(
-        10, len(data[config.data.train_split][1]), len(data[config.data.eval_split][1]), [str(i) for i in range(10)]
-    )
-    return _Source("raw", info, shard)
+    train, names = config.data.train_split, [str(i) for i in range(10)]
+    keep = _select_subset(data[train][1], names, config)
+    num_train = len(data[train][1]) if keep is None else len(keep)
+    return _Source("raw", DatasetInfo(10, num_train, len(data[config.data.eval_split][1]), names), shard, train, keep)
 
 
 def _source(config) -> _Source:
@@ -233,9 +407,14 @@ def _block_shuffle(records, block: int, key):
     return records.batch(block).enumerate().map(permute).prefetch(1).unbatch()
 
 
-def _options() -> tf.data.Options:
+def _options(num_threads: int = 0) -> tf.data.Options:
+    """Deterministic tf.data options; num_threads > 0 (config.data.num_threads): a private pool of that many
+    threads for the iterator's ops, each op single-threaded; 0: tf.data's default (shared pool, AUTOTUNE)."""
     options = tf.data.Options()
     options.deterministic = True
+    if num_threads > 0:
+        options.threading.private_threadpool_size = num_threads
+        options.threading.max_intra_op_parallelism = 1
     return options
 
 
@@ -512,6 +691,33 @@ def validate_data_config(config, *, process_count: int = 1) -> None:
     need(0 < config.data.eval_crop_pct <= 1, "config.data.eval_crop_pct", "must be in (0, 1].")
     need(config.data.bad_images in ("fail", "skip"), "config.data.bad_images", "use 'fail' or 'skip'.")
     need(config.data.shuffle_buffer >= 1, "config.data.shuffle_buffer", "must be >= 1.")
+    need(
+        _is_int(config.data.num_threads) and config.data.num_threads >= 0,
+        "config.data.num_threads",
+        "must be an int >= 0 (0: tf.data's default thread pool).",
+    )
+    fraction, per_class = config.data.train_fraction, config.data.train_per_class
+    need(
+        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1,
+        "config.data.train_fraction",
+        "must be in (0, 1] (1.0: the whole train split).",
+    )
+    need(
+        _is_int(per_class) and per_class >= 0,
+        "config.data.train_per_class",
+        "must be an int >= 0 (0: off; n > 0: n examples of each class).",
+    )
+    need(
+        per_class == 0 or fraction == 1.0,
+        "config.data.train_per_class",
+        f"and config.data.train_fraction={fraction!r} are both set; use one of them (leave the other at "
+        "train_per_class=0 / train_fraction=1.0).",
+    )
+    need(
+        _is_int(config.data.subset_seed) and 0 <= config.data.subset_seed < 2**32,
+        "config.data.subset_seed",
+        "must be an int in [0, 2**32).",
+    )
     try:
         mean_std(config.data.normalization)
     except ValueError as e:
@@ -529,6 +735,20 @@ def validate_data_config(config, *, process_count: int = 1) -> None:
                 f"folder {os.path.join(root or '<config.data.data_dir unset>', str(_get(config, field)))} "
                 f"does not exist; 'directory' datasets are data_dir/<split>/<class>/*.jpg.",
             )
+        train_dir = os.path.join(root, config.data.train_split)
+        need(
+            _class_folders(train_dir),
+            "config.data.train_split",
+            f"folder {train_dir} has no class sub-folders; 'directory' datasets are data_dir/<split>/<class>/*.jpg.",
+        )
+        for split in dict.fromkeys((config.data.train_split, config.data.eval_split)):
+            for name in _class_folders(os.path.join(root, split)):
+                folder = os.path.join(root, split, name)
+                if not _image_files(folder):
+                    raise ValueError(
+                        f"config.data.data_dir={root!r}: class folder {folder} holds no images "
+                        f"({', '.join('*' + e for e in IMAGE_EXTENSIONS)}); remove the folder or add images to it."
+                    )
     else:
         builder = _tfds_builder(config, prepare=False)
         if builder.is_prepared():
@@ -539,6 +759,10 @@ def validate_data_config(config, *, process_count: int = 1) -> None:
                     raise ValueError(
                         f"{field}={_get(config, field)!r} is not a split of {config.data.name}: {e}"
                     ) from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _get(config, field: str):
@@ -568,7 +792,7 @@ def create_train_iterator(
     _hide_accelerators()
     batch = _local_batch(config, "config.batch_size", process_count)
     source = _source(config)
-    records = source.shard(config.data.train_split, process_index, process_count)
+    records = source.train_shard(process_index, process_count)
     n = _count(records)
     if n == 0:
         raise ValueError(f"config.data.train_split={config.data.train_split!r} has no examples for this process.")
@@ -611,7 +835,7 @@ def create_train_iterator(
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream)
     ds = ds.map(tf.autograph.experimental.do_not_convert(augment), num_parallel_calls=_AUTO)
     ds = ds.batch(batch, drop_remainder=True).prefetch(_AUTO)
-    return ds.with_options(_options()).as_numpy_iterator()
+    return ds.with_options(_options(config.data.num_threads)).as_numpy_iterator()
 
 
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
@@ -634,4 +858,4 @@ def create_eval_iterator(config, *, process_index: int = 0, process_count: int =
     pad = {"image": tf.zeros([s, s, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
     ds = source.shard(split, process_index, process_count).map(prepare, num_parallel_calls=_AUTO)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(num_batches * batch)
-    return ds.batch(batch).prefetch(_AUTO).with_options(_options()).as_numpy_iterator()
+    return ds.batch(batch).prefetch(_AUTO).with_options(_options(config.data.num_threads)).as_numpy_iterator()

@@ -84,24 +84,6 @@ def pinned(cores: list[int]):
                 os.sched_setaffinity(tid, before)
 
 
-@contextlib.contextmanager
-def tf_data_threads(input_pipeline, threads: int):
-    """tf.data's private threadpool of the iterators built inside this block has `threads` threads."""
-    original = input_pipeline._options
-
-    def options():
-        opts = original()
-        opts.threading.private_threadpool_size = threads
-        opts.threading.max_intra_op_parallelism = 1
-        return opts
-
-    input_pipeline._options = options
-    try:
-        yield
-    finally:
-        input_pipeline._options = original
-
-
 def _rates(batches, batch: int, repeats: int) -> list[float]:
     for _ in range(WARMUP_BATCHES):
         next(batches)
@@ -137,7 +119,8 @@ def main(args, argv: list[str], started: str) -> dict:
         config.batch_size = config.eval_batch_size = batch
         pinning = True
         for cores in core_counts:
-            with pinned(allowed[:cores]) as ok, tf_data_threads(input_pipeline, cores):
+            config.data.num_threads = cores  # tf.data's private pool: one thread per pinned core
+            with pinned(allowed[:cores]) as ok:
                 pinning &= ok
                 for name, make in (
                     ("train (decode+inception crop+flip+RandAugment+erase)", input_pipeline.create_train_iterator),

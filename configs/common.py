@@ -35,6 +35,12 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
     config.data.bad_images = "fail"  # 'directory' datasets: 'fail' or 'skip' unreadable files
     config.data.normalization = "imagenet"
     config.data.eval_crop_pct = 0.875  # eval: resize shorter side to image_size / crop_pct, center crop
+    # Training on part of the train split (low-data studies; eval is untouched). train_fraction in (0, 1] is
+    # class-balanced (stratified): max(1, floor(fraction * n_c + 0.5)) examples of each class c.
+    config.data.train_fraction = 1.0
+    config.data.train_per_class = 0  # > 0: exactly this many examples of each class (not with train_fraction)
+    config.data.subset_seed = 0  # picks the subset; independent of config.seed, so seeds vary training, not data
+    config.data.num_threads = 0  # tf.data threads per iterator; 0: tf.data's default pool (AUTOTUNE)
     config.image_size = 224
 
     # ---- augmentation (each off-able) ----------------------------------------

@@ -308,3 +308,213 @@ def test_randaugment_and_erase_are_stateless():
     areas = [np.any(e != 0, axis=-1).mean() for e in erased]
     assert all(0.0 < a <= 0.5 for a in areas)  # 2%..1/3 of the image after rounding of the sides
     np.testing.assert_array_equal(erased[0], ip.random_erase(x, 1.0, tf.constant([0, 0], tf.int64)).numpy())
+
+
+# ---------------------------------------------------------------- training on part of the train split
+def digits_records(ds):
+    """Identifies records of a 'raw' (digits) shard by (pixels, label)."""
+    return [(image.tobytes(), int(label)) for image, label in ds.as_numpy_iterator()]
+
+
+def one_epoch(config, n, process_index=0, process_count=1):
+    """(8x8 grey pixels, label) of the first n train examples (image_size 8, no augmentation: identity resize)."""
+    mean, std = ip.mean_std(config.data.normalization)
+    batches = take(ip.create_train_iterator(config, process_index=process_index, process_count=process_count), n)
+    images = np.round(np.round(np.concatenate([b["image"] for b in batches]) * std + mean)[..., 0] * 16 / 255)
+    labels = np.concatenate([b["label"] for b in batches])
+    return collections.Counter((im.astype(np.uint8).tobytes(), int(t)) for im, t in zip(images, labels, strict=True))
+
+
+NO_AUGMENT = {
+    "augment.inception_crop": False,
+    "augment.flip": False,
+    "augment.randaugment": "",
+    "augment.random_erase": 0.0,
+    "image_size": 8,
+}
+# Digits train split: class sizes 151, 157, 141, 155, 143, 157, 151, 148, 149, 145 (classes 0..9); a stratified
+# 10 % keeps floor(0.1 n + 0.5) of each.
+DIGITS_TENTH = {0: 15, 1: 16, 2: 14, 3: 16, 4: 14, 5: 16, 6: 15, 7: 15, 8: 15, 9: 15}
+
+
+def test_train_fraction_is_stratified_seeded_and_disjoint_from_eval():
+    config = make_config(**{**NO_AUGMENT, "data.train_fraction": 0.1, "batch_size": 151})
+    assert ip.dataset_info(config).num_train == 151 and ip.dataset_info(config).num_eval == 300
+    keep = ip._source(config).train_keep
+    np.testing.assert_array_equal(keep, ip._source(config).train_keep)  # same subset on every call
+    images, labels = ip._digits()["train"]
+    assert collections.Counter(labels[keep].tolist()) == DIGITS_TENTH
+    subset = collections.Counter(
+        (np.round(im[..., 0] / 255 * 16).astype(np.uint8).tobytes(), int(t))
+        for im, t in zip(images[keep], labels[keep], strict=True)
+    )
+    assert one_epoch(config, 1) == subset  # one epoch of the iterator is exactly the subset
+    _, test = eval_examples(config, 1)
+    assert sum(test.values()) == 300 and not set(subset) & set(test)  # disjoint from the eval split
+    config.seed = 5  # config.seed shuffles differently but keeps the data
+    np.testing.assert_array_equal(ip._source(config).train_keep, keep)
+    config.data.subset_seed = 1
+    other = ip._source(config).train_keep
+    assert collections.Counter(labels[other].tolist()) == DIGITS_TENTH and len(set(other) & set(keep)) < 100
+    config.data.train_fraction, config.data.subset_seed = 0.3, 0  # nested: 10 % is part of 30 %
+    assert set(keep) < set(ip._source(config).train_keep)
+
+
+def test_train_per_class_counts_and_two_process_shards():
+    config = make_config(**{**NO_AUGMENT, "data.train_per_class": 7, "batch_size": 10})
+    source = ip._source(config)
+    assert source.info.num_train == 70
+    labels = ip._digits()["train"][1]
+    assert collections.Counter(labels[source.train_keep].tolist()) == {c: 7 for c in range(10)}
+    whole = digits_records(source.train_shard(0, 1))
+    shards = [digits_records(source.train_shard(p, 2)) for p in (0, 1)]
+    assert [len(s) for s in shards] == [35, 35] and shards[0] + shards[1] == whole  # contiguous, cover the subset
+    epochs = [one_epoch(config, 7, p, 2) for p in (0, 1)]  # 7 batches of 5 per process = one epoch each
+    assert sum(epochs, collections.Counter()) == one_epoch(config, 7)
+    config.data.train_per_class = 142  # class 2 has 141 examples
+    with pytest.raises(ValueError, match=r"config.data.train_per_class=142: class '2' has only 141 examples"):
+        ip.dataset_info(config)
+
+
+def test_train_fraction_resumption_is_bit_exact():
+    config = make_config(**{**AUGMENT_ALL, "data.train_fraction": 0.2, "batch_size": 32})
+    assert ip.dataset_info(config).num_train == 299
+    k = 8  # batches 8..11 (examples 256..383) cross the end of epoch 0
+    reference = take(ip.create_train_iterator(config), k + 4)
+    assert_batches_equal(take(ip.create_train_iterator(config, start_step=k), 4), reference[k:])
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"data.train_fraction": 0.0}, "config.data.train_fraction=0.0"),
+        ({"data.train_fraction": 1.5}, "config.data.train_fraction=1.5"),
+        ({"data.train_per_class": -1}, "config.data.train_per_class=-1"),
+        ({"data.train_per_class": 5, "data.train_fraction": 0.5}, "config.data.train_per_class=5"),
+        ({"data.subset_seed": -3}, "config.data.subset_seed=-3"),
+        ({"data.num_threads": -1}, "config.data.num_threads=-1"),
+    ],
+)
+def test_subset_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        ip.validate_data_config(make_config(**overrides))
+
+
+class S2mlpTestTiny(tfds.core.GeneratorBasedBuilder):
+    """A real (not mocked) tfds dataset built offline by the tests: 8x8 PNGs whose pixels all equal the example's
+    id; train ids 0..49 with label (0, 0, 1, 1, 2)[id % 5] (classes of 20, 20, 10), validation ids 100..105."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    url_infos = None  # nothing to download (and no checksums file to look up)
+
+    def _info(self):
+        features = {
+            "image": tfds.features.Image(shape=(8, 8, 3)),
+            "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+        }
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict(features), supervised_keys=("image", "label")
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(range(50)), "validation": self._generate_examples(range(100, 106))}
+
+    def _generate_examples(self, ids):
+        for i in ids:
+            yield i, {"image": np.full((8, 8, 3), i, np.uint8), "label": (0, 0, 1, 1, 2)[i % 5]}
+
+
+@pytest.fixture(scope="module")
+def tiny_tfds(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tiny_tfds"))
+    builder = tfds.builder("s2mlp_test_tiny", data_dir=root)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder, root
+
+
+def tfds_ids(ds):
+    return [int(tf.io.decode_image(image)[0, 0, 0]) for image, _ in ds]
+
+
+@pytest.mark.parametrize("split, subset", [("train", 4), ("train[5:45]", 0.5)])
+def test_tfds_train_subset_and_process_shards(tiny_tfds, split, subset):
+    builder, root = tiny_tfds
+    field = "data.train_per_class" if isinstance(subset, int) else "data.train_fraction"
+    config = make_config(
+        "s2mlp_test_tiny",
+        **{**NO_AUGMENT, "data.data_dir": root, "data.train_split": split, field: subset, "batch_size": 4},
+    )
+    source = ip._source(config)
+    in_order = tfds_ids(ip._tfds_read(builder, split, 0, in_order=True))  # the split's record order
+    sizes = collections.Counter((0, 0, 1, 1, 2)[i % 5] for i in in_order)
+    counts = {c: subset if field == "data.train_per_class" else int(n * subset + 0.5) for c, n in sizes.items()}
+    assert (source.info.num_train, source.info.num_eval) == (sum(counts.values()), 6)
+    expected = [in_order[i] for i in source.train_keep]
+    assert collections.Counter((0, 0, 1, 1, 2)[i % 5] for i in expected) == counts
+    for count in (1, 2, 3):
+        shards = [tfds_ids(source.train_shard(p, count)) for p in range(count)]
+        assert sum(shards, []) == expected  # contiguous shares that together are exactly the subset
+        assert [ip._count(source.train_shard(p, count)) for p in range(count)] == [len(s) for s in shards]
+    reference = take(ip.create_train_iterator(config), 6)  # batches 3..5 cross the end of epoch 0
+    assert_batches_equal(take(ip.create_train_iterator(config, start_step=3), 3), reference[3:])
+    config.data.subset_seed = 1
+    assert ip._source(config).train_keep.tolist() != source.train_keep.tolist()
+
+
+def test_tfds_train_per_class_refuses_small_class(mock_imagenet):
+    config = mock_imagenet  # 20 examples over 1000 classes
+    config.data.train_per_class = 1
+    with pytest.raises(ValueError, match=r"config.data.train_per_class=1: class 'n\d+' has only 0 examples"):
+        ip.dataset_info(config)
+    config.data.train_per_class, config.data.train_fraction = 0, 0.5  # every present class keeps >= 1
+    hits = ip._tfds_labels.cache_info().hits
+    assert 1 <= ip.dataset_info(config).num_train <= 20
+    assert ip._tfds_labels.cache_info().hits == hits + 1  # the labels are read once per process
+
+
+# ---------------------------------------------------------------- image folders: progress and empty classes
+def test_directory_scan_logs_progress_and_summary(image_dir, caplog, monkeypatch):
+    config, _ = image_dir
+    config.data.bad_images = "skip"
+    monkeypatch.setattr(ip, "PROGRESS_SECONDS", 0.0)  # log after every image
+    with caplog.at_level(logging.INFO, logger=ip.log.name):
+        ip.dataset_info(config)
+    train, val = (os.path.join(config.data.data_dir, s) for s in ("train", "val"))
+    for done in range(1, 8):  # 8 train images: progress after 1..7, then the summary
+        pattern = rf"Verifying the images of {re.escape(train)}: {done} / 8 images \({round(100 * done / 8)}%\), "
+        assert re.search(pattern + r"\d+ images/s, ETA \dm\d\ds", caplog.text)
+    assert f"{train}: 6 readable images in 2 classes, 2 unreadable; verified in" in caplog.text
+    assert f"{val}: 4 readable images in 2 classes, 0 unreadable; verified in" in caplog.text
+    assert (ip._duration(75.4), ip._duration(3725)) == ("1m15s", "1h02m05s")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_directory_empty_class_folder_is_refused(image_dir, split):
+    config, _ = image_dir
+    empty = os.path.join(config.data.data_dir, split, "bird")
+    os.makedirs(empty)
+    with open(os.path.join(empty, "readme.txt"), "w") as f:
+        f.write("not an image")
+    before = sorted(os.walk(config.data.data_dir))
+    with pytest.raises(ValueError, match=re.escape(f"class folder {empty} holds no images")):
+        ip.validate_data_config(config)
+    with pytest.raises(ValueError, match="remove the folder or add images to it"):
+        ip.dataset_info(config)
+    assert sorted(os.walk(config.data.data_dir)) == before  # nothing written
+
+
+def test_directory_train_split_without_images(tmp_path):
+    config = make_config("directory", **{"data.data_dir": str(tmp_path), "data.eval_split": "val"})
+    os.makedirs(tmp_path / "val")
+    os.makedirs(tmp_path / "train")
+    with pytest.raises(ValueError, match=r"config.data.train_split='train': folder .* has no class sub-folders"):
+        ip.dataset_info(config)
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / "train" / name)
+    with pytest.raises(ValueError, match=re.escape(f"class folder {tmp_path / 'train' / 'a'} holds no images")):
+        ip.dataset_info(config)
+    (tmp_path / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / "b" / "ok.png")
+    config.data.bad_images = "skip"
+    with pytest.raises(ValueError, match=re.escape(f"class folder {tmp_path / 'train' / 'a'} has no readable images")):
+        ip.dataset_info(config)
