@@ -376,3 +376,132 @@ def test_every_shift_pattern_runs_in_s2mlp_tiny():
         assert np.isfinite(outputs[pattern]).all()
     assert not np.allclose(outputs["none"], outputs["ss1"])
     assert not np.allclose(outputs["ss1"], outputs["eight"])
+
+
+# ---- initialisation options (docs/notes/initialisation.md) ----------------------------
+def initial_params(model, size: int = 32, seed: int = 0):
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    return jax.jit(lambda key: model.init(key, x, train=False))(jax.random.key(seed))["params"]
+
+
+def test_resmlp_depth_rule_for_the_branch_scale():
+    from s2mlp.models.layers import resmlp_branch_scale
+
+    rule = {depth: resmlp_branch_scale(depth) for depth in (1, 12, 18, 19, 24, 25, 36)}
+    assert rule == {1: 0.1, 12: 0.1, 18: 0.1, 19: 1e-5, 24: 1e-5, 25: 1e-6, 36: 1e-6}
+
+
+@pytest.mark.parametrize(
+    "overrides, branch", [({}, 0.1), ({"branch_scale_init": 0.3}, 0.3), ({"num_blocks": 20}, 1e-5)]
+)
+def test_affine_branch_scale_init_and_the_patch_norm_at_one(overrides, branch):
+    params = initial_params(get_model("s2mlp_tiny", norm="affine", **overrides))
+    scales = {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params, sep="/").items() if "norm" in k}
+    assert len(scales) == 2 * (1 + 2 * overrides.get("num_blocks", 2))
+    for key, value in scales.items():
+        expected = 0.0 if key.endswith("bias") else 1.0 if key.startswith("patch_norm") else branch
+        np.testing.assert_array_equal(value, np.full((32,), expected, np.float32), err_msg=key)
+
+
+def test_layernorm_s2mlp_ignores_nothing_silently():
+    layernorm = initial_params(get_model("s2mlp_tiny"))
+    np.testing.assert_array_equal(np.asarray(layernorm["block_1"]["norm2"]["scale"]), np.ones(32, np.float32))
+    with pytest.raises(ValueError, match=r"branch_scale_init=0\.1 .*norm='affine'"):
+        get_model("s2mlp_tiny", branch_scale_init=0.1)
+
+
+def test_s2mlp_deep_block_std_at_init_is_bounded_and_grows_with_scale_one():
+    model = get_model("s2mlp_deep", num_classes=10)
+    params = initial_params(model)
+    assert float(params["block_35"]["norm2"]["scale"][0]) == np.float32(1e-6)  # ResMLP-36's rule
+    assert float(params["patch_norm"]["scale"][0]) == 1.0
+    scale_one = jax.tree_util.tree_map_with_path(
+        lambda path, v: jnp.ones_like(v) if path[-2].key in ("norm1", "norm2") and path[-1].key == "scale" else v,
+        params,
+    )
+    x = images(32, batch=2)
+    forward = compiled_apply(model, {"params": params}, x, intermediates=True)
+
+    def block_std(p):
+        inter = forward({"params": p}, x)[1]["intermediates"]
+        return [float(jnp.std(inter[f"block_{i}_out"][0])) for i in range(36)]
+
+    default, one = block_std(params), block_std(scale_one)
+    assert default[-1] / default[0] < 1.001  # measured 1.0000
+    assert one[-1] / one[0] > 1e5  # measured 1.9e6: 72 unnormalised branches in series
+    assert one[13] > 100  # measured 266
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_flax_weight_init_reproduces_the_previous_initialisation(name):
+    # Sum of squares of all parameters and three kernel entries, from the code before `weight_init`
+    # existed (Flax defaults: lecun_normal kernels, zero biases), key 0, 10 classes, 32×32.
+    previous = {
+        "s2mlp_tiny": (
+            503.43661801925714,
+            "block_0/fc1/kernel",
+            [-0.0005295187584124506, -0.27489787340164185, 0.09349459409713745],
+        ),
+        "s2mlpv2_tiny": (
+            661.5327480906813,
+            "block_0/channel_mlp_fc1/kernel",
+            [0.12638480961322784, 0.14881595969200134, -0.18076051771640778],
+        ),
+        "mixer_tiny": (
+            549.1989812678705,
+            "MixerBlock_0/channel_mixing/Dense_0/kernel",
+            [-0.028238967061042786, -0.08310973644256592, 0.180719256401062],
+        ),
+    }
+    total, key, first = previous[name]
+    flat = flax.traverse_util.flatten_dict(initial_params(get_model(name, num_classes=10, weight_init="flax")), sep="/")
+    assert sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in flat.values()) == pytest.approx(total, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(flat[key]).ravel()[:3], first, rtol=1e-6)
+    default = flax.traverse_util.flatten_dict(initial_params(get_model(name, num_classes=10)), sep="/")
+    assert flat_shapes(default) == flat_shapes(flat)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_timm_weight_init_truncated_normal_002_zero_biases_zero_head(name):
+    overrides = {"hidden_dim": 64} if name != "s2mlpv2_tiny" else {"hidden_dims": (32, 64)}
+    flax_params = initial_params(get_model(name, num_classes=10, **overrides))
+    flat = flax.traverse_util.flatten_dict(
+        initial_params(get_model(name, num_classes=10, weight_init="timm", **overrides)), sep="/"
+    )
+    assert flat_shapes(flat) == flat_shapes(flax_params)  # only values change
+    kernels = {k: np.asarray(v) for k, v in flat.items() if k.endswith("kernel") and not k.startswith("head")}
+    assert len(kernels) == {"s2mlp_tiny": 9, "s2mlpv2_tiny": 14, "mixer_tiny": 9}[name]
+    pooled = np.concatenate([v.ravel() for v in kernels.values()])
+    assert pooled.size > 20_000
+    assert abs(pooled.std() / 0.02 - 1) < 0.03 and abs(pooled.mean()) < 0.001
+    assert np.abs(pooled).max() <= 2 * 0.02 / 0.8796256610342398 + 1e-7  # truncated at ±2 underlying stds
+    assert np.abs(pooled).max() > 0.04  # and the tails up to the cut are there
+    for key, value in flat.items():
+        if key.endswith("bias") or key.startswith("head"):
+            np.testing.assert_array_equal(np.asarray(value), 0.0, err_msg=key)
+        elif key.endswith("scale"):
+            np.testing.assert_array_equal(np.asarray(value), 1.0, err_msg=key)
+    key = max(kernels, key=lambda k: kernels[k].size)  # one big kernel alone, and its lecun_normal 'flax' twin
+    assert abs(kernels[key].std() / 0.02 - 1) < 0.05
+    lecun = np.asarray(flax.traverse_util.flatten_dict(flax_params, sep="/")[key])
+    assert abs(lecun.std() * math.sqrt(math.prod(lecun.shape[:-1])) - 1) < 0.05
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, words",
+    [
+        ("s2mlp_tiny", {"weight_init": "xavier"}, ["weight_init='xavier'", "'flax'", "'timm'"]),
+        ("s2mlpv2_tiny", {"weight_init": "jax"}, ["weight_init='jax'", "'timm'"]),
+        ("mixer_tiny", {"weight_init": "TIMM"}, ["weight_init='TIMM'", "'flax'"]),
+        ("s2mlp_tiny", {"norm": "affine", "branch_scale_init": 0.0}, ["branch_scale_init=0.0", "positive"]),
+        ("s2mlp_tiny", {"norm": "affine", "branch_scale_init": -1e-6}, ["branch_scale_init=-1e-06", "None"]),
+        ("s2mlp_tiny", {"norm": "affine", "branch_scale_init": "auto"}, ["branch_scale_init='auto'", "None"]),
+        ("s2mlp_deep", {"branch_scale_init": float("nan")}, ["branch_scale_init=nan"]),
+        ("mixer_tiny", {"branch_scale_init": 0.1}, ["branch_scale_init", "not fields"]),
+    ],
+)
+def test_initialisation_options_reject_bad_values(name, kwargs, words):
+    with pytest.raises(ValueError) as error:
+        get_model(name, **kwargs)
+    for word in words:
+        assert word in str(error.value)

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from s2mlp.models.layers import INITS
 from s2mlp.models.mixer import MlpMixer
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2
@@ -143,6 +144,8 @@ def _validate(name: str, cls: type, kw: dict[str, Any]) -> None:
         fail("drop_path_rate", "must be in [0, 1)")
     if kw["patch_size"] < 1:
         fail("patch_size", "must be a positive integer")
+    if kw.get("weight_init", "flax") not in INITS:
+        fail("weight_init", f"is unknown; choose one of {list(INITS)} (docs/notes/initialisation.md)")
     if cls is S2MLP:
         if kw.get("shift_pattern", "ss1") not in PATTERNS:
             fail("shift_pattern", f"is unknown; choose one of {sorted(PATTERNS)}")
@@ -154,6 +157,12 @@ def _validate(name: str, cls: type, kw: dict[str, Any]) -> None:
                 fail(field, "must be a positive integer")
         if kw.get("norm", "layernorm") not in ("layernorm", "affine"):
             fail("norm", "is unknown; choose 'layernorm' or 'affine'")
+        scale = kw.get("branch_scale_init")
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 < scale < float("inf"):
+                fail("branch_scale_init", "must be a positive number, or None for ResMLP's depth rule")
+            if kw.get("norm", "layernorm") != "affine":
+                fail("branch_scale_init", "only sets the Affine that closes each branch: use it with norm='affine'")
     elif cls is S2MLPv2:
         if len(kw["hidden_dims"]) != len(kw["num_blocks"]) or not kw["hidden_dims"]:
             fail("hidden_dims", "must have one entry per stage, like num_blocks")

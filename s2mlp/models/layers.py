@@ -1,4 +1,9 @@
-"""Small building blocks shared by the models: DropPath, Affine, the norm switch."""
+"""Small building blocks shared by the models: DropPath, Affine, the norm switch, initialisers.
+
+Initialisation options (docs/notes/initialisation.md): `kernel_init(weight_init)` for every Dense and
+conv kernel except the zero-initialised heads, and `resmlp_branch_scale(depth)` for the initial
+scale of the Affine that closes each S²-MLP residual branch.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,40 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+
+# weight_init='flax': Flax's defaults (lecun_normal kernels, zero biases).
+# weight_init='timm': the timm/DeiT convention: kernels truncated normal with std 0.02, zero biases.
+INITS = ("flax", "timm")
+TIMM_STD = 0.02
+# Std of a unit normal truncated to [-2, 2]: dividing by it makes the truncated samples' std TIMM_STD.
+_UNIT_TRUNCATED_STD = 0.87962566103423978
+
+
+def kernel_init(weight_init: str) -> nn.initializers.Initializer:
+    """The kernel initialiser of Dense and conv layers for ``weight_init`` in `INITS`.
+
+    ``'timm'`` draws from a normal truncated at ±2 of its underlying std, rescaled so the
+    kernel's std is exactly 0.02 (the std of timm's ``trunc_normal_(std=.02)``, whose bounds
+    ±2 are absolute and so never cut); every value lies within ±0.0455.
+    """
+    if weight_init == "flax":
+        return nn.initializers.lecun_normal()
+    if weight_init == "timm":
+        return nn.initializers.truncated_normal(stddev=TIMM_STD / _UNIT_TRUNCATED_STD, lower=-2.0, upper=2.0)
+    raise ValueError(f"weight_init={weight_init!r} is unknown; choose one of {list(INITS)}.")
+
+
+def resmlp_branch_scale(depth: int) -> float:
+    """ResMLP's initial scale of each residual branch for a network of `depth` blocks.
+
+    The LayerScale rule of CaiT (Touvron et al., 2021, §2.1), used by ResMLP-12/24/36:
+    0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper.
+    """
+    if depth <= 18:
+        return 0.1
+    if depth <= 24:
+        return 1e-5
+    return 1e-6
 
 
 class DropPath(nn.Module):
@@ -39,23 +78,24 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
 
 
 class Affine(nn.Module):
-    """ResMLP's Aff: a per-channel scale (init 1) and bias (init 0), no statistics."""
+    """ResMLP's Aff: a per-channel scale (init `scale_init`, 1 by default) and bias (init 0), no statistics."""
 
     dtype: Dtype | None = None
+    scale_init: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        scale = self.param("scale", nn.initializers.constant(self.scale_init), (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         dtype = self.dtype or x.dtype
         return x * scale.astype(dtype) + bias.astype(dtype)
 
 
-def make_norm(kind: str, dtype: Dtype, name: str) -> nn.Module:
-    """``'layernorm'`` (eps 1e-6) or ``'affine'`` (ResMLP Aff)."""
+def make_norm(kind: str, dtype: Dtype, name: str, affine_scale_init: float = 1.0) -> nn.Module:
+    """``'layernorm'`` (eps 1e-6, scale 1) or ``'affine'`` (ResMLP Aff, scale `affine_scale_init`)."""
     if kind == "layernorm":
         return nn.LayerNorm(epsilon=1e-6, dtype=dtype, name=name)
     if kind == "affine":
-        return Affine(dtype=dtype, name=name)
+        return Affine(dtype=dtype, scale_init=affine_scale_init, name=name)
     raise ValueError(f"norm={kind!r} is unknown; choose 'layernorm' or 'affine'.")

@@ -5,7 +5,9 @@ Parameter names and shapes are exactly those of google-research/vision_transform
 with ``Dense_0``/``Dense_1`` inside each MLP, ``pre_head_layer_norm``, ``head``),
 so its published ``.npz`` checkpoints load unchanged (see `s2mlp.mixer_npz`).
 GELU is flax's default (tanh approximation), as there. DropPath (default 0) and
-the compute `dtype` are the only additions; neither adds parameters.
+the compute `dtype` are the only additions; neither adds parameters. `weight_init`
+('flax', the default, as there; or 'timm': truncated normal std 0.02 kernels) only
+changes initial values (docs/notes/initialisation.md).
 
 The token-mixing MLP has a weight per token, so a Mixer is tied to the
 resolution it was built for: (image_size / patch)² tokens.
@@ -17,17 +19,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import DropPath, Dtype, drop_path_rates
+from s2mlp.models.layers import DropPath, Dtype, drop_path_rates, kernel_init
 
 
 class MlpBlock(nn.Module):
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.Dense(self.mlp_dim, dtype=self.dtype)(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype)(nn.gelu(y))
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=kernel_init(self.weight_init))(x)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=kernel_init(self.weight_init))(nn.gelu(y))
 
 
 class MixerBlock(nn.Module):
@@ -37,14 +40,17 @@ class MixerBlock(nn.Module):
     channels_mlp_dim: int
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         drop = DropPath(self.drop_path_rate)
         y = jnp.swapaxes(nn.LayerNorm(dtype=self.dtype)(x), 1, 2)
-        y = jnp.swapaxes(MlpBlock(self.tokens_mlp_dim, self.dtype, name="token_mixing")(y), 1, 2)
+        y = jnp.swapaxes(MlpBlock(self.tokens_mlp_dim, self.dtype, self.weight_init, name="token_mixing")(y), 1, 2)
         x = x + drop(y, deterministic=not train)
-        y = MlpBlock(self.channels_mlp_dim, self.dtype, name="channel_mixing")(nn.LayerNorm(dtype=self.dtype)(x))
+        y = MlpBlock(self.channels_mlp_dim, self.dtype, self.weight_init, name="channel_mixing")(
+            nn.LayerNorm(dtype=self.dtype)(x)
+        )
         return x + drop(y, deterministic=not train)
 
 
@@ -59,11 +65,19 @@ class MlpMixer(nn.Module):
     channels_mlp_dim: int
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         p = self.patch_size
-        x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), dtype=self.dtype, name="stem")(images.astype(self.dtype))
+        x = nn.Conv(
+            self.hidden_dim,
+            (p, p),
+            strides=(p, p),
+            dtype=self.dtype,
+            kernel_init=kernel_init(self.weight_init),
+            name="stem",
+        )(images.astype(self.dtype))
         b, h, w, c = x.shape
         if not self.is_initializing() and "MixerBlock_0" in self.variables.get("params", {}):
             built_for = self.variables["params"]["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[0]
@@ -77,9 +91,9 @@ class MlpMixer(nn.Module):
         x = x.reshape(b, h * w, c)
         self.sow("intermediates", "stem_out", x)
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.num_blocks)):
-            x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype, name=f"MixerBlock_{i}")(
-                x, train=train
-            )
+            x = MixerBlock(
+                self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype, self.weight_init, name=f"MixerBlock_{i}"
+            )(x, train=train)
             self.sow("intermediates", f"block_{i}_out", x)
         x = jnp.mean(nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x), axis=1)
         self.sow("intermediates", "pre_logits", x)

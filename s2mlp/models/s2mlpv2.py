@@ -12,6 +12,7 @@ X2 <- SS2(X2), X3 unshifted; split attention over the three; Dense c -> c.
 Split attention (ResNeSt via ViP, Eqs. 2-4) with hidden width c/4 and biases,
 the choice that reproduces the paper's 25.1M / 55.3M parameters.
 Works at any H, W divisible by 14 (patch 7, then downsampling by 2).
+`weight_init` picks the Dense/conv kernels ('flax' or 'timm'; docs/notes/initialisation.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import DropPath, Dtype, drop_path_rates
+from s2mlp.models.layers import DropPath, Dtype, drop_path_rates, kernel_init
 from s2mlp.shift import spatial_shift
 
 
@@ -34,13 +35,16 @@ class SplitAttention(nn.Module):
     """Re-weights K branches (B, K, h, w, c) per channel; returns (B, h, w, c)."""
 
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, branches: jax.Array) -> jax.Array:
         _, k, _, _, c = branches.shape
         a = jnp.mean(jnp.sum(branches, axis=1), axis=(1, 2))  # (B, c)
-        a = nn.Dense(c // 4, dtype=self.dtype, name="fc1")(a)
-        a = nn.Dense(k * c, dtype=self.dtype, name="fc2")(nn.gelu(a, approximate=False))
+        a = nn.Dense(c // 4, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name="fc1")(a)
+        a = nn.Dense(k * c, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name="fc2")(
+            nn.gelu(a, approximate=False)
+        )
         weights = jax.nn.softmax(a.reshape(-1, k, 1, 1, c).astype(jnp.float32), axis=1)
         return jnp.sum(branches * weights.astype(branches.dtype), axis=1)
 
@@ -53,15 +57,17 @@ class S2MLPv2Module(nn.Module):
 
     shift_patterns: tuple[str, str] = ("ss1", "ss2")
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        x1, x2, x3 = jnp.split(nn.Dense(3 * c, dtype=self.dtype, name="fc1")(x), 3, axis=-1)
+        x = nn.Dense(3 * c, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name="fc1")(x)
+        x1, x2, x3 = jnp.split(x, 3, axis=-1)
         p1, p2 = self.shift_patterns
         branches = jnp.stack([spatial_shift(x1, p1), spatial_shift(x2, p2), x3], axis=1)
-        x = SplitAttention(self.dtype, name="split_attention")(branches)
-        return nn.Dense(c, dtype=self.dtype, name="fc2")(x)
+        x = SplitAttention(self.dtype, self.weight_init, name="split_attention")(branches)
+        return nn.Dense(c, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name="fc2")(x)
 
 
 class S2MLPv2Block(nn.Module):
@@ -69,18 +75,20 @@ class S2MLPv2Block(nn.Module):
     drop_path_rate: float = 0.0
     shift_patterns: tuple[str, str] = ("ss1", "ss2")
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         c = x.shape[-1]
         drop = DropPath(self.drop_path_rate)
-        x = x + drop(
-            S2MLPv2Module(self.shift_patterns, self.dtype, name="spatial_mlp")(_layernorm(self.dtype, "norm1")(x)),
-            deterministic=not train,
-        )
+        mixer = S2MLPv2Module(self.shift_patterns, self.dtype, self.weight_init, name="spatial_mlp")
+        x = x + drop(mixer(_layernorm(self.dtype, "norm1")(x)), deterministic=not train)
         y = _layernorm(self.dtype, "norm2")(x)
-        y = nn.Dense(self.mlp_ratio * c, dtype=self.dtype, name="channel_mlp_fc1")(y)
-        y = nn.Dense(c, dtype=self.dtype, name="channel_mlp_fc2")(nn.gelu(y, approximate=False))
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name=name
+        )
+        y = dense(self.mlp_ratio * c, "channel_mlp_fc1")(y)
+        y = dense(c, "channel_mlp_fc2")(nn.gelu(y, approximate=False))
         return x + drop(y, deterministic=not train)
 
 
@@ -88,7 +96,8 @@ class S2MLPv2(nn.Module):
     """S²-MLPv2 on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
     Intermediates (``stem_out``, ``block_{i}_out`` numbered across both stages,
-    ``pre_logits``) are sown into the ``'intermediates'`` collection.
+    ``pre_logits``) are sown into the ``'intermediates'`` collection. `weight_init`: 'flax' or
+    'timm' kernels for every Dense and conv (`layers.kernel_init`); the head starts at zero either way.
     """
 
     num_classes: int
@@ -99,24 +108,35 @@ class S2MLPv2(nn.Module):
     drop_path_rate: float = 0.0
     shift_patterns: Sequence[str] = ("ss1", "ss2")  # branches 1 and 2; ("none", "none") for ablations
     dtype: Dtype = jnp.float32
+    weight_init: str = "flax"
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         p = self.patch_size
-        x = nn.Conv(self.hidden_dims[0], (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="patch_embed")(
-            images.astype(self.dtype)
+        conv = lambda features, size, name: nn.Conv(  # noqa: E731
+            features,
+            (size, size),
+            strides=(size, size),
+            padding="VALID",
+            dtype=self.dtype,
+            kernel_init=kernel_init(self.weight_init),
+            name=name,
         )
+        x = conv(self.hidden_dims[0], p, "patch_embed")(images.astype(self.dtype))
         self.sow("intermediates", "stem_out", x)
         rates = iter(drop_path_rates(self.drop_path_rate, sum(self.num_blocks)))
         i = 0
         for stage, (dim, depth) in enumerate(zip(self.hidden_dims, self.num_blocks)):
             if stage > 0:
-                x = nn.Conv(dim, (2, 2), strides=(2, 2), padding="VALID", dtype=self.dtype, name=f"downsample_{stage}")(
-                    x
-                )
+                x = conv(dim, 2, f"downsample_{stage}")(x)
             for _ in range(depth):
                 x = S2MLPv2Block(
-                    self.mlp_ratio, next(rates), tuple(self.shift_patterns), self.dtype, name=f"block_{i}"
+                    self.mlp_ratio,
+                    next(rates),
+                    tuple(self.shift_patterns),
+                    self.dtype,
+                    self.weight_init,
+                    name=f"block_{i}",
                 )(x, train=train)
                 self.sow("intermediates", f"block_{i}_out", x)
                 i += 1
