@@ -1,12 +1,18 @@
 """google-research/vision_transformer's published MLP-Mixer ``.npz`` checkpoints, loaded into `s2mlp.models`.
 
-Those files are ``np.savez`` archives of the parameter tree flattened with '/'
-(vit_jax ``checkpoint.save``): ``stem/kernel`` (p, p, 3, C),
+Those files are ``np.savez`` archives of the parameter tree flattened with '/',
+the format that vision_transformer's ``vit_jax/checkpoint.py`` reads in ``load``
+(``np.load(f, allow_pickle=False)``, then ``recover_tree`` splits each key at '/';
+``load_pretrained`` builds on it): ``stem/kernel`` (p, p, 3, C),
 ``MixerBlock_{i}/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}/...``
 with ``Dense_0``/``Dense_1`` inside each MLP, ``pre_head_layer_norm/{scale,bias}``
-and ``head/{kernel,bias}``. Our `MlpMixer` uses exactly these names (SPEC §4),
-so the arrays are used unchanged. Files are read with ``allow_pickle=False``:
-nothing in them is executed.
+and ``head/{kernel,bias}``. Our `MlpMixer` uses exactly these names (those of
+``vit_jax/models_mixer.py``), so the arrays are used unchanged.
+
+Files are read with ``allow_pickle=False``: nothing in them is executed. A file
+that is not a readable ``.npz`` (truncated, not a zip archive, a bare ``.npy``)
+and one whose parameters hold NaN or Inf are refused with a ValueError naming
+the file (and the first non-finite key).
 
     model, params = load_mixer_npz("imagenet1k_Mixer-B_16.npz", "mixer_b16")
     clf = classifier_from_npz("imagenet1k_Mixer-B_16.npz", "mixer_b16")   # the inference.Classifier interface
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
@@ -27,7 +35,7 @@ from etils import epath
 from s2mlp import checkpoint as ckpt
 from s2mlp import models
 
-__all__ = ["classifier_from_npz", "load_mixer_npz", "save_mixer_npz"]
+__all__ = ["classifier_from_npz", "first_nonfinite", "load_mixer_npz", "save_mixer_npz"]
 
 TOKEN_KERNEL = "MixerBlock_0/token_mixing/Dense_0/kernel"  # (tokens, tokens_mlp_dim): fixes the resolution
 
@@ -52,13 +60,43 @@ def _read_npz(path_or_file) -> tuple[str, dict[str, np.ndarray]]:
             raise FileNotFoundError(f"Mixer checkpoint {path} does not exist.")
         name, source = str(path), io.BytesIO(path.read_bytes())
     try:
-        with np.load(source, allow_pickle=False) as archive:
-            flat = {k: archive[k] for k in archive.files}
-    except ValueError as e:  # object arrays need pickle: refused
-        raise ValueError(f"{name}: not a plain-array .npz ({e}); refusing to unpickle it.") from None
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{name}: not a readable .npz file ({e}).") from None
+        loaded = np.load(source, allow_pickle=False)
+    except ValueError:  # neither a zip nor a .npy header: numpy would unpickle it, which allow_pickle=False refuses
+        raise ValueError(
+            f"{name}: not an .npz archive (it starts with neither a zip nor an .npy header, and pickles are never "
+            "loaded); it is damaged or not a vision_transformer checkpoint."
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:  # a truncated or damaged zip, or an unreadable file
+        raise ValueError(
+            f"{name}: not a readable .npz file ({type(e).__name__}: {e}); it is truncated or damaged: "
+            "download or copy it again."
+        ) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{name}: holds a single array, not an .npz archive of named parameters.")
+    with loaded as archive:
+        flat = {}
+        for key in archive.files:
+            try:
+                flat[key] = archive[key]
+            except ValueError as e:  # object arrays need pickle: refused
+                raise ValueError(f"{name}: {key} is not a plain array ({e}); refusing to unpickle it.") from None
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member
+                raise ValueError(
+                    f"{name}: array {key} cannot be read ({type(e).__name__}: {e}); the file is truncated or "
+                    "damaged: download or copy it again."
+                ) from None
     return name, flat
+
+
+def first_nonfinite(flat: dict[str, np.ndarray]) -> tuple[str, int] | None:
+    """(key, count) of the first array, in sorted key order, holding NaN or Inf; None when all are finite."""
+    for key in sorted(flat):
+        value = np.asarray(flat[key])
+        if np.issubdtype(value.dtype, np.inexact):
+            bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+            if bad:
+                return key, bad
+    return None
 
 
 def _describe(flat: dict[str, np.ndarray]) -> str:
@@ -91,7 +129,9 @@ def load_mixer_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int
     is read from the token-mixing kernel ((H/p)·(W/p) tokens, square images).
     Returns ``(model, params)``: a `MlpMixer` and a nested dict of float32
     arrays. Raises ValueError listing every missing, unexpected and mis-shaped
-    key when the file does not hold `model_name`'s parameters.
+    key when the file does not hold `model_name`'s parameters, naming the first
+    key with NaN/Inf values when there is one, and naming the file when it is
+    not a readable ``.npz`` (truncated, damaged or not an archive).
     """
     import jax
     import jax.numpy as jnp
@@ -120,6 +160,13 @@ def load_mixer_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int
         raise ValueError(
             f"{name} does not hold the parameters of {model_name} "
             f"(num_classes={num_classes}, {image_size}x{image_size} images):\n{problems}\n{_describe(flat)}"
+        )
+    bad = first_nonfinite(flat)
+    if bad is not None:
+        key, count = bad
+        raise ValueError(
+            f"{name}: parameter {key} holds {count} NaN/Inf value(s) of {flat[key].size}; refusing to load a "
+            "non-finite checkpoint (a diverged run or a damaged file)."
         )
     return model, ckpt.unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
 

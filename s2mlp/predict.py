@@ -1,29 +1,55 @@
-"""Classify image files with a trained checkpoint and print the top-5 of each.
+"""Classify image files or folders with a trained checkpoint and print the top-k of each.
 
     python -m s2mlp.predict --checkpoint=/tmp/s2mlp_demo digit.png cat.jpg
+    python -m s2mlp.predict --checkpoint=/tmp/s2mlp_demo --output=csv photos/ > top5.csv
     python -m s2mlp.predict --checkpoint=imagenet1k_Mixer-B_16.npz --mixer_model=mixer_b16 cat.jpg
 
 `--checkpoint` is a training workdir, its ``checkpoints/`` folder or a step
-folder (local or ``gs://``), or a vision_transformer Mixer ``.npz``. Class
-names come from the checkpoint's ``dataset`` item; a 1000-class model without
-names gets ImageNet's WordNet IDs from tensorflow_datasets' bundled metadata
-(offline), or plain indices when tensorflow_datasets is not installed. Images
-are decoded with PIL (EXIF orientation applied; grey, palette and RGBA images
-converted to RGB). Output, per image: its path, then one line per class (rank,
-probability, name, and the class index when the name is not the index)::
+folder (local or ``gs://``), or a vision_transformer Mixer ``.npz``. Each input
+is an image file (always used, whatever its extension) or a folder, searched
+recursively for files whose name matches ``--glob`` (comma-separated patterns,
+case-insensitive; default the common image extensions), in sorted path order.
+
+Class names come from the checkpoint's ``dataset`` item; a 1000-class model
+without names gets ImageNet's WordNet IDs from tensorflow_datasets' bundled
+metadata (offline), or plain indices when tensorflow_datasets is not installed.
+Images are decoded with PIL (EXIF orientation applied; grey, palette and RGBA
+images converted to RGB).
+
+``--output=text`` (default) prints, per image, its path and then one line per
+class (rank, probability, name, and the class index when the name is not the
+index)::
 
     cat.jpg
       1.  87.31%  n02123045 (281)
       2.   6.02%  n02123159 (282)
+
+``--output=json`` prints one JSON object per line and image: ``{"path": ...,
+"labels": [...], "indices": [...], "probabilities": [...]}`` (best first);
+``--output=csv`` prints a header and one row per image: ``path``, then
+``label_r``, ``index_r``, ``probability_r`` for r = 1..k.
+
+**Unreadable images** (not an image, truncated, unsupported format) are reported
+on stderr by path (``error: cannot read PATH: reason``) and left out of the
+output; the other images are still classified, and the exit status is then 1.
+Exit status 2: bad arguments, an input path that does not exist, a folder with
+no matching file, or a checkpoint that cannot be loaded (nothing is classified).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import fnmatch
+import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+DEFAULT_GLOB = "*.jpg,*.jpeg,*.png,*.bmp,*.gif,*.webp,*.tif,*.tiff"
+OUTPUTS = ("text", "json", "csv")
 
 
 def imagenet_class_names() -> list[str] | None:
@@ -38,12 +64,41 @@ def imagenet_class_names() -> list[str] | None:
 
 
 def read_image(path: str) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB."""
+    """An image file -> uint8 (H, W, 3) RGB. Raises OSError (or ValueError) when PIL cannot decode it fully."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         return np.asarray(image.convert("RGB"))
+
+
+def find_images(inputs: Sequence[str], glob: str = DEFAULT_GLOB) -> list[str]:
+    """Files named in `inputs` as given, plus the files under each folder whose name matches `glob`.
+
+    `glob`: comma-separated ``fnmatch`` patterns, matched case-insensitively against the file name.
+    Folders are walked recursively (symlinked folders are not followed), each in sorted path order.
+    Raises FileNotFoundError for a path that does not exist and ValueError for a folder with no match.
+    """
+    patterns = [p.strip().lower() for p in glob.split(",") if p.strip()]
+    if not patterns:
+        raise ValueError(f"--glob={glob!r} holds no pattern; e.g. --glob='*.png,*.jpg'.")
+    found = []
+    for item in inputs:
+        if os.path.isfile(item):
+            found.append(item)
+        elif os.path.isdir(item):
+            matches = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(item)
+                for name in names
+                if any(fnmatch.fnmatchcase(name.lower(), p) for p in patterns)
+            )
+            if not matches:
+                raise ValueError(f"folder {item} holds no file matching --glob={glob!r}.")
+            found.extend(matches)
+        else:
+            raise FileNotFoundError(f"{item} does not exist.")
+    return found
 
 
 def _load(args):
@@ -60,17 +115,78 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m s2mlp.predict", description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
-    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...) or folders (searched recursively)")
     parser.add_argument("--checkpoint", required=True, help="workdir, checkpoints/ or step folder, or a Mixer .npz")
     parser.add_argument("--top_k", type=int, default=5, help="classes to print per image (default 5)")
+    parser.add_argument("--output", choices=OUTPUTS, default="text", help="text (default), json (one object per "
+                        "line and image) or csv (a header, then one row per image)")  # fmt: skip
+    parser.add_argument("--glob", default=DEFAULT_GLOB, help="comma-separated name patterns for files inside "
+                        f"folders, case-insensitive (default {DEFAULT_GLOB})")  # fmt: skip
+    parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw parameters even if the run kept an EMA")
     parser.add_argument("--mixer_model", default="mixer_b16", help="registered Mixer of a .npz (default mixer_b16)")
     parser.add_argument("--class_names", help="text file with one class name per line, in label order")
     return parser
 
 
+def _batches(paths: Sequence[str], batch_size: int) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+    """(paths, images) of up to `batch_size` readable images at a time; unreadable ones reported on stderr."""
+    batch_paths, images = [], []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            print(f"error: cannot read {path}: {e}", file=sys.stderr)
+            yield [path], []  # marks a failure
+            continue
+        batch_paths.append(path)
+        images.append(image)
+        if len(images) == batch_size:
+            yield batch_paths, images
+            batch_paths, images = [], []
+    if images:
+        yield batch_paths, images
+
+
+class _Writer:
+    """Writes predictions to stdout in the chosen format."""
+
+    def __init__(self, output: str, k: int):
+        self.output = output
+        self.csv = None
+        if output == "csv":
+            self.csv = csv.writer(sys.stdout, lineterminator="\n")
+            columns = [f"{field}_{r}" for r in range(1, k + 1) for field in ("label", "index", "probability")]
+            self.csv.writerow(["path", *columns])
+
+    def write(self, path: str, result, i: int) -> None:
+        labels = [str(name) for name in result.labels[i]]
+        indices = [int(x) for x in result.indices[i]]
+        probabilities = [round(float(p), 6) for p in result.probabilities[i]]
+        if self.output == "text":
+            print(path)
+            print(result.format(i))
+        elif self.output == "json":
+            record = {"path": path, "labels": labels, "indices": indices, "probabilities": probabilities}
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            self.csv.writerow([path, *(x for row in zip(labels, indices, probabilities) for x in row)])
+        sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.top_k < 1:
+        print(f"error: --top_k={args.top_k} must be at least 1.", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"error: --batch_size={args.batch_size} must be at least 1.", file=sys.stderr)
+        return 2
+    try:
+        paths = find_images(args.images, args.glob)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         clf = _load(args)
     except (FileNotFoundError, ValueError) as e:
@@ -96,16 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
     clf.class_names = list(names)
 
+    writer = _Writer(args.output, min(args.top_k, clf.num_classes))
     failed = 0
-    for path in args.images:
-        try:
-            image = read_image(path)
-        except (OSError, ValueError) as e:  # PIL raises UnidentifiedImageError (an OSError) for non-images
-            print(f"error: cannot read {path}: {e}", file=sys.stderr)
+    for batch_paths, images in _batches(paths, args.batch_size):
+        if not images:
             failed += 1
             continue
-        print(path)
-        print(clf.predict(image, k=args.top_k).format(0))
+        result = clf.predict(images, k=args.top_k, batch_size=args.batch_size)
+        for i, path in enumerate(batch_paths):
+            writer.write(path, result, i)
+    if failed:
+        print(f"error: {failed} of {len(paths)} images could not be read (listed above).", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -32,3 +32,16 @@ def imagenet_metadata(tmp_path_factory):
     builder.info.set_splits(splits.SplitDict(split_infos))
     builder.info.write_to_directory(builder.data_dir)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_s2mlp_run(tmp_path_factory) -> str:
+    """configs/tiny.py's s2mlp_tiny (digits, 6 steps, EMA on, checkpoints at steps 3 and 6) trained once per session
+    by the trainer; the same folder as tests/test_inference.py's `tiny_workdir`, so one run serves every test."""
+    workdir = tmp_path_factory.getbasetemp() / "tiny_s2mlp_run"
+    if not (workdir / "checkpoints").is_dir():
+        import train_lib
+        from configs import tiny
+
+        train_lib.train_and_evaluate(tiny.get_config("s2mlp_tiny"), str(workdir))
+    return str(workdir)

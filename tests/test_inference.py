@@ -301,7 +301,7 @@ def _mixer_tiny_params(num_classes=7):
 
 
 def _write_vit_npz(path, params):
-    """vit_jax checkpoint.save: np.savez of the tree flattened with '/'."""
+    """The layout vit_jax/checkpoint.py `load` reads: np.savez of the tree flattened with '/'."""
     np.savez(path, **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()})
 
 
@@ -385,3 +385,118 @@ def test_predict_cli_prints_top5_per_image(workdir, tmp_path, capsys):
         [sys.executable, "-m", "s2mlp.predict", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert help_text.returncode == 0 and "--checkpoint" in help_text.stdout
+
+
+# ---- the CLI on folders, machine-readable output, unreadable files -----------------------------------------------
+def _image_tree(root):
+    """root/a.png, root/sub/b.JPG, root/sub/deeper/c.jpeg, root/notes.txt; returns the three image paths, sorted."""
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    (root / "sub" / "deeper").mkdir(parents=True)
+    paths = [root / "a.png", root / "sub" / "b.JPG", root / "sub" / "deeper" / "c.jpeg"]
+    for path, shape in zip(paths, [(40, 30, 3), (20, 20), (33, 50, 3)]):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path, format="PNG")
+    (root / "notes.txt").write_text("not an image")
+    return [str(p) for p in paths]
+
+
+def test_predict_cli_folders_json_and_csv(workdir, tmp_path, capsys):
+    import csv
+    import io
+
+    paths = _image_tree(tmp_path / "images")
+    assert predict.find_images([str(tmp_path / "images")]) == paths  # recursive, sorted, any case, .txt left out
+    assert predict.find_images([str(tmp_path / "images")], glob="*.png") == paths[:1]
+    assert predict.find_images([str(tmp_path / "images" / "notes.txt")]) == [str(tmp_path / "images" / "notes.txt")]
+    clf = inference.load(workdir)
+    expected = clf.predict([predict.read_image(p) for p in paths], k=3)
+
+    assert predict.main([f"--checkpoint={workdir}", "--output=json", "--top_k=3", str(tmp_path / "images")]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in records] == paths
+    for i, record in enumerate(records):
+        assert sorted(record) == ["indices", "labels", "path", "probabilities"]
+        assert record["indices"] == expected.indices[i].tolist()
+        assert record["labels"] == expected.labels[i]
+        np.testing.assert_allclose(record["probabilities"], expected.probabilities[i], atol=1e-6)
+
+    # csv: a header, then one row per image; --batch_size=2 splits the three images over two forward passes.
+    argv = [f"--checkpoint={workdir}", "--output=csv", "--top_k=2", "--batch_size=2", paths[2], paths[0]]
+    assert predict.main(argv) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["path", "label_1", "index_1", "probability_1", "label_2", "index_2", "probability_2"]
+    assert [r[0] for r in rows[1:]] == [paths[2], paths[0]]
+    for row, i in zip(rows[1:], (2, 0)):
+        assert [int(row[2]), int(row[5])] == expected.indices[i, :2].tolist()
+        assert [row[1], row[4]] == expected.labels[i][:2]
+        np.testing.assert_allclose([float(row[3]), float(row[6])], expected.probabilities[i, :2], atol=1e-6)
+
+
+def test_predict_cli_reports_unreadable_images_and_bad_inputs(workdir, tmp_path, capsys):
+    paths = _image_tree(tmp_path / "images")
+    truncated = tmp_path / "images" / "sub" / "truncated.png"
+    data = open(paths[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    fake = tmp_path / "images" / "fake.jpg"
+    fake.write_text("not a jpeg")
+    # Unreadable files are reported by path; the others are still classified; the exit status is 1.
+    assert predict.main([f"--checkpoint={workdir}", "--output=json", str(tmp_path / "images")]) == 1
+    captured = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in captured.out.splitlines()] == paths
+    errors = captured.err.splitlines()
+    assert errors[0].startswith(f"error: cannot read {fake}: ")
+    assert errors[1].startswith(f"error: cannot read {truncated}: ")
+    assert errors[2] == "error: 2 of 5 images could not be read (listed above)."
+
+    # Bad inputs stop before the checkpoint is read: exit status 2 and nothing on stdout.
+    for argv, message in (
+        ([str(tmp_path / "absent.png")], f"error: {tmp_path / 'absent.png'} does not exist."),
+        ([str(tmp_path / "images"), "--glob=*.webp"], f"error: folder {tmp_path / 'images'} holds no file matching"),
+        ([paths[0], "--glob=,"], "error: --glob=',' holds no pattern"),
+        ([paths[0], "--top_k=0"], "error: --top_k=0 must be at least 1."),
+    ):
+        assert predict.main([f"--checkpoint={tmp_path / 'no_checkpoint'}", *argv]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.startswith(message), captured.err
+
+
+# ---- .npz robustness ----------------------------------------------------------------------------------------------
+def test_mixer_npz_refuses_truncated_and_non_archive_files(tmp_path):
+    _, params = _mixer_tiny_params()
+    good = tmp_path / "good.npz"
+    _write_vit_npz(good, params)
+    data = good.read_bytes()
+    cases = {
+        "truncated.npz": (data[: len(data) // 2], "not a readable .npz file \\(BadZipFile"),
+        "empty.npz": (b"", "not a readable .npz file \\(EOFError"),
+        "text.npz": (b"hello, world", "not an .npz archive"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / name)) + ": " + message):
+            mixer_npz.load_mixer_npz(tmp_path / name, "mixer_tiny")
+    np.save(tmp_path / "single.npy", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="single.npy: holds a single array, not an .npz archive"):
+        mixer_npz.load_mixer_npz(tmp_path / "single.npy", "mixer_tiny")
+    with pytest.raises(ValueError, match="truncated.npz: not a readable .npz"):  # the CLI path too
+        mixer_npz.classifier_from_npz(tmp_path / "truncated.npz", "mixer_tiny")
+
+
+def test_mixer_npz_refuses_non_finite_parameters_naming_the_first_key(tmp_path, capsys):
+    _, params = _mixer_tiny_params()
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    flat["stem/kernel"] = flat["stem/kernel"].copy()
+    flat["stem/kernel"][0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    flat["MixerBlock_1/channel_mixing/Dense_0/bias"] = np.full_like(flat["MixerBlock_1/channel_mixing/Dense_0/bias"],
+                                                                    np.nan)  # fmt: skip
+    np.savez(tmp_path / "nan.npz", **flat)
+    assert mixer_npz.first_nonfinite(flat) == ("MixerBlock_1/channel_mixing/Dense_0/bias", 64)  # sorted key order
+    message = re.escape(f"{tmp_path / 'nan.npz'}: parameter MixerBlock_1/channel_mixing/Dense_0/bias holds 64 NaN/Inf")
+    with pytest.raises(ValueError, match=message):
+        mixer_npz.load_mixer_npz(tmp_path / "nan.npz", "mixer_tiny")
+    del flat["MixerBlock_1/channel_mixing/Dense_0/bias"]
+    assert mixer_npz.first_nonfinite(flat) == ("stem/kernel", 3)
+    image = _image_tree(tmp_path / "images")[0]
+    assert predict.main([f"--checkpoint={tmp_path / 'nan.npz'}", "--mixer_model=mixer_tiny", image]) == 2
+    assert "NaN/Inf" in capsys.readouterr().err

@@ -1,24 +1,28 @@
-"""notebooks/s2mlp_colab.ipynb: committed without outputs, and runs top to bottom on a tiny trained run."""
+"""notebooks/s2mlp_colab.ipynb: committed without outputs, runs top to bottom on a tiny trained run, and draws
+every figure (saved to PNG through the notebook's `S2MLP_FIGURE_DIR` and checked: not empty, not blank)."""
 
 from __future__ import annotations
 
 import os
 
 import nbformat
+import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "s2mlp_colab.ipynb")
 
 
-def tiny_workdir(tmp_path_factory) -> str:
-    """configs.tiny's s2mlp_tiny trained by the trainer, once per session (shared with tests/test_inference.py)."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny_s2mlp_run"
-    if not (workdir / "checkpoints").is_dir():
-        import train_lib
-        from configs import tiny
-
-        train_lib.train_and_evaluate(tiny.get_config("s2mlp_tiny"), str(workdir))
-    return str(workdir)
+# The figures the notebook saves for an S²-MLP digits run, and the widest each may be (pixels at 100 dpi):
+# the picture grids are laid out 8 inches wide, the digits as 2 rows of 5.
+FIGURES = {
+    "photos": 820,
+    "digits": 820,
+    "curves": 1020,
+    "shift": 1020,
+    "receptive_fields": 1200,
+    "s2mlp_vs_mixer": 820,
+    "first_block_fields": 620,
+}
 
 
 def test_committed_notebook_has_no_outputs():
@@ -31,12 +35,14 @@ def test_committed_notebook_has_no_outputs():
     assert "widgets" not in nb.metadata
 
 
-def test_notebook_runs_headless(tmp_path_factory, monkeypatch):
+def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch):
     from nbclient import NotebookClient
+    from PIL import Image
 
-    workdir = tiny_workdir(tmp_path_factory)
-    monkeypatch.setenv("S2MLP_CHECKPOINT", workdir)
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("S2MLP_CHECKPOINT", tiny_s2mlp_run)
+    monkeypatch.setenv("S2MLP_FIGURE_DIR", str(figures))
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # draws (to PNG through savefig) without a display
     monkeypatch.delenv("S2MLP_MIXER_NPZ", raising=False)  # the notebook's own untrained mixer_tiny
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -51,3 +57,14 @@ def test_notebook_runs_headless(tmp_path_factory, monkeypatch):
     assert "measured receptive fields equal the shift's prediction" in text
     assert "last eval:" in text  # the curves came from the run's metrics.jsonl
     assert "No checkpoint in" not in text  # it loaded the run instead of training the demo
+
+    assert sorted(p.name for p in figures.iterdir()) == sorted(f"{name}.png" for name in FIGURES)
+    for name, max_width in FIGURES.items():
+        path = figures / f"{name}.png"
+        assert path.stat().st_size > 5_000, (name, path.stat().st_size)
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"), np.float32)
+        assert pixels.std() > 10, (name, pixels.std())  # drawn, not a blank canvas
+        assert 300 < pixels.shape[1] <= max_width, (name, pixels.shape)
+    digits = np.asarray(Image.open(figures / "digits.png").convert("L"))
+    assert digits.shape[0] < digits.shape[1]  # 2 rows of 5, not a 1 x 10 strip
