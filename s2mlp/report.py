@@ -1,0 +1,355 @@
+"""The report of a study or of any training workdirs: a markdown table and two plots.
+
+    python -m s2mlp.report runs/shift_ablation                       # a study dir: writes its report there
+    python -m s2mlp.report runs/a runs/b --out=docs/studies/mine     # workdirs of main.py, finished or not
+
+Runs are grouped into configurations (identical config.json except ``seed``) and aggregated over
+seeds: one table row per configuration with the fields that vary (short names), the final and the
+best held-out top-1 (mean ± sample std over seeds, and n), parameters and forward GMACs (from the
+model code, no compile), the median logged train images/s, steps done / total, and the mean wall
+time per run (from the study runner's ``result.json``). The EMA top-1 (``eval_ema_top1``) is used
+where a run logs it. Writes ``report.md``, ``top1_vs_step.png`` and ``top1_vs_gmacs.png`` into
+the output directory (default: the study dir) and prints the table. Needs matplotlib (Agg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+STUDY_JSON = "study.json"
+RESULT_JSON = "result.json"
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenette": 10, "imagenet2012": 1000}
+CAPTION_FIELDS = ("model.name", "data.name", "data.train_fraction", "image_size", "batch_size", "total_steps",
+                  "num_epochs", "base_lr", "weight_decay", "ema_decay", "compute_dtype")  # fmt: skip
+
+
+@dataclasses.dataclass
+class RunInfo:
+    name: str
+    workdir: Path
+    config: dict | None  # config.json, None before the trainer wrote it
+    metrics: dict[int, dict[str, float]]  # step -> {key: value}, the last row of each (step, key) kept
+    result: dict | None  # the study runner's result.json
+
+
+def _is_workdir(path: Path) -> bool:
+    return any((path / f).exists() for f in ("config.json", "metrics.jsonl", "checkpoints"))
+
+
+def read_metrics(path: Path) -> dict[int, dict[str, float]]:
+    """metrics.jsonl -> step -> {key: value}; after a resume the later row of a (step, key) wins."""
+    out: dict[int, dict[str, float]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                out.setdefault(int(row.pop("step")), {}).update(row)
+    return dict(sorted(out.items()))
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run(name: str, workdir: Path) -> RunInfo:
+    return RunInfo(name, workdir, _read_json(workdir / "config.json"), read_metrics(workdir / "metrics.jsonl"),
+                   _read_json(workdir / RESULT_JSON))  # fmt: skip
+
+
+def find_runs(paths: list[str]) -> list[RunInfo]:
+    """The runs of study dirs (its study.json, else every subdir with a config.json) and of workdirs, in order."""
+    runs = []
+    for p in map(Path, paths):
+        if _is_workdir(p):
+            runs.append(_run(p.name, p))
+        elif (p / STUDY_JSON).is_file():
+            for r in json.loads((p / STUDY_JSON).read_text())["runs"]:
+                runs.append(_run(r["name"], p / r["name"]))
+        elif p.is_dir() and any(_is_workdir(d) for d in p.iterdir() if d.is_dir()):
+            runs += [_run(d.name, d) for d in sorted(p.iterdir()) if d.is_dir() and _is_workdir(d)]
+        else:
+            raise ValueError(
+                f"{p} is neither a training workdir (config.json, metrics.jsonl or checkpoints/) nor a study "
+                f"directory (study.json, or subdirectories that are workdirs)."
+            )
+    return runs
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    """'mean ± std (n)' in percent with the sample std (ddof=1); '—' for no values."""
+    if not values:
+        return "—"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f} (1)"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
+
+
+def _top1_key(runs: list[RunInfo]) -> str:
+    has_ema = any("eval_ema_top1" in m for r in runs for m in r.metrics.values())
+    return "eval_ema_top1" if has_ema else "eval_top1"
+
+
+def _curve(run: RunInfo, key: str) -> dict[int, float]:
+    return {s: m[key] for s, m in run.metrics.items() if key in m}
+
+
+def _num_classes(run: RunInfo) -> int | None:
+    try:
+        from s2mlp import checkpoint as ckpt
+
+        directory, step = ckpt.locate(run.workdir)
+        return int((ckpt.read_json(directory / str(step), "dataset") or {})["num_classes"])
+    except Exception:  # no checkpoint yet: known datasets only
+        return NUM_CLASSES.get(run.config["data"]["name"])
+
+
+def model_size(config: dict, num_classes: int | None) -> tuple[int | None, float | None]:
+    """(parameters, forward GMACs at config's image size) of config's model; nothing is compiled."""
+    if num_classes is None:
+        return None, None
+    import jax
+    import jax.numpy as jnp
+
+    from s2mlp import flops, models
+
+    fix = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+    overrides = {k: fix(v) for k, v in (config["model"].get("overrides") or {}).items()}
+    size = config["image_size"]
+    model = models.get_model(config["model"]["name"], image_size=size, num_classes=num_classes, **overrides)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+    n = sum(x.size for x in jax.tree.leaves(params["params"]))
+    return n, flops.count_macs(model, size) / 1e9
+
+
+@dataclasses.dataclass
+class Row:
+    label: dict[str, Any]  # the varying fields
+    runs: list[RunInfo]
+    final: list[float]
+    best: list[float]
+    params: int | None = None
+    gmacs: float | None = None
+
+
+def group(runs: list[RunInfo], key: str) -> tuple[list[Row], list[str], dict[str, Any]]:
+    """Configurations in study order; the fields that vary between them; the fields common to all."""
+    groups: dict[str, list[RunInfo]] = {}
+    flat = {}
+    for r in runs:
+        if r.config is None:
+            groups[f"no config: {r.workdir}"] = [r]
+            continue
+        f = {k: v for k, v in _flatten(r.config).items() if k != "seed"}
+        flat[id(r)] = f
+        groups.setdefault(json.dumps(f, sort_keys=True, default=str), []).append(r)
+    configs = [flat[id(g[0])] for g in groups.values() if id(g[0]) in flat]
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+    common = {k: configs[0].get(k) for k in keys if k not in varying} if configs else {}
+    rows = []
+    for g in groups.values():
+        f = flat.get(id(g[0]), {})
+        curves = [_curve(r, key) for r in g]
+        rows.append(Row(
+            label={k: f.get(k) for k in varying} if f else {"workdir": str(g[0].workdir)},
+            runs=g,
+            final=[c[max(c)] for c in curves if c],
+            best=[max(c.values()) for c in curves if c],
+        ))  # fmt: skip
+    return rows, varying, common
+
+
+def _short_names(fields: list[str]) -> dict[str, str]:
+    last = [f.rsplit(".", 1)[-1] for f in fields]
+    return {f: (s if last.count(s) == 1 else f) for f, s in zip(fields, last, strict=True)}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join(map(str, value)) + ")"
+    return str(value)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _finished(run: RunInfo) -> bool:
+    total = run.config and run.config.get("total_steps")
+    return bool(run.metrics and total and max(run.metrics) >= total)
+
+
+def _steps(row: Row) -> str:
+    done = [max(r.metrics) if r.metrics else 0 for r in row.runs]
+    total = row.runs[0].config and row.runs[0].config.get("total_steps")
+    return f"{min(done)}/{total or '?'}" if len(set(done)) == 1 else f"{min(done)}-{max(done)}/{total or '?'}"
+
+
+def table(rows: list[Row], varying: list[str], key: str) -> str:
+    short = _short_names(varying)
+    head = [*(short[f] for f in varying), *([] if varying else ["run"])]
+    head += ["final top-1 % (n)", "best top-1 % (n)", "params", "GMACs", "train img/s", "steps", "wall / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * max(len(varying), 1) + "---:|" * 7]
+    for row in rows:
+        if "workdir" in row.label:  # no config.json yet: the run's name stands in for its fields
+            label = [row.runs[0].name] + [""] * (len(varying) - 1) if varying else [row.runs[0].name]
+        else:
+            label = [_fmt(row.label.get(f)) for f in varying] or [row.runs[0].name if len(row.runs) == 1 else "all"]
+        if not any(r.metrics for r in row.runs):
+            lines.append("| " + " | ".join([*label, "no metrics yet", *["—"] * 6]) + " |")
+            continue
+        ips = [m["images_per_s"] for r in row.runs for m in r.metrics.values() if "images_per_s" in m]
+        walls = [r.result["wall_s"] for r in row.runs if r.result]
+        cells = [
+            mean_std(row.final),
+            mean_std(row.best),
+            f"{row.params:,}" if row.params is not None else "—",
+            f"{row.gmacs:.3g}" if row.gmacs is not None else "—",
+            f"{statistics.median(ips):.0f}" if ips else "—",
+            _steps(row),
+            _hms(statistics.fmean(walls)) if walls else "—",
+        ]
+        lines.append("| " + " | ".join([*label, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except Exception:
+        return "unknown CPU"
+
+
+def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    for row in rows:
+        curves = [_curve(r, key) for r in row.runs]
+        steps = sorted({s for c in curves for s in c})
+        if not steps:
+            continue
+        vals = [[100 * c[s] for c in curves if s in c] for s in steps]
+        mean = np.array([np.mean(v) for v in vals])
+        (line,) = ax.plot(steps, mean, label=_label(row, varying), lw=1.2)
+        ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"held-out top-1 % ({key})")
+    ax.set_title("top-1 vs step: mean over seeds, min–max band")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    for row in rows:
+        if row.gmacs is None or not row.final:
+            continue
+        mean = 100 * statistics.fmean(row.final)
+        std = 100 * statistics.stdev(row.final) if len(row.final) > 1 else 0.0
+        ax.errorbar(row.gmacs, mean, yerr=std, fmt="o", ms=4, capsize=3)
+        ax.annotate(_label(row, varying), (row.gmacs, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("forward GMACs per image")
+    ax.set_ylabel(f"final top-1 % ({key})")
+    ax.set_title("final top-1 vs compute: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _label(row: Row, varying: list[str]) -> str:
+    short = _short_names(varying)
+    return ",".join(f"{short[f]}={_fmt(row.label.get(f))}" for f in varying) or str(row.label.get("workdir", "all"))
+
+
+def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
+    """Builds the report of `paths`; writes report.md and the PNGs into `out_dir` (if given); returns the table."""
+    runs = find_runs(paths)
+    key = _top1_key(runs)
+    rows, varying, common = group(runs, key)
+    for row in rows:
+        first = row.runs[0]
+        if first.config is not None:
+            row.params, row.gmacs = model_size(first.config, _num_classes(first))
+    text = table(rows, varying, key)
+    walls = [r.result["wall_s"] for r in runs if r.result]
+    unfinished = sum(1 for r in runs if not (r.result or _finished(r)))
+    shown = [k for k in CAPTION_FIELDS if k in common and not (k == "num_epochs" and common.get("total_steps"))]
+    settings = ", ".join(f"{k}={_fmt(common[k])}" for k in shown)
+    overrides = {k.removeprefix("model.overrides."): v for k, v in common.items() if k.startswith("model.overrides.")}
+    if overrides:
+        settings += ", model overrides " + ", ".join(f"{k}={_fmt(v)}" for k, v in overrides.items())
+    caption = (
+        f"{len(rows)} configurations, {len(runs)} runs. Top-1 is `{key}` on the held-out split, in percent: the "
+        f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. "
+        f"Params and GMACs (forward multiply-accumulates per image) are counted from the model code. "
+        f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "
+        f"Machine: {machine()}. Total wall time of the finished runs: {_hms(sum(walls))}"
+        + (f"; {unfinished} run(s) not finished." if unfinished else ".")
+    )
+    out(text)
+    out("")
+    out(caption)
+    if out_dir is not None:
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        figures = "![top-1 vs step](top1_vs_step.png)\n![top-1 vs GMACs](top1_vs_gmacs.png)\n"
+        (d / "report.md").write_text(f"# Study report\n\n{text}\n\n{caption}\n\n{figures}")
+        plot_curves(rows, varying, key, d / "top1_vs_step.png")
+        plot_gmacs(rows, varying, key, d / "top1_vs_gmacs.png")
+        out(f"\nWrote {d / 'report.md'}, top1_vs_step.png, top1_vs_gmacs.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m s2mlp.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="a study directory, or training workdirs")
+    parser.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the study dir)")
+    args = parser.parse_args(argv)
+    out_dir = args.out
+    if out_dir is None and len(args.paths) == 1 and not _is_workdir(Path(args.paths[0])):
+        out_dir = args.paths[0]
+    try:
+        main_report(args.paths, out_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The study runner (s2mlp/study.py) and the report (s2mlp/report.py) on tiny configs.
+
+Grid expansion and validation are pure config work; one end-to-end study (2 shift patterns × 2
+seeds of configs/tiny.py) runs through ``python -m s2mlp.study``, is SIGKILLed after the first
+checkpoint of a run, resumes, reports, and is skipped on a further call; the report is checked
+on hand-written workdirs with known metrics.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import pytest
+
+from configs.studies import fields, mixer_vs_s2mlp, shift_ablation
+from s2mlp import report, study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(base="configs/demo.py", overrides=None, grid=None, runs=None, **extra):
+    s = ml_collections.ConfigDict()
+    s.base = base
+    s.overrides = fields(overrides or {})
+    s.grid = fields(grid if grid is not None else {})
+    if runs:
+        s.runs = [fields(r) for r in runs]
+    for k, v in extra.items():
+        s[k] = fields(v)
+    return s
+
+
+def test_grid_expands_to_the_product_with_overrides_merged_names_and_commands(tmp_path):
+    s = _study(
+        overrides={"total_steps": 10},
+        grid={"model.overrides.shift_pattern": ["eight", "none"], "seed": [0, 1]},
+        name_fields={"model.overrides.shift_pattern": "shift"},
+    )
+    runs = study.expand(s, "runs/x", check=False)  # configs/demo.py's eval batch of 100 is for 1 device
+    assert [r.name for r in runs] == [f"shift={p},seed={s}" for p in ("eight", "none") for s in (0, 1)]
+    assert runs[1].overrides == {"total_steps": 10, "model.overrides.shift_pattern": "eight", "seed": 1}
+    # Merged into configs/demo.py's own model overrides, which stay.
+    assert runs[1].config.model.overrides.to_dict() == {
+        "hidden_dim": 64, "num_blocks": 4, "expansion": 2, "patch_size": 4, "shift_pattern": "eight"
+    }  # fmt: skip
+    assert (runs[1].config.seed, runs[1].config.total_steps, runs[1].workdir) == (1, 10, "runs/x/shift=eight,seed=1")
+    assert runs[1].command == (
+        "python main.py --config=configs/demo.py --workdir=runs/x/shift=eight,seed=1 --config.total_steps=10 "
+        "--config.model.overrides.shift_pattern=eight --config.seed=1"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_explicit_runs_cross_the_grid_with_labels_and_quoted_tuples():
+    s = _study(
+        base="configs/tiny.py:s2mlp_tiny",
+        runs=[
+            {
+                "name": "v2",
+                "model.name": "s2mlpv2_tiny",
+                "image_size": 24,
+                "model.overrides": {"hidden_dims": (8, 16), "num_blocks": (1, 1)},
+            },
+            {"name": "mixer", "model.name": "mixer_tiny", "model.overrides.hidden_dim": 16},
+        ],  # fmt: skip
+        grid={"data.train_fraction": [1.0, 0.5]},
+        name_fields={"data.train_fraction": "fraction"},
+    )
+    runs = study.expand(s, "w")
+    assert [r.name for r in runs] == ["v2,fraction=1.0", "v2,fraction=0.5", "mixer,fraction=1.0", "mixer,fraction=0.5"]
+    assert runs[1].config.model.overrides.to_dict() == {"hidden_dims": (8, 16), "num_blocks": (1, 1)}
+    assert runs[1].config.data.train_fraction == 0.5 and runs[1].config.image_size == 24
+    assert runs[1].command == (
+        "python main.py --config=configs/tiny.py:s2mlp_tiny --workdir=w/v2,fraction=0.5 "
+        "--config.model.name=s2mlpv2_tiny --config.image_size=24 '--config.model.overrides.hidden_dims=(8, 16)' "
+        "'--config.model.overrides.num_blocks=(1, 1)' --config.data.train_fraction=0.5"
+    )
+
+
+def test_shipped_study_configs_expand():
+    # Field checks only: the test process has 8 devices, the digits studies' eval batch (100) is for 1-4.
+    assert len(study.expand(shift_ablation.get_config(), "w", check=False)) == 33
+    names = [r.name for r in study.expand(mixer_vs_s2mlp.get_config(), "w", check=False)]
+    assert len(names) == 18 and names[0] == "mixer,fraction=1.0,seed=0" and names[-1] == "s2mlpv2,fraction=0.1,seed=2"
+    for data in ("cifar10", "imagenette", "imagenet"):
+        assert len(study.expand(shift_ablation.get_config(data), "w", check=False)) in (11, 33)
+        assert len(study.expand(mixer_vs_s2mlp.get_config(data), "w", check=False)) == 18
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"grid": {"model.name": ["s2mlp_tiny", "nope"]}}, "config.model.name='nope' is unknown"),
+        ({"grid": {"model.overrides.shift_patern": ["ss1"]}}, "model override(s) ['shift_patern']"),
+        ({"grid": {"model.overrides.shift_pattern": ["diagonal"]}}, "shift_pattern='diagonal' is unknown"),
+        ({"grid": {"data.nme": ["digits"]}}, "config.data.nme is not a field"),
+        ({"grid": {"optim.lr": [1.0]}}, "config.optim.lr is not a field of the base config (no config.optim)"),
+        ({"grid": {}}, "study.grid is empty"),
+        ({"grid": {"seed": []}}, "study.grid['seed']=[] must be a non-empty list"),
+        ({"grid": {"data.train_fraction": [0.5, 1.5]}}, "config.data.train_fraction=1.5 must be in (0, 1]"),
+        ({"grid": {"data.train_fraction": [0.0]}}, "config.data.train_fraction=0.0 must be in (0, 1]"),
+        ({"grid": {"seed": [0]}, "base": "configs/nope.py"}, "study.base='configs/nope.py'"),
+    ],
+)
+def test_bad_study_fails_before_anything_is_created(tmp_path, change, message):
+    s = _study(base=change.get("base", "configs/tiny.py:s2mlp_tiny"), grid=change["grid"])
+    with pytest.raises(ValueError) as e:
+        study.run_study(s, str(tmp_path / "w"), compilation_cache="")
+    assert message in str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
+STUDY_FILE = """
+from ml_collections import ConfigDict
+
+from configs.studies import fields
+
+
+def get_config(arg=""):
+    s = ConfigDict()
+    s.base = "configs/tiny.py:s2mlp_tiny"
+    s.overrides = fields({"total_steps": 24, "checkpoint_every_steps": 4, "eval_every_steps": 12})
+    s.grid = fields({"model.overrides.shift_pattern": ["ss1", "none"], "seed": [0, 1]})
+    return s
+"""
+NAMES = [f"shift_pattern={p},seed={s}" for p in ("ss1", "none") for s in (0, 1)]
+
+
+def _runner(study_file, workdir, **popen):
+    cmd = [sys.executable, "-m", "s2mlp.study", f"--study={study_file}", f"--workdir={workdir}"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
+
+
+def test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs(tmp_path):
+    study_file = tmp_path / "study_tiny.py"
+    study_file.write_text(STUDY_FILE)
+    workdir = tmp_path / "w"
+    # Killed once the second run has saved its first checkpoint.
+    proc = _runner(study_file, workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = workdir / NAMES[1] / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "the runner ended before the second run checkpointed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((workdir / "study.json").read_text())["runs"][1]["name"] == NAMES[1]
+    assert (workdir / NAMES[0] / "result.json").is_file() and not (workdir / NAMES[1] / "result.json").exists()
+
+    proc = _runner(study_file, workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"run 1 of 4: {NAMES[0]}: done, skipped" in out
+    assert f"run 2 of 4: {NAMES[1]} (resuming from step" in out
+    results = [json.loads((workdir / n / "result.json").read_text()) for n in NAMES]
+    assert results[1]["resumed_from_step"] >= 4 and results[2]["resumed_from_step"] is None
+    assert all(r["wall_s"] > 0 and r["metrics"]["eval_num_examples"] == 300 for r in results)
+    # The resumed run logged every step once it finished (the last row of a repeated step counts).
+    assert sorted(report.read_metrics(workdir / NAMES[1] / "metrics.jsonl")) == list(range(2, 25, 2))
+    table = (workdir / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ss1") or line.startswith("| none")]
+    assert len(rows) == 2 and all("(2)" in r and "| 24/24 |" in r for r in rows), table
+    assert (workdir / "top1_vs_step.png").stat().st_size > 0 and (workdir / "top1_vs_gmacs.png").stat().st_size > 0
+
+    # A further call trains nothing.
+    before = {n: (workdir / n / "metrics.jsonl").read_bytes() for n in NAMES}
+    lines = []
+    spec = study.load_config_file(str(study_file))
+    study.run_study(spec, str(workdir), compilation_cache="", report=False, out=lines.append)
+    assert lines == [f"run {k} of 4: {n}: done, skipped" for k, n in enumerate(NAMES, 1)]
+    assert {n: (workdir / n / "metrics.jsonl").read_bytes() for n in NAMES} == before
+
+
+def _workdir(path: Path, seed: int, pattern: str, top1: list[float], *, ema=False, result=None):
+    path.mkdir(parents=True)
+    config = {"model": {"name": "s2mlp_tiny", "overrides": {"shift_pattern": pattern}}, "seed": seed,
+              "image_size": 16, "data": {"name": "digits"}, "total_steps": 20}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    key = "eval_ema_top1" if ema else "eval_top1"
+    rows = [{"step": 5 * (i + 1), "loss": 1.0, "images_per_s": 100.0 * (i + 1)} for i in range(len(top1))]
+    rows += [{"step": 5 * (i + 1), key: t} for i, t in enumerate(top1)]
+    rows.insert(1, {"step": 5, key: 0.0})  # a step logged again after a resume: the later row wins
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if result:
+        (path / "result.json").write_text(json.dumps(result))
+
+
+def test_report_on_handwritten_workdirs(tmp_path, capsys):
+    _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7, 0.6], result={"wall_s": 60})
+    _workdir(tmp_path / "a1", 1, "ss1", [0.4, 0.8, 0.8], result={"wall_s": 120})
+    _workdir(tmp_path / "b0", 0, "none", [0.3, 0.3, 0.2, 0.25])
+    (tmp_path / "c0").mkdir()
+    (tmp_path / "c0" / "config.json").write_text(
+        json.dumps({"model": {"name": "s2mlp_tiny", "overrides": {"shift_pattern": "up"}}, "seed": 0,
+                    "image_size": 16, "data": {"name": "digits"}, "total_steps": 20})
+    )  # fmt: skip
+    out = tmp_path / "out"
+    paths = [str(tmp_path / n) for n in ("a0", "a1", "b0", "c0")]
+    assert report.main([*paths, f"--out={out}"]) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    # final: mean(0.6, 0.8) = 70.00, sample std = 0.1414 -> 14.14; best: 70 and 80 -> 75.00 ± 7.07. MACs of
+    # s2mlp_tiny at 16×16 (16 tokens, c=32, r=2, 2 blocks, 10 classes): 16·48·32 + 2·16·(2·32² + 2·2·32²) + 32·10
+    # = 221,504; median of 100, 200, 300 img/s (twice) = 200; wall mean(60, 120) s.
+    assert "| ss1 | 70.00 ± 14.14 (2) | 75.00 ± 7.07 (2) | 14,826 | 0.000222 | 200 | 15/20 | 0:01:30 |" in lines
+    assert "| none | 25.00 (1) | 30.00 (1) | 14,826 | 0.000222 | 250 | 20/20 | — |" in lines
+    assert "| up | no metrics yet | — | — | — | — | — | — |" in lines
+    assert "`eval_top1`" in "\n".join(lines) and "finished runs: 0:03:00; 1 run(s) not finished" in "\n".join(lines)
+    assert "| ss1 | 70.00 ± 14.14 (2)" in capsys.readouterr().out
+    for png in ("top1_vs_step.png", "top1_vs_gmacs.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_uses_the_ema_metric_and_a_study_dir(tmp_path):
+    _workdir(tmp_path / "s" / "x", 0, "ss1", [0.5, 0.9], ema=True)
+    _workdir(tmp_path / "s" / "y", 1, "ss1", [0.5, 0.7], ema=True)
+    assert report.main([str(tmp_path / "s")]) == 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "| all | 80.00 ± 14.14 (2) |" in text and "`eval_ema_top1`" in text
+
+
+def test_report_names_a_path_that_is_not_a_workdir(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'} is neither a training workdir" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "report.md").exists()
