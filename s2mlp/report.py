@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -205,15 +206,13 @@ def _steps(row: Row) -> str:
 
 
 def table(rows: list[Row], varying: list[str], key: str) -> str:
-    short = _short_names(varying)
-    head = [*(short[f] for f in varying), *([] if varying else ["run"])]
-    head += ["final top-1 % (n)", "best top-1 % (n)", "params", "GMACs", "train img/s", "steps", "wall / run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * max(len(varying), 1) + "---:|" * 7]
+    unit, scale = _macs_unit(rows)
+    head = ["configuration", "model", "final top-1 % (n)", "best top-1 % (n)", "params", unit, "train img/s", "steps",
+            "wall / run"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * 7]
     for row in rows:
-        if "workdir" in row.label:  # no config.json yet: the run's name stands in for its fields
-            label = [row.runs[0].name] + [""] * (len(varying) - 1) if varying else [row.runs[0].name]
-        else:
-            label = [_fmt(row.label.get(f)) for f in varying] or [row.runs[0].name if len(row.runs) == 1 else "all"]
+        config = row.runs[0].config
+        label = [_label(row, varying), config["model"]["name"] if config else "—"]
         if not any(r.metrics for r in row.runs):
             lines.append("| " + " | ".join([*label, "no metrics yet", *["—"] * 6]) + " |")
             continue
@@ -223,7 +222,7 @@ def table(rows: list[Row], varying: list[str], key: str) -> str:
             mean_std(row.final),
             mean_std(row.best),
             f"{row.params:,}" if row.params is not None else "—",
-            f"{row.gmacs:.3g}" if row.gmacs is not None else "—",
+            f"{row.gmacs * scale:.3g}" if row.gmacs is not None else "—",
             f"{statistics.median(ips):.0f}" if ips else "—",
             _steps(row),
             _hms(statistics.fmean(walls)) if walls else "—",
@@ -247,7 +246,7 @@ def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> No
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     for row in rows:
         curves = [_curve(r, key) for r in row.runs]
         steps = sorted({s for c in curves for s in c})
@@ -261,10 +260,8 @@ def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> No
     ax.set_ylabel(f"held-out top-1 % ({key})")
     ax.set_title("top-1 vs step: mean over seeds, min–max band")
     ax.grid(alpha=0.3)
-    if len(rows) <= 12:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -274,26 +271,37 @@ def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
+    unit, scale = _macs_unit(rows)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     for row in rows:
         if row.gmacs is None or not row.final:
             continue
         mean = 100 * statistics.fmean(row.final)
         std = 100 * statistics.stdev(row.final) if len(row.final) > 1 else 0.0
-        ax.errorbar(row.gmacs, mean, yerr=std, fmt="o", ms=4, capsize=3)
-        ax.annotate(_label(row, varying), (row.gmacs, mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xlabel("forward GMACs per image")
+        ax.errorbar(row.gmacs * scale, mean, yerr=std, fmt="o", ms=4, capsize=3, label=_label(row, varying))
+    ax.set_xlabel(f"forward {unit} per image")
     ax.set_ylabel(f"final top-1 % ({key})")
     ax.set_title("final top-1 vs compute: mean ± std over seeds")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
 def _label(row: Row, varying: list[str]) -> str:
+    """The configuration's name: its runs' directory name without the ``seed=N`` part (the study runner names
+    runs by their varying fields) where that is one name, else its varying fields as ``field=value,...``."""
+    names = {re.sub(r"(^|,)seed=[^,]*", "", r.name).strip(",") for r in row.runs}
+    if len(names) == 1 and "" not in names and row.runs[0].name != next(iter(names)):
+        return names.pop()
     short = _short_names(varying)
     return ",".join(f"{short[f]}={_fmt(row.label.get(f))}" for f in varying) or str(row.label.get("workdir", "all"))
+
+
+def _macs_unit(rows: list[Row]) -> tuple[str, float]:
+    """('GMACs', 1) or, for models under 0.1 GMACs, ('MMACs', 1000): readable figures for tiny models."""
+    gmacs = [r.gmacs for r in rows if r.gmacs is not None]
+    return ("MMACs", 1e3) if gmacs and max(gmacs) < 0.1 else ("GMACs", 1.0)
 
 
 def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
@@ -316,11 +324,20 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
     caption = (
         f"{len(rows)} configurations, {len(runs)} runs. Top-1 is `{key}` on the held-out split, in percent: the "
         f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. "
-        f"Params and GMACs (forward multiply-accumulates per image) are counted from the model code. "
+        f"Params and {_macs_unit(rows)[0]} (forward multiply-accumulates per image) are counted from the model code. "
         f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "
         f"Machine: {machine()}. Total wall time of the finished runs: {_hms(sum(walls))}"
         + (f"; {unfinished} run(s) not finished." if unfinished else ".")
     )
+    models = {}  # the model behind each configuration, where models differ: name (overrides), once each
+    for row in rows:
+        if "workdir" not in row.label and any(k.startswith("model.") for k in varying):
+            config = row.runs[0].config
+            overrides = sorted((config["model"].get("overrides") or {}).items())
+            fields = ", ".join(f"{k}={_fmt(tuple(v) if isinstance(v, list) else v)}" for k, v in overrides)
+            models[f"{config['model']['name']} ({fields})"] = None
+    if models:
+        caption += "\n\nModels: " + "; ".join(models) + "."
     out(text)
     out("")
     out(caption)

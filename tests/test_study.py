@@ -164,7 +164,7 @@ def test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs(tmp
     # The resumed run logged every step once it finished (the last row of a repeated step counts).
     assert sorted(report.read_metrics(workdir / NAMES[1] / "metrics.jsonl")) == list(range(2, 25, 2))
     table = (workdir / "report.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ss1") or line.startswith("| none")]
+    rows = [line for line in table.splitlines() if line.startswith(("| shift_pattern=ss1 |", "| shift_pattern=none |"))]
     assert len(rows) == 2 and all("(2)" in r and "| 24/24 |" in r for r in rows), table
     assert (workdir / "top1_vs_step.png").stat().st_size > 0 and (workdir / "top1_vs_gmacs.png").stat().st_size > 0
 
@@ -206,12 +206,15 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
     lines = (out / "report.md").read_text().splitlines()
     # final: mean(0.6, 0.8) = 70.00, sample std = 0.1414 -> 14.14; best: 70 and 80 -> 75.00 ± 7.07. MACs of
     # s2mlp_tiny at 16×16 (16 tokens, c=32, r=2, 2 blocks, 10 classes): 16·48·32 + 2·16·(2·32² + 2·2·32²) + 32·10
-    # = 221,504; median of 100, 200, 300 img/s (twice) = 200; wall mean(60, 120) s.
-    assert "| ss1 | 70.00 ± 14.14 (2) | 75.00 ± 7.07 (2) | 14,826 | 0.000222 | 200 | 15/20 | 0:01:30 |" in lines
-    assert "| none | 25.00 (1) | 30.00 (1) | 14,826 | 0.000222 | 250 | 20/20 | — |" in lines
-    assert "| up | no metrics yet | — | — | — | — | — | — |" in lines
+    # = 221,504 (0.222 MMACs); median of 100, 200, 300 img/s (twice) = 200; wall mean(60, 120) s. Workdirs not
+    # named by the study runner are labelled by the fields that vary.
+    row = "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 (2) | 75.00 ± 7.07 (2) | 14,826 | 0.222 | 200 | 15/20 |"
+    assert row + " 0:01:30 |" in lines
+    assert "| shift_pattern=none | s2mlp_tiny | 25.00 (1) | 30.00 (1) | 14,826 | 0.222 | 250 | 20/20 | — |" in lines
+    assert "| shift_pattern=up | s2mlp_tiny | no metrics yet | — | — | — | — | — | — |" in lines
+    assert "| configuration | model | final top-1 % (n) | best top-1 % (n) | params | MMACs |" in lines[2]
     assert "`eval_top1`" in "\n".join(lines) and "finished runs: 0:03:00; 1 run(s) not finished" in "\n".join(lines)
-    assert "| ss1 | 70.00 ± 14.14 (2)" in capsys.readouterr().out
+    assert "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 (2)" in capsys.readouterr().out
     for png in ("top1_vs_step.png", "top1_vs_gmacs.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -221,7 +224,7 @@ def test_report_uses_the_ema_metric_and_a_study_dir(tmp_path):
     _workdir(tmp_path / "s" / "y", 1, "ss1", [0.5, 0.7], ema=True)
     assert report.main([str(tmp_path / "s")]) == 0
     text = (tmp_path / "s" / "report.md").read_text()
-    assert "| all | 80.00 ± 14.14 (2) |" in text and "`eval_ema_top1`" in text
+    assert "| all | s2mlp_tiny | 80.00 ± 14.14 (2) |" in text and "`eval_ema_top1`" in text
 
 
 def test_report_names_a_path_that_is_not_a_workdir(tmp_path, capsys):
