@@ -247,15 +247,15 @@ def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> No
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    for row in rows:
+    for color, row in zip(_colors(len(rows)), rows):
         curves = [_curve(r, key) for r in row.runs]
         steps = sorted({s for c in curves for s in c})
         if not steps:
             continue
         vals = [[100 * c[s] for c in curves if s in c] for s in steps]
         mean = np.array([np.mean(v) for v in vals])
-        (line,) = ax.plot(steps, mean, label=_label(row, varying), lw=1.2)
-        ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=line.get_color(), alpha=0.15)
+        ax.plot(steps, mean, label=_label(row, varying), lw=1.2, color=color)
+        ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15)
     ax.set_xlabel("step")
     ax.set_ylabel(f"held-out top-1 % ({key})")
     ax.set_title("top-1 vs step: mean over seeds, min–max band")
@@ -273,12 +273,14 @@ def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> Non
 
     unit, scale = _macs_unit(rows)
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
-    for row in rows:
+    for color, row in zip(_colors(len(rows)), rows):
         if row.gmacs is None or not row.final:
             continue
         mean = 100 * statistics.fmean(row.final)
         std = 100 * statistics.stdev(row.final) if len(row.final) > 1 else 0.0
-        ax.errorbar(row.gmacs * scale, mean, yerr=std, fmt="o", ms=4, capsize=3, label=_label(row, varying))
+        ax.errorbar(
+            row.gmacs * scale, mean, yerr=std, fmt="o", ms=4, capsize=3, color=color, label=_label(row, varying)
+        )
     ax.set_xlabel(f"forward {unit} per image")
     ax.set_ylabel(f"final top-1 % ({key})")
     ax.set_title("final top-1 vs compute: mean ± std over seeds")
@@ -296,6 +298,14 @@ def _label(row: Row, varying: list[str]) -> str:
         return names.pop()
     short = _short_names(varying)
     return ",".join(f"{short[f]}={_fmt(row.label.get(f))}" for f in varying) or str(row.label.get("workdir", "all"))
+
+
+def _colors(n: int) -> list:
+    """n distinct colours: matplotlib's tab10, or tab20 for more than 10 configurations."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
 
 
 def _macs_unit(rows: list[Row]) -> tuple[str, float]:
