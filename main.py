@@ -5,10 +5,28 @@ fine-tunes from ``--config.init_from=OTHER_RUN`` when DIR has none) and
 ``--mode=eval`` (evaluates DIR's latest checkpoint, or ``--checkpoint``).
 Multi-host: ``--multihost`` calls ``jax.distributed.initialize()`` (TPU VMs and
 SLURM/GPU clusters detect their peers), or pass the coordinator explicitly.
+
+Model hyperparameters: ``--config.model.overrides.FIELD=VALUE`` sets one field of
+the model (any field of its class, e.g. ``shift_pattern=eight``, ``hidden_dim=64``,
+``shift_patterns='("none","none")'``) and merges into the config's own overrides.
+These flags are taken off the command line before absl parses it (ml_collections
+only accepts fields a config already defines) and applied after the config is
+loaded; VALUE is a Python literal where it parses as one, else a string.
+
+Exit status: 0 done; 1 a clear error (bad config or data, locked workdir, ...),
+printed as one message without a traceback; ``train_lib.EXIT_STOPPED`` (75) stopped
+by SIGTERM/SIGINT with a checkpoint saved (rerun the same command to resume).
 """
 
+import ast
+import contextlib
 import logging as std_logging
+import os
+import re
+import sys
+import tempfile
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -17,6 +35,9 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (path.py 
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (with auto-resume) or evaluate a checkpoint.")
 flags.DEFINE_string("checkpoint", None, "--mode=eval: a workdir or checkpoint step folder (default: --workdir).")
+flags.DEFINE_string(
+    "eval_dir", None, "--mode=eval: where results go, as <eval_dir>/<split>_step<N>/ (default: <workdir>/eval)."
+)
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() with auto-detection.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for explicit multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
@@ -24,11 +45,94 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+OVERRIDES_FLAG = "--config.model.overrides"
+_model_overrides: dict = {}  # from the command line; merged into FLAGS.config.model.overrides
+
+
+def _literal(text: str):
+    """A Python literal (int, float, tuple, bool, None, ...) where `text` is one, else the string itself."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def split_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
+    """Takes ``--config.model.overrides.FIELD=VALUE`` (or ``... FIELD VALUE``) and ``--config.model.overrides=DICT``
+    off `argv`; returns the other arguments and the fields, in command-line order (a later flag wins)."""
+    rest, fields = [], {}
+    args = iter(argv)
+    for arg in args:
+        name, eq, text = arg.partition("=")
+        if name.startswith(OVERRIDES_FLAG + "."):
+            if not eq:
+                text = next(args, None)
+                if text is None:
+                    raise ValueError(f"{arg} needs a value: {arg}=VALUE.")
+            fields[name.removeprefix(OVERRIDES_FLAG + ".")] = _literal(text)
+        elif name == OVERRIDES_FLAG:
+            if not eq:
+                text = next(args, "")
+            value = _literal(text)
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{OVERRIDES_FLAG}={text!r} is not a dict literal; set one field with "
+                    f"{OVERRIDES_FLAG}.FIELD=VALUE, or pass e.g. {OVERRIDES_FLAG}='{{\"hidden_dim\": 64}}'."
+                )
+            fields.update(value)
+        else:
+            rest.append(arg)
+    return rest, fields
+
+
+def apply_model_overrides(config, fields: dict):
+    """Merges `fields` into ``config.model.overrides`` (the config's other overrides stay); returns `config`."""
+    if fields:
+        merged = {**dict(config.model.get("overrides") or {}), **fields}
+        with config.unlocked():
+            config.model.overrides = ml_collections.ConfigDict(merged)
+    return config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run`, with the model overrides taken off first (kept in `_model_overrides`)."""
+    try:
+        rest, fields = split_model_overrides(argv)
+    except ValueError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+    _model_overrides.clear()
+    _model_overrides.update(fields)
+    saved, sys.argv = sys.argv, rest  # config_flags reads its --config.* overrides from sys.argv
+    try:
+        return app.parse_flags_with_usage(rest)
+    finally:
+        sys.argv = saved
+
+
+def get_config():
+    """The loaded config with the command line's model overrides merged in (after `parse_flags`)."""
+    return apply_model_overrides(FLAGS.config, _model_overrides)
+
+
 class _QuietLibraries(std_logging.Filter):
-    """Keeps INFO lines from our own files; libraries (Orbax, JAX, TF) still show warnings and errors."""
+    """Keeps INFO lines from our own files; libraries (Orbax, JAX, TF) still show warnings and errors, each
+    distinct one once (Orbax warns at every checkpoint saved without eval metrics, for one)."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[tuple[str, int, str]] = set()
 
     def filter(self, record) -> bool:
-        return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
+        if "site-packages" not in record.pathname:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        key = (record.pathname, record.lineno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
 
 
 def main(argv):
@@ -45,13 +149,55 @@ def main(argv):
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)  # fmt: skip
 
+    with _native_stderr_once():
+        with contextlib.suppress(ImportError):
+            import tensorflow  # noqa: F401 - loaded here so its native start-up lines print once
+
     import train_lib
 
-    if FLAGS.mode == "train":
-        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    else:
-        train_lib.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    config = get_config()
+    train_lib.enable_compilation_cache(config.get("compilation_cache_dir", ""))  # before the first compile
+    try:
+        if FLAGS.mode == "train":
+            train_lib.train_and_evaluate(config, FLAGS.workdir)
+        else:
+            train_lib.evaluate(config, FLAGS.workdir, FLAGS.checkpoint, eval_dir=FLAGS.eval_dir)
+    except train_lib.Stopped:
+        sys.exit(train_lib.EXIT_STOPPED)  # the message is logged; the checkpoint is written
+    except train_lib.CLEAR_ERRORS as e:
+        # A checked failure: its message says what is wrong and the fix; a traceback would only bury it.
+        logging.error("%s: %s", type(e).__name__, e)
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def _native_stderr_once():
+    """Passes each distinct line that native code writes to stderr meanwhile on once.
+
+    TensorFlow loads two extension modules (``_pywrap_cpu_feature_guard`` and the profiler's
+    ``_pywrap_profiler_plugin``) that each carry their own copy of absl's C++ logging and of TF's start-up
+    check, so absl's "All log messages before absl::InitializeLog()" warning and TF's oneDNN notice print
+    twice; Python's logging is not involved. Lines are compared without their timestamp and thread id.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            seen = set()
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                key = re.sub(r"^[IWEF]\d{4} [\d:.]+\s+\d+ ", "", line)
+                if key not in seen:
+                    seen.add(key)
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

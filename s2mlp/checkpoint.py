@@ -7,39 +7,78 @@ A workdir holds ``config.json``, ``metrics.jsonl``, TensorBoard events and
 - ``ema_params``: the EMA of the parameters (only when the EMA is on);
 - ``opt_state``: the optimizer state (training only);
 - ``config``: the run's config as JSON;
-- ``dataset``: ``{"num_classes": K, "class_names": [...]}`` as JSON.
+- ``dataset``: ``{"num_classes": K, "class_names": [...]}`` as JSON;
+- ``metrics``: ``{"eval_top1": x}`` (written by Orbax at evaluated steps, used to keep the best step).
 
 Orbax writes each step to a temporary folder and renames it when complete, so a
-run killed at any moment leaves every listed step loadable. Paths may be local
-or ``gs://``.
+run killed at any moment leaves every listed step loadable; a temporary folder
+left by a killed run or a full disk is deleted when the next run's `manager`
+opens the folder. Paths may be local or ``gs://``.
+
+Reading a step never succeeds silently on damaged data: unreadable or truncated
+array files and non-finite (NaN/Inf) parameters raise `BadCheckpoint` naming the
+step folder, the first bad parameter and the other complete steps of the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
 CHECKPOINTS = "checkpoints"
-BEST_METRIC = "eval_top1"
+# The items of one step.
+PARAMS, EMA_PARAMS, OPT_STATE, CONFIG, DATASET = "params", "ema_params", "opt_state", "config", "dataset"
+BEST_METRIC = "eval_top1"  # the key of the metrics saved with an evaluated step; higher is better
+
+
+def _rank(metrics: dict[str, float]) -> float:
+    return float(metrics[BEST_METRIC])
 
 
 def manager(directory: epath.PathLike, *, keep: int = 3) -> ocp.CheckpointManager:
-    """A manager that keeps the last `keep` steps plus the best one by `BEST_METRIC`."""
+    """A manager that keeps the last `keep` steps plus the best one by `BEST_METRIC`, also across resumes.
+
+    `best_fn` makes Orbax write each step's metrics and read them back when a later run
+    opens the folder, so the best step of an earlier run keeps its rank; steps saved
+    without metrics are kept only while among the last `keep`. Temporary folders of
+    unfinished saves (``<step>.orbax-checkpoint-tmp-*``) are deleted on opening.
+    """
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [
             ocp.checkpoint_managers.LatestN(keep),
-            ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False
-            ),
+            ocp.checkpoint_managers.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False),
         ]
     )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=_rank,
+        best_mode="max",
+        keep_checkpoints_without_metrics=False,
+        cleanup_tmp_directories=True,
+    )
     return ocp.CheckpointManager(epath.Path(directory), options=options)
+
+
+def save_args(*, params, opt_state, ema_params, config: dict, dataset: dict) -> ocp.args.Composite:
+    """The items of one training step (`ema_params` None: no EMA item), for `manager(...).save`."""
+    arrays = {PARAMS: params, OPT_STATE: opt_state} | ({EMA_PARAMS: ema_params} if ema_params is not None else {})
+    args = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
+    return ocp.args.Composite(**args, **{CONFIG: ocp.args.JsonSave(config), DATASET: ocp.args.JsonSave(dataset)})
+
+
+def restore_state(step_dir: epath.PathLike, targets: dict[str, Any]) -> dict[str, Any]:
+    """`{item: arrays}` for each `{item: abstract tree}` of `targets` (leaves keep their shardings).
+
+    Each item is read and checked as `restore` does; raises `BadCheckpoint` for damaged data.
+    """
+    return {item: restore(step_dir, item, abstract) for item, abstract in targets.items()}
 
 
 def locate(path: epath.PathLike) -> tuple[epath.Path, int]:
@@ -51,7 +90,7 @@ def locate(path: epath.PathLike) -> tuple[epath.Path, int]:
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist.")
-    if path.name.isdigit() and (path / "params").exists():
+    if path.name.isdigit() and (path / PARAMS).exists():
         return path.parent, int(path.name)
     directory = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
@@ -67,33 +106,97 @@ def saved_items(step_dir: epath.PathLike) -> set[str]:
     return {p.name for p in epath.Path(step_dir).iterdir() if p.is_dir()}
 
 
-def corrupt(step_dir: epath.Path, e: BaseException) -> ValueError:
-    """The error for a step whose items cannot be read, naming the other steps of the run."""
-    text = str(e).strip().split(" See full TensorStore details")[0]
-    reason = text.splitlines()[0][:300] if text else "(no message)"
+class BadCheckpoint(ValueError):
+    """A step whose data cannot be used: unreadable, truncated, or holding NaN/Inf parameters."""
+
+    def __init__(self, step_dir: epath.Path, problem: str):
+        self.step_dir, self.problem = epath.Path(step_dir), problem
+        super().__init__(f"checkpoint {self.step_dir} {problem}; {_other_steps_hint(self.step_dir)}.")
+
+
+def _other_steps_hint(step_dir: epath.Path) -> str:
+    directory = step_dir.parent
     try:
-        others = sorted(s for s in ocp.utils.checkpoint_steps(step_dir.parent) if str(s) != step_dir.name)
+        others = sorted(s for s in ocp.utils.checkpoint_steps(directory) if str(s) != step_dir.name)
     except Exception:  # noqa: BLE001 - only for the hint
         others = []
-    hint = f"other steps of this run: {others} (pass {step_dir.parent}/<step>)" if others else "re-save it"
-    return ValueError(f"checkpoint {step_dir} is incomplete or corrupt ({type(e).__name__}: {reason}); {hint}.")
+    if not others:
+        return f"no other complete step in {directory}: re-save it, or train again in a new --workdir"
+    return (
+        f"other steps of this run: {others}. Load one by passing {directory}/<step>; to resume training from "
+        f"step {others[-1]}, move this step out of {directory} (e.g. mv {step_dir} "
+        f"{directory.parent}/damaged-{step_dir.name}) and run the same command again"
+    )
+
+
+def corrupt(step_dir: epath.Path, e: BaseException) -> BadCheckpoint:
+    """The error for a step whose items cannot be read, naming the other steps of the run."""
+    while e.__cause__ is not None:  # tensorstore's own error names the array and the file
+        e = e.__cause__
+    text = str(e).strip().split(" See full TensorStore details")[0]
+    reason = text.splitlines()[0][:300] if text else "(no message)"
+    return BadCheckpoint(step_dir, f"is incomplete or corrupt ({type(e).__name__}: {reason})")
 
 
 class _QuietOrbax(logging.Filter):
-    """Drops Orbax's notice that an item folder has no step-level metadata (expected when reading one item)."""
+    """Drops Orbax's notices that an item folder has no step-level or item metadata (seen when reading one item)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "_CHECKPOINT_METADATA" not in record.getMessage()
+        message = record.getMessage()  # the second notice precedes a BadCheckpoint that says more
+        return "_CHECKPOINT_METADATA" not in message and "Failed to get item metadata" not in message
 
 
 @contextlib.contextmanager
 def _quiet_orbax():
+    _silence_abandoned_reads()
     quiet, logger = _QuietOrbax(), logging.getLogger("absl")
     logger.addFilter(quiet)
     try:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+class _AbandonedTasks(logging.Filter):
+    """Drops asyncio's reports of Orbax read tasks that nobody awaits any more."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        abandoned = message.startswith(("Task exception was never retrieved", "Task was destroyed but it is pending"))
+        return not (abandoned and "orbax" in message)
+
+
+def _is_abandoned_read(unraisable) -> bool:
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return True  # a tensorstore read finishing after Orbax closed its event loop
+    code = getattr(unraisable.object, "cr_code", None)  # an Orbax coroutine dropped with its error
+    return code is not None and "orbax" in code.co_filename
+
+
+_silenced = False
+
+
+def _silence_abandoned_reads() -> None:
+    """Keeps the real error of a failed read readable.
+
+    When one array of a step cannot be read, Orbax stops waiting for the step's other
+    reads; as they finish (in tensorstore's threads, while and after the error is
+    raised) each one prints a traceback ("Event loop is closed", "Task exception was
+    never retrieved"), hundreds of lines for a large model. From the first read through
+    this module on, those reports (and only those) are dropped for the rest of the process.
+    """
+    global _silenced
+    if _silenced:
+        return
+    _silenced = True
+    logging.getLogger("asyncio").addFilter(_AbandonedTasks())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
 
 
 def read_json(step_dir: epath.PathLike, item: str) -> dict[str, Any] | None:
@@ -105,13 +208,13 @@ def read_json(step_dir: epath.PathLike, item: str) -> dict[str, Any] | None:
         with _quiet_orbax():
             value = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
     except Exception as e:  # noqa: BLE001 - any Orbax / JSON failure means a damaged item
-        raise corrupt(step_dir, e) from e
+        raise corrupt(step_dir, e) from None  # the reason is in the message
     if not isinstance(value, dict):
         raise corrupt(step_dir, TypeError(f"item '{item}' holds {type(value).__name__}, not a JSON object"))
     return value
 
 
-def saved_shapes(step_dir: epath.PathLike, item: str = "params") -> dict[str, tuple[int, ...]]:
+def saved_shapes(step_dir: epath.PathLike, item: str = PARAMS) -> dict[str, tuple[int, ...]]:
     """``{'a/b/kernel': shape}`` of an array item, from its metadata only (no array is read)."""
     return {k: v.shape for k, v in _saved_arrays(epath.Path(step_dir), item).items()}
 
@@ -123,7 +226,7 @@ def _saved_arrays(step_dir: epath.Path, item: str) -> dict[str, Any]:
         tree = getattr(meta, "item_metadata", meta)
         leaves = flatten(getattr(tree, "tree", tree))
     except Exception as e:  # noqa: BLE001
-        raise corrupt(step_dir, e) from e
+        raise corrupt(step_dir, e) from None  # the reason is in the message
     if not leaves:
         raise corrupt(step_dir, ValueError(f"the array metadata of item '{item}' cannot be read"))
     return leaves
@@ -132,27 +235,53 @@ def _saved_arrays(step_dir: epath.Path, item: str) -> dict[str, Any]:
 def restore(step_dir: epath.PathLike, item: str, abstract: Any = None, sharding=None) -> Any:
     """The arrays of `item` with `abstract`'s shapes and dtypes (default: as saved), without the training state.
 
-    Arrays land on `sharding` (default: the first local device), whatever the device layout at save time.
+    Arrays land on `sharding`, else on the sharding each `abstract` leaf carries, else on the
+    first local device, whatever the device layout at save time. Raises `BadCheckpoint` when
+    the files cannot be read or a floating-point array holds NaN/Inf.
     """
     step_dir = epath.Path(step_dir)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if abstract is None:
         saved = _saved_arrays(step_dir, item)
         abstract = unflatten({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in saved.items()})
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or getattr(a, "sharding", None) or default),
+        abstract,
+    )
     try:
         with _quiet_orbax():
             arrays = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
                 step_dir / item, args=ocp.args.StandardRestore(target)
             )
-        return jax.block_until_ready(arrays)
+        arrays = jax.block_until_ready(arrays)
     except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError/RuntimeError on damaged files
-        raise corrupt(step_dir, e) from e
+        raise corrupt(step_dir, e) from None  # the reason is in the message
+    bad = first_nonfinite(arrays)
+    if bad is not None:
+        raise BadCheckpoint(step_dir, f"holds NaN/Inf values in '{item}' (first: {bad})")
+    return arrays
+
+
+def first_nonfinite(tree: Any) -> str | None:
+    """The '/'-joined path of the first floating-point leaf of `tree` holding a NaN or Inf; None if all are finite.
+
+    One jitted reduction over all leaves: works on sharded (also multi-host) arrays and moves only flags.
+    """
+    flat = {k: v for k, v in flatten(tree).items() if jnp.issubdtype(v.dtype, jnp.inexact)}
+    if not flat:
+        return None
+    flags = jax.device_get(_all_finite(list(flat.values())))
+    return next((key for key, ok in zip(flat, flags, strict=True) if not ok), None)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
 
 
 def params_item(step_dir: epath.PathLike, *, ema: bool) -> str:
-    """'ema_params' when asked for and saved, else 'params'."""
-    return "ema_params" if ema and "ema_params" in saved_items(step_dir) else "params"
+    """EMA_PARAMS when asked for and saved, else PARAMS."""
+    return EMA_PARAMS if ema and EMA_PARAMS in saved_items(step_dir) else PARAMS
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
