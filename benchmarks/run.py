@@ -5,7 +5,7 @@ For each model (and each ``--image_sizes`` × ``--batches`` point) one process m
 * compile time of the train step (``lower`` + ``compile``) and of the eval step;
 * images/s of the eval step (``train_lib.eval_step``) and of the train step
   (``train_lib.train_step``: label smoothing 0.1, Mixup 0.8 / CutMix 1.0, DropPath 0.1,
-  AdamW, EMA 0.99996, i.e. the S²-MLPv2 recipe of SPEC §5), median and [min–max] over
+  AdamW, EMA 0.99996, i.e. the S²-MLPv2 recipe of the S²-MLPv2 paper §5), median and [min–max] over
   ``--repeats`` timed calls after ``--warmup`` untimed ones, each timed to
   ``jax.block_until_ready``;
 * peak memory: on CPU the host RSS high-water mark (``VmHWM``, reset before the
@@ -18,6 +18,13 @@ For each model (and each ``--image_sizes`` × ``--batches`` point) one process m
   measured in the same run with the same dtype (a square N³ matmul per device,
   best of ``--matmul_repeats``, measured before and after the models; the better is kept).
 
+``--blocks`` times block-stack variants of each S² model in one process, interleaved like
+``--shift_identity``: a comma-separated list of ``unrolled`` / ``scan``, each optionally with
+``+remat=full`` or ``+remat=dots`` (the models' `scan` and `remat` fields), e.g.
+``--blocks=unrolled,scan,scan+remat=dots``, shown after the model's name (``s2mlp_wide (scan)``);
+Mixer keeps its unrolled blocks. Remat's memory
+effect shows in "XLA train mem" (per compiled program); "peak mem" is process-wide.
+
 ``--shift_identity`` adds, for every S² model, the same model with the shift replaced
 by the identity (same shapes and parameters) and times both in one process, alternating
 shift / identity calls (ABBA order), and reports the shift's overhead from the medians.
@@ -26,6 +33,7 @@ Examples::
 
     python -m benchmarks.run --models=s2mlp_wide,mixer_b16 --batch=8 --dtype=float32 --image_size=224 --repeats=5
     python -m benchmarks.run --models=s2mlp_wide --shift_identity --repeats=7
+    python -m benchmarks.run --models=s2mlp_deep --blocks=unrolled,scan,scan+remat=full --batch=2 --image_size=112
     python -m benchmarks.run --models=s2mlp_wide,s2mlpv2_small --image_sizes=160,224,288 --batches=4,8,16
     python -m benchmarks.run --input_pipeline          # see benchmarks/input_throughput.py
 
@@ -101,7 +109,7 @@ SHIFT_COLUMNS = (
 # The recipe the train step runs with (no ml_collections needed).
 # =============================================================================
 def recipe_config(batch_size: int) -> SimpleNamespace:
-    """The fields `train_lib.train_step` and the optimizer read, at S²-MLPv2's recipe (SPEC §5)."""
+    """The fields `train_lib.train_step` and the optimizer read, at S²-MLPv2's recipe (S²-MLPv2 paper §5)."""
     return SimpleNamespace(
         batch_size=batch_size,
         grad_accum_steps=1,
@@ -136,6 +144,23 @@ def shift_name(model) -> str:
     if isinstance(model, S2MLPv2):
         return "+".join(model.shift_patterns)
     return "n/a"
+
+
+def block_variant(text: str) -> dict:
+    """``'scan+remat=dots'`` -> ``{'scan': True, 'remat': 'dots'}`` (the models' `scan` / `remat` fields)."""
+    layout, *rest = text.strip().split("+")
+    if layout not in ("unrolled", "scan") or any(not r.startswith("remat=") for r in rest) or len(rest) > 1:
+        raise ValueError(f"--blocks: {text!r} is not unrolled|scan[+remat=none|full|dots]")
+    out = {"scan": layout == "scan"}
+    if rest:
+        out["remat"] = rest[0].removeprefix("remat=")
+    return out
+
+
+def blocks_name(model) -> str:
+    if not isinstance(model, S2MLP | S2MLPv2):
+        return "unrolled"
+    return ("scan" if model.scan else "unrolled") + (f"+remat={model.remat}" if model.remat != "none" else "")
 
 
 def fit_image_size(name: str, size: int) -> int:
@@ -233,9 +258,19 @@ def _timed(fn) -> float:
 class ModelBench:
     """The real train step and eval step of one model on a fixed random batch."""
 
-    def __init__(self, name: str, *, image_size: int, batch: int, dtype: str, mesh, overrides: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        *,
+        image_size: int,
+        batch: int,
+        dtype: str,
+        mesh,
+        overrides: dict | None = None,
+        blocks: dict | None = None,
+    ):
         self.name, self.image_size, self.batch, self.dtype = name, image_size, batch, dtype
-        self.identity = bool(overrides)
+        self.identity, self.blocks_variant = bool(overrides), bool(blocks)
         self.model = models.get_model(
             name,
             image_size=image_size,
@@ -243,6 +278,7 @@ class ModelBench:
             dtype=dtype,
             drop_path_rate=DROP_PATH_RATE,
             **(overrides or {}),
+            **(blocks or {}),
         )
         config = recipe_config(batch)
         schedule = train_lib.learning_rate_schedule(config, STEPS_PER_EPOCH, NUM_EPOCHS * STEPS_PER_EPOCH)
@@ -329,6 +365,40 @@ def measure(benches: list[ModelBench], *, repeats: int, warmup: int, peak: PeakM
 
 
 # =============================================================================
+# Mixup/CutMix: mixing across the sharded batch vs within each device's shard.
+# =============================================================================
+def mixup_exchange(mesh, *, batch: int, image_size: int, repeats: int) -> str:
+    """Times `s2mlp.mixup.mix_batch` on a batch sharded over `mesh`: as the train step runs it (the partner of
+    example i is example B-1-i of the whole batch, so every device needs another device's shard) against
+    mixing within each device's shard (`jax.shard_map`, partner B/n-1-i of the same shard, same λ and box).
+    Both jitted, timed alternately (ABAB...), `repeats` calls each; returns a markdown table."""
+    from s2mlp.mixup import mix_batch
+
+    sharding = NamedSharding(mesh, P("data"))
+    rng = np.random.default_rng(0)
+    images = jax.device_put(rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32), sharding)
+    targets = jax.device_put(np.eye(NUM_CLASSES, dtype=np.float32)[rng.integers(0, NUM_CLASSES, batch)], sharding)
+    mix = functools.partial(mix_batch, mixup=0.8, cutmix=1.0, switch_prob=0.5)
+    local = jax.shard_map(
+        lambda key, x, y: mix(key, x, y), mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P("data")
+    )
+    fns = {
+        "whole batch (x[::-1] across devices)": jax.jit(mix, out_shardings=sharding),
+        "per device (shard_map, x[::-1] within each shard)": jax.jit(local, out_shardings=sharding),
+    }
+    compiled = {k: f.lower(jax.random.key(0), images, targets).compile() for k, f in fns.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(repeats + 1):
+        for name in list(compiled) if i % 2 == 0 else list(compiled)[::-1]:
+            t = _timed(lambda name=name, i=i: compiled[name](jax.random.key(i), images, targets))
+            if i:  # the first round warms up
+                times[name].append(t * 1e3)
+    lines = ["| mixing | best (ms) | median [min–max] (ms) |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(min(v))} | {_spread(v)} |" for k, v in times.items()]
+    return "\n".join(lines)
+
+
+# =============================================================================
 # Rows and the markdown tables.
 # =============================================================================
 def _fmt(x: float) -> str:
@@ -374,9 +444,10 @@ def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
         "train_flops_per_s": train_flops,
         "train_mfu": train_flops / matmul_flops,
         "eval_flops_per_s": 2 * bench.macs * bench.batch / eval_med,
+        "blocks": blocks_name(bench.model),
     }
     row["cells"] = [
-        row["model"],
+        f"{row['model']} ({row['blocks']})" if bench.blocks_variant else row["model"],
         row["shift"],
         str(row["image"]),
         str(row["batch"]),
@@ -457,10 +528,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per step and model")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+    p.add_argument(
+        "--blocks", default="", help="S² block-stack variants timed interleaved, e.g. unrolled,scan,scan+remat=dots"
+    )
     p.add_argument("--shift_identity", action="store_true", help="also time each S² model with an identity shift")
     p.add_argument("--matmul_size", type=int, default=0, help="N of the N³ matmul (default 2048 on CPU, else 8192)")
     p.add_argument("--matmul_repeats", type=int, default=10)
     p.add_argument("--output", default="", help="append the markdown tables to this file")
+    p.add_argument(
+        "--mixup_exchange",
+        action="store_true",
+        help="time Mixup/CutMix over the whole sharded batch vs within each device's shard instead "
+        "(--batch, --image_size, --repeats); run with XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU",
+    )
     p.add_argument("--input_pipeline", action="store_true", help="benchmark the input pipeline instead (needs TF)")
     p.add_argument("--num_images", type=int, default=256, help="--input_pipeline: JPEGs to write and decode")
     p.add_argument("--jpeg_size", default="500,375", help="--input_pipeline: width,height of the JPEGs")
@@ -469,6 +549,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in args.models.split(","):
         if name not in models.model_names():
             p.error(f"--models: {name!r} is unknown; choose from {models.model_names()}")
+    try:
+        args.block_variants = [block_variant(v) for v in args.blocks.split(",") if v.strip()]
+        for variant in args.block_variants:
+            models.get_model("s2mlp_tiny", **variant)  # remat's choices
+    except ValueError as e:
+        p.error(str(e))
+    if args.block_variants and args.shift_identity:
+        p.error("--blocks and --shift_identity: time one comparison per run")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     devices = 1 if args.input_pipeline else jax.device_count()
@@ -499,6 +587,15 @@ def main(argv: list[str] | None = None) -> dict:
         return input_throughput.main(args, argv, started)
 
     mesh = train_lib.make_mesh()
+    if args.mixup_exchange:
+        with jax.set_mesh(mesh):
+            table = mixup_exchange(mesh, batch=args.batch, image_size=args.image_size, repeats=args.repeats)
+        text = header(argv, [f"{jax.device_count()} devices, global batch {args.batch}"], started) + "\n\n" + table
+        print(text)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(text + "\n\n")
+        return {"markdown": text}
     dtype = jnp.dtype(args.dtype)
     n = args.matmul_size or (2048 if jax.default_backend() == "cpu" else 8192)
     peak = PeakMemory()
@@ -516,13 +613,16 @@ def main(argv: list[str] | None = None) -> dict:
                         ModelBench, name, image_size=size, batch=batch, dtype=args.dtype, mesh=mesh
                     )
                     benches = [make()]
+                    if args.block_variants and isinstance(benches[0].model, S2MLP | S2MLPv2):
+                        benches = [make(blocks=variant) for variant in args.block_variants]
                     swap = identity_overrides(benches[0].model) if args.shift_identity else None
                     if swap:
                         benches.append(make(overrides=swap))
                     measure(benches, repeats=args.repeats, warmup=args.warmup, peak=peak)
                     results.append(benches)
                     print(f"[benchmarks] {name} {size}px batch {batch}: " + ", ".join(
-                        f"{'identity' if b.identity else 'shift'} train {statistics.median(b.train_s):.3f} s"
+                        f"{'identity' if b.identity else blocks_name(b.model)} "
+                        f"train {statistics.median(b.train_s):.3f} s"
                         for b in benches), file=sys.stderr, flush=True)  # fmt: skip
                     for bench in benches:  # free the device buffers; keep the timings
                         bench.state = bench.train_batch = bench.eval_batch = None
@@ -532,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
     matmul = max(matmul_before, matmul_after)
     for benches in results:
         rows += [bench_row(b, matmul) for b in benches]
-        if len(benches) == 2:
+        if len(benches) == 2 and benches[1].identity:
             shift_rows.append(shift_row(*benches))
 
     extra = [

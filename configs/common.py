@@ -1,12 +1,14 @@
 """Shared defaults: every config starts from `get_config()` here and changes what differs.
 
-`get_config('v2')` is S²-MLPv2's recipe (SPEC §5): AdamW, lr 2e-3 per 1024 images,
+`get_config('v2')` is S²-MLPv2's recipe (S²-MLPv2 paper §5, implementation details): AdamW, lr 2e-3 per 1024 images,
 cosine to 1e-5, 10 warmup epochs, weight decay 0.05, RandAugment rand-m9-mstd0.5,
 Mixup 0.8 / CutMix 1.0, random erasing 0.25, label smoothing 0.1, DropPath 0.1,
 EMA of weights, 300 epochs at 224×224. `get_config('deit')` is S²-MLP's
 (DeiT's: lr 1e-3 per 1024, 5 warmup epochs, no EMA). DeiT's repeated
 augmentation is not implemented.
 """
+
+import os
 
 import ml_collections
 
@@ -75,13 +77,20 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 5000
     config.keep_checkpoints = 3
     config.total_steps = 0  # 0: num_epochs worth of steps; > 0 overrides
+    # JAX's persistent compilation cache, set by main.py (s2mlp/study.py uses its own, WORKDIR/compilation_cache): a
+    # later start of the same program loads the compiled steps. Default $XDG_CACHE_HOME/s2mlp/jax or
+    # ~/.cache/s2mlp/jax; '' turns it off.
+    config.compilation_cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "s2mlp", "jax")
+    # A jax.profiler trace of num_steps train steps from first_step into WORKDIR/profile (README "Profiling");
+    # (first_step, num_steps), e.g. (10, 5); (0, 0) turns it off.
+    config.profile_steps = (0, 0)
 
     # ---- modes -----------------------------------------------------------------
     config.init_from = ""  # fine-tune: a workdir or checkpoint step folder; the head is replaced
     config.init_from_ema = True  # take the EMA weights of init_from when it has them
 
     if recipe == "deit":
-        # S²-MLP (SPEC §5): the DeiT recipe. lr 1e-3 at batch 1024 (5e-4 per 512),
+        # S²-MLP (S²-MLP paper §4, following DeiT): the DeiT recipe. lr 1e-3 at batch 1024 (5e-4 per 512),
         # 5 warmup epochs (DeiT's; the paper does not say), no EMA.
         config.base_lr = 1e-3
         config.warmup_epochs = 5

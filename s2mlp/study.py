@@ -59,6 +59,8 @@ STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
 CACHE_DIR = "compilation_cache"
 OVERRIDES = "model.overrides"
+# Fields that say where or how this machine runs, not what is trained: they may differ when a study resumes.
+MACHINE_FIELDS = ("compilation_cache_dir", "profile_steps")
 
 
 @dataclasses.dataclass
@@ -244,7 +246,7 @@ def validate(run: Run) -> None:
     if saved.is_file():
         old = _flatten(json.loads(saved.read_text()))
         new = _flatten(json.loads(run.config.to_json_best_effort()))
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in MACHINE_FIELDS)
         if diff:
             raise ValueError(
                 f"study run {run.name!r}: {run.workdir} holds a run of a different config (fields "

@@ -1,9 +1,13 @@
-"""Every test process sees 8 fake CPU devices, so sharded code paths run everywhere."""
+"""Every test process sees 8 fake CPU devices, so sharded code paths run everywhere. The `main.py` processes the
+tests start share one persistent compilation cache in a temporary folder (config.compilation_cache_dir defaults
+to $XDG_CACHE_HOME/s2mlp/jax), never the user's ~/.cache."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="s2mlp_tests_cache_")
 
 import pytest  # noqa: E402
 

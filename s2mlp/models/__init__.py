@@ -9,12 +9,14 @@ float images and returns float32 logits; `dtype` is the compute dtype
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from s2mlp.models.layers import INITS
+from s2mlp.models.layers import INITS, REMAT_POLICIES
 from s2mlp.models.mixer import MlpMixer
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2
@@ -35,7 +37,7 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-# ---- S²-MLP (SPEC §2) ------------------------------------------------------
+# ---- S²-MLP (S²-MLP paper §3.2, Table 2) ------------------------------------
 @register
 def s2mlp_wide():
     return S2MLP, dict(patch_size=16, hidden_dim=768, num_blocks=12, expansion=4, norm="layernorm")
@@ -51,7 +53,7 @@ def s2mlp_tiny():
     return S2MLP, dict(patch_size=4, hidden_dim=32, num_blocks=2, expansion=2, norm="layernorm")
 
 
-# ---- S²-MLPv2 (SPEC §3) ----------------------------------------------------
+# ---- S²-MLPv2 (S²-MLPv2 paper §4, Table 1) ----------------------------------
 @register
 def s2mlpv2_small():
     return S2MLPv2, dict(patch_size=7, hidden_dims=(192, 384), num_blocks=(4, 14), mlp_ratio=3)
@@ -67,7 +69,7 @@ def s2mlpv2_tiny():
     return S2MLPv2, dict(patch_size=4, hidden_dims=(16, 32), num_blocks=(1, 1), mlp_ratio=2)
 
 
-# ---- MLP-Mixer (SPEC §4) ---------------------------------------------------
+# ---- MLP-Mixer (Tolstikhin et al. 2021, Table 1) -----------------------------
 @register
 def mixer_s16():
     return MlpMixer, dict(patch_size=16, num_blocks=8, hidden_dim=512, tokens_mlp_dim=256, channels_mlp_dim=2048)
@@ -144,6 +146,10 @@ def _validate(name: str, cls: type, kw: dict[str, Any]) -> None:
         fail("drop_path_rate", "must be in [0, 1)")
     if kw["patch_size"] < 1:
         fail("patch_size", "must be a positive integer")
+    if "scan" in kw and not isinstance(kw["scan"], bool):
+        fail("scan", "must be True (one nn.scan per run of identical blocks) or False (unrolled blocks)")
+    if kw.get("remat", "none") not in REMAT_POLICIES:
+        fail("remat", f"is unknown; choose one of {list(REMAT_POLICIES)}")
     if kw.get("weight_init", "flax") not in INITS:
         fail("weight_init", f"is unknown; choose one of {list(INITS)} (docs/notes/initialisation.md)")
     if cls is S2MLP:
@@ -179,3 +185,77 @@ def _validate(name: str, cls: type, kw: dict[str, Any]) -> None:
         for field in ("num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
             if kw[field] < 1:
                 fail(field, "must be a positive integer")
+
+
+# ---- scanned <-> unrolled parameters ------------------------------------------
+def block_groups(model) -> list[tuple[str, list[str]]]:
+    """The model's runs of identical blocks: (scanned name, [unrolled names]) per run; [] for Mixer."""
+    if isinstance(model, S2MLP):
+        return [("blocks", [f"block_{i}" for i in range(model.num_blocks)])]
+    if isinstance(model, S2MLPv2):
+        groups, first = [], 0
+        for stage, depth in enumerate(model.num_blocks):
+            groups.append((f"stage_{stage}", [f"block_{i}" for i in range(first, first + depth)]))
+            first += depth
+        return groups
+    return []
+
+
+def _stack(*leaves):
+    if all(isinstance(x, np.ndarray | np.generic) for x in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def _convert_mapping(node: Mapping, groups, to_scan: bool) -> dict | None:
+    """`node` in the other layout, or None when `node` is not a parameter dict of this model."""
+    node = dict(node)
+    if to_scan and groups and all(name in node for _, names in groups for name in names):
+        for scanned, names in groups:
+            node[scanned] = jax.tree.map(_stack, *[node.pop(name) for name in names])
+        return node
+    if not to_scan and groups and all(scanned in node for scanned, _ in groups):
+        for scanned, names in groups:
+            stacked = node.pop(scanned)
+            for j, name in enumerate(names):
+                node[name] = jax.tree.map(lambda x, j=j: x[j], stacked)
+        return node
+    return None
+
+
+def convert_params(tree: Any, model, *, to_scan: bool) -> Any:
+    """`tree`'s parameters of `model` (an S2MLP or S2MLPv2) moved to the scanned or the unrolled layout.
+
+    Scanned (``to_scan=True``): ``block_0`` ... ``block_{N-1}`` of each run of identical blocks are
+    stacked along a new leading axis into one entry (S²-MLP: ``blocks``; S²-MLPv2: ``stage_{s}``
+    per stage); unrolled: the reverse. Every dict in `tree` that holds the blocks is converted, so
+    a parameter tree, an EMA, or an optimizer state (Adam's ``mu``/``nu`` mirror the parameters)
+    all work; dicts already in the target layout and other leaves are returned unchanged. Values are
+    only stacked or sliced, so converting there and back gives the same arrays. Only the layout of
+    `model` matters (its `scan` field is ignored): use ``model.clone(scan=...)`` for the other model.
+    """
+    groups = block_groups(model)
+
+    def walk(node):
+        if isinstance(node, Mapping):
+            converted = _convert_mapping(node, groups, to_scan)
+            if converted is None:
+                converted = {k: walk(v) for k, v in node.items()}
+            return converted if isinstance(node, dict) else type(node)(converted)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # optax states are NamedTuples
+            return type(node)(*(walk(v) for v in node))
+        if isinstance(node, list | tuple):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(tree)
+
+
+def scan_params(tree: Any, model) -> Any:
+    """`convert_params(tree, model, to_scan=True)`: unrolled blocks stacked into the scanned layout."""
+    return convert_params(tree, model, to_scan=True)
+
+
+def unscan_params(tree: Any, model) -> Any:
+    """`convert_params(tree, model, to_scan=False)`: scanned blocks split into ``block_{i}``."""
+    return convert_params(tree, model, to_scan=False)

@@ -99,3 +99,76 @@ def make_norm(kind: str, dtype: Dtype, name: str, affine_scale_init: float = 1.0
     if kind == "affine":
         return Affine(dtype=dtype, scale_init=affine_scale_init, name=name)
     raise ValueError(f"norm={kind!r} is unknown; choose 'layernorm' or 'affine'.")
+
+
+def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None, *, deterministic: bool) -> jax.Array:
+    """DropPath with the rate as an array and an explicit key: the S² blocks' DropPath in both layouts.
+
+    The models draw one ``'dropout'`` key per forward pass and split it per block (`block_stack`),
+    so block i drops the same examples whether the blocks are unrolled or scanned.
+
+    Identity when `deterministic` or `key` is None; otherwise as `DropPath`: each example's
+    branch is kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)``.
+    """
+    if deterministic or key is None:
+        return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+# Rematerialisation of each block's activations in the backward pass (`remat` model field):
+# 'none' keeps every activation; 'full' saves nothing (the block is recomputed); 'dots' saves the
+# matmul outputs and recomputes the rest (GELU, norms, shifts).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_stack(
+    parent: nn.Module,
+    block_cls: type[nn.Module],
+    block_kwargs: dict[str, Any],
+    x: jax.Array,
+    *,
+    first: int,
+    depth: int,
+    rates: jax.Array,
+    keys: jax.Array | None,
+    train: bool,
+    scan: bool,
+    remat: str,
+    scan_name: str,
+) -> jax.Array:
+    """Applies `depth` identical blocks `block_cls(**block_kwargs)` to `x` inside `parent`'s compact call.
+
+    Unrolled (scan=False): submodules ``block_{first}`` ... ``block_{first+depth-1}``, each output sown
+    into `parent`'s ``'intermediates'`` as ``block_{i}_out``. Scanned (scan=True): one ``nn.scan``
+    submodule `scan_name` whose parameters carry a leading axis of length `depth` (block j of the run
+    at index j), its outputs sown as one stacked entry ``intermediates[scan_name]['out']`` of shape
+    (depth, *x.shape). `rates` (float32, one per block) and `keys` (one DropPath key per block, or
+    None when nothing is dropped) are indexed the same way in both layouts, so the two compute the
+    same function (`s2mlp.models.convert_params` maps the parameters). `remat` ('none', 'full',
+    'dots') wraps each block in ``nn.remat`` with `REMAT_POLICIES[remat]`.
+    """
+    cls = block_cls
+    if remat != "none":
+        # self=0, x=1, rate=2, key=3, train=4: `train` is a Python bool.
+        cls = nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=(4,), prevent_cse=not scan)
+    if scan:
+        cls = nn.scan(
+            cls,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            in_axes=(0, 0, nn.broadcast),
+            length=depth,
+        )
+        x, _ = cls(**block_kwargs, scanned=True, name=scan_name)(x, rates, keys, train)
+        return x
+    for j in range(depth):
+        key = None if keys is None else keys[j]
+        x = cls(**block_kwargs, name=f"block_{first + j}")(x, rates[j], key, train)
+        parent.sow("intermediates", f"block_{first + j}_out", x)
+    return x

@@ -1,4 +1,4 @@
-"""MLP-Mixer (Tolstikhin et al., 2021), for side-by-side runs: SPEC §4.
+"""MLP-Mixer (Tolstikhin et al., 2021), for side-by-side runs (§2 and Table 1 of that paper).
 
 Parameter names and shapes are exactly those of google-research/vision_transformer
 (``stem``, ``MixerBlock_{i}/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}``

@@ -1,4 +1,4 @@
-"""S²-MLPv2 (Yu et al., 2021): SPEC §3.
+"""S²-MLPv2 (Yu et al., 2021): the paper's §4 (Eqs. 1-5) and Table 1.
 
 ViP's two-stage pyramid: a 7×7 stride-7 conv patch embedding, stage 1 blocks,
 a 2×2 stride-2 conv downsampling (c1 -> c2), stage 2 blocks, final LayerNorm,
@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import DropPath, Dtype, drop_path_rates, kernel_init
+from s2mlp.models.layers import Dtype, block_stack, drop_path, drop_path_rates, kernel_init
 from s2mlp.shift import spatial_shift
 
 
@@ -71,25 +71,31 @@ class S2MLPv2Module(nn.Module):
 
 
 class S2MLPv2Block(nn.Module):
+    """One pre-norm block, called as ``block(x, rate, key, train)`` like `s2mlp.S2MLPBlock`."""
+
     mlp_ratio: int = 3
-    drop_path_rate: float = 0.0
     shift_patterns: tuple[str, str] = ("ss1", "ss2")
     dtype: Dtype = jnp.float32
     weight_init: str = "flax"
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, rate: jax.Array, key: jax.Array | None, train: bool):
         c = x.shape[-1]
-        drop = DropPath(self.drop_path_rate)
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
         mixer = S2MLPv2Module(self.shift_patterns, self.dtype, self.weight_init, name="spatial_mlp")
-        x = x + drop(mixer(_layernorm(self.dtype, "norm1")(x)), deterministic=not train)
+        x = x + drop_path(mixer(_layernorm(self.dtype, "norm1")(x)), rate, keys[0], deterministic=not train)
         y = _layernorm(self.dtype, "norm2")(x)
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name=name
         )
         y = dense(self.mlp_ratio * c, "channel_mlp_fc1")(y)
         y = dense(c, "channel_mlp_fc2")(nn.gelu(y, approximate=False))
-        return x + drop(y, deterministic=not train)
+        x = x + drop_path(y, rate, keys[1], deterministic=not train)
+        if not self.scanned:
+            return x
+        self.sow("intermediates", "out", x)
+        return x, None
 
 
 class S2MLPv2(nn.Module):
@@ -98,6 +104,12 @@ class S2MLPv2(nn.Module):
     Intermediates (``stem_out``, ``block_{i}_out`` numbered across both stages,
     ``pre_logits``) are sown into the ``'intermediates'`` collection. `weight_init`: 'flax' or
     'timm' kernels for every Dense and conv (`layers.kernel_init`); the head starts at zero either way.
+
+    `scan`: run each stage's blocks as one ``nn.scan`` (parameters ``stage_{s}/...`` with a leading axis
+    of the stage's depth, instead of ``block_{i}`` numbered across stages); the stage's outputs are then
+    one stacked entry ``intermediates['stage_{s}']['out']``. `remat` ('none', 'full', 'dots'):
+    recompute each block's activations in the backward pass. See `s2mlp.S2MLP` and
+    `s2mlp.models.convert_params`.
     """
 
     num_classes: int
@@ -109,6 +121,8 @@ class S2MLPv2(nn.Module):
     shift_patterns: Sequence[str] = ("ss1", "ss2")  # branches 1 and 2; ("none", "none") for ablations
     dtype: Dtype = jnp.float32
     weight_init: str = "flax"
+    scan: bool = False
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -124,22 +138,27 @@ class S2MLPv2(nn.Module):
         )
         x = conv(self.hidden_dims[0], p, "patch_embed")(images.astype(self.dtype))
         self.sow("intermediates", "stem_out", x)
-        rates = iter(drop_path_rates(self.drop_path_rate, sum(self.num_blocks)))
-        i = 0
+        total = sum(self.num_blocks)
+        rates = jnp.asarray(drop_path_rates(self.drop_path_rate, total), jnp.float32)
+        keys = None
+        if train and self.drop_path_rate > 0:
+            keys = jax.random.split(self.make_rng("dropout"), total)
+        kwargs = dict(
+            mlp_ratio=self.mlp_ratio,
+            shift_patterns=tuple(self.shift_patterns),
+            dtype=self.dtype,
+            weight_init=self.weight_init,
+        )
+        first = 0
         for stage, (dim, depth) in enumerate(zip(self.hidden_dims, self.num_blocks)):
             if stage > 0:
                 x = conv(dim, 2, f"downsample_{stage}")(x)
-            for _ in range(depth):
-                x = S2MLPv2Block(
-                    self.mlp_ratio,
-                    next(rates),
-                    tuple(self.shift_patterns),
-                    self.dtype,
-                    self.weight_init,
-                    name=f"block_{i}",
-                )(x, train=train)
-                self.sow("intermediates", f"block_{i}_out", x)
-                i += 1
+            x = block_stack(
+                self, S2MLPv2Block, kwargs, x, first=first, depth=depth, rates=rates[first : first + depth],
+                keys=None if keys is None else keys[first : first + depth], train=train, scan=self.scan,
+                remat=self.remat, scan_name=f"stage_{stage}",
+            )  # fmt: skip
+            first += depth
         x = _layernorm(self.dtype, "final_norm")(x)
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "pre_logits", x)
