@@ -1,4 +1,4 @@
-"""The spatial-shift operation of S²-MLP and S²-MLPv2 (SPEC §1).
+"""The spatial-shift operation of S²-MLP and S²-MLPv2 (S²-MLP paper §3.2 and Algorithm 1).
 
 Arrays are NHWC, ``x[b, i, j, c]``: axis 1 is rows (height), axis 2 is columns
 (width). Channels are split into equal consecutive groups and each group is

@@ -25,9 +25,9 @@ PAPER_FIGURES = {
     "s2mlp_deep": ("51M † ‡", "10.5B", "80.7", "S²-MLP Tables 2-3"),
     "s2mlpv2_small": ("25M", "6.9B", "82.0", "S²-MLPv2 Table 2"),
     "s2mlpv2_medium": ("55M", "16.3B", "83.6", "S²-MLPv2 Table 2"),
-    "mixer_s16": ("—", "—", "—", "not quoted in SPEC or the S² papers"),
+    "mixer_s16": ("—", "—", "—", "not quoted in the S² papers"),
     "mixer_b16": ("59M †", "11.6B §", "76.4", "S²-MLP Table 3, S²-MLPv2 Table 2"),
-    "mixer_l16": ("—", "—", "—", "not quoted in SPEC or the S² papers"),
+    "mixer_l16": ("—", "—", "—", "not quoted in the S² papers"),
 }
 
 NOTES = """\

@@ -1,4 +1,4 @@
-"""Models, registry and MAC counts (`s2mlp/models`, `s2mlp/flops.py`) against SPEC §2-§4 and the papers.
+"""Models, registry and MACs (`s2mlp/models`, `s2mlp/flops.py`) against the papers (S²-MLP §3, S²-MLPv2 §4, Mixer).
 
 Parameter counts and MACs use abstract shapes only (``jax.eval_shape``); forwards use cheap
 deterministic parameters built with NumPy (a jitted ``init`` of a big model costs a minute on CPU).
@@ -21,7 +21,7 @@ from s2mlp.models import PAPER_MODELS, get_model, model_names
 from s2mlp.models.layers import DropPath
 from s2mlp.shift import PATTERNS
 
-# name -> (parameters with the 1000-class head, without it). SPEC §2-§4.
+# name -> (parameters with the 1000-class head, without it), from the papers' tables.
 PARAMS = {
     "s2mlp_wide": (72_241_384, 71_472_384),
     "s2mlp_deep": (53_917_288, 53_532_288),
@@ -125,7 +125,7 @@ def test_s2mlp_matches_the_papers_parameter_formula(name):
     params = abstract_params(model)["params"]
     c, r, p, n = model.hidden_dim, model.expansion, model.patch_size, model.num_blocks
     norm = 2 * c  # LayerNorm scale + bias, or Affine scale + bias
-    block = c * c * (2 * r + 2) + c * (3 + r)  # SPEC §2, norms excluded
+    block = c * c * (2 * r + 2) + c * (3 + r)  # S²-MLP paper §3.4, norms excluded
     assert all(count(params[f"block_{i}"]) == block + 2 * norm for i in range(n))
     assert count(params) == (3 * p * p * c + c + norm) + n * (block + 2 * norm) + (c * 1000 + 1000)
 
@@ -181,7 +181,7 @@ def test_exact_macs(name):
 def test_s2mlp_macs_equal_the_papers_multiplication_formula(name):
     model = get_model(name)
     c, r, p, n, m = model.hidden_dim, model.expansion, model.patch_size, model.num_blocks, (224 // 16) ** 2
-    assert MACS[name] == n * m * c * c * (2 * r + 2) + 3 * m * c * p * p + c * 1000  # SPEC §2
+    assert MACS[name] == n * m * c * c * (2 * r + 2) + 3 * m * c * p * p + c * 1000  # S²-MLP paper §3.4
 
 
 def test_s2mlpv2_macs_with_the_weighted_sum_give_6_91_and_16_30():

@@ -1,4 +1,4 @@
-"""The spatial shift (`s2mlp/shift.py`) against SPEC §1's literal algorithm, by hand and by NumPy."""
+"""The spatial shift (`s2mlp/shift.py`) against the S²-MLP paper's Algorithm 1, by hand and by NumPy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SHAPES = [(1, 1, 1, 4), (2, 1, 5, 8), (2, 3, 7, 12), (1, 6, 4, 4), (2, 5, 5, 16)
 
 # ---- references -------------------------------------------------------------
 def literal_ss1(x: np.ndarray) -> np.ndarray:
-    """SPEC §1's Algorithm 1 for SS1, transcribed with copy semantics."""
+    """The S²-MLP paper's Algorithm 1 for SS1, transcribed with copy semantics."""
     c = x.shape[-1] // 4
     q1, q2, q3, q4 = (slice(k * c, (k + 1) * c) for k in range(4))
     y = x.copy()
