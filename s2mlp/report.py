@@ -256,13 +256,7 @@ def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> No
         mean = np.array([np.mean(v) for v in vals])
         ax.plot(steps, mean, label=_label(row, varying), lw=1.2, color=color)
         ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"held-out top-1 % ({key})")
-    ax.set_title("top-1 vs step: mean over seeds, min–max band")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    _finish(fig, ax, path, "step", f"held-out top-1 % ({key})", "top-1 vs step: mean over seeds, min–max band")
 
 
 def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
@@ -281,9 +275,15 @@ def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> Non
         ax.errorbar(
             row.gmacs * scale, mean, yerr=std, fmt="o", ms=4, capsize=3, color=color, label=_label(row, varying)
         )
-    ax.set_xlabel(f"forward {unit} per image")
-    ax.set_ylabel(f"final top-1 % ({key})")
-    ax.set_title("final top-1 vs compute: mean ± std over seeds")
+    _finish(fig, ax, path, f"forward {unit} per image", f"final top-1 % ({key})",
+            "final top-1 vs compute: mean ± std over seeds")  # fmt: skip
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid and a legend beside the axes; saves the figure as a PNG and closes it."""
+    import matplotlib.pyplot as plt
+
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, bbox_inches="tight")

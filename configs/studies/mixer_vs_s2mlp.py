@@ -25,6 +25,7 @@ The argument picks the data:
   the whole 27-run study.
 """
 
+from configs import studies
 from configs.studies import fields
 
 SEEDS = [0, 1, 2]
@@ -77,21 +78,8 @@ DIGITS = {  # configs/demo.py's recipe; total_steps sizes the study
     "eval_every_steps": 50,
     "checkpoint_every_steps": 100,
 }
-TFDS = {  # cifar10 / cifar100 / imagenette (32×32; imagenette at 128×128 with patch 8)
-    "image_size": 32,
-    "data.eval_split": "test",
-    "data.eval_crop_pct": 1.0,
-    "augment.inception_crop": False,
-    "batch_size": 256,
-    "eval_batch_size": 500,
-    "num_epochs": 100,
-    "warmup_epochs": 5,
-    "log_every_steps": 100,
-    "eval_every_steps": 1000,
-    "checkpoint_every_steps": 1000,
-}
-IMAGENETTE = {"image_size": 128, "model.overrides.patch_size": 8, "data.eval_split": "validation",
-              "data.eval_crop_pct": 0.875, "augment.inception_crop": True}  # fmt: skip
+TFDS = studies.TFDS  # cifar10 / cifar100 / imagenette (32×32; imagenette at 128×128 with patch 8)
+IMAGENETTE = studies.IMAGENETTE
 
 
 def get_config(data: str = "digits"):

@@ -21,6 +21,7 @@ The argument picks the data:
 All sizes are in the knobs below; pilot runs size them.
 """
 
+from configs import studies
 from configs.studies import fields
 
 PATTERNS = ["ss1", "eight", "up_right", "left_down", "vertical", "horizontal", "up", "down", "left", "right", "none"]
@@ -41,24 +42,13 @@ DIGITS = {
     "eval_every_steps": 50,  # the top-1-vs-step curve of the report
     "checkpoint_every_steps": 100,
 }
-TFDS = {  # cifar10 / cifar100 / imagenette
+TFDS = {  # cifar10 / cifar100 / imagenette: a wider S²-MLP on the studies' tfds recipe
     "model.name": "s2mlp_tiny",
     "model.overrides": {"hidden_dim": 256, "num_blocks": 8, "expansion": 4, "patch_size": 4},
     "compute_dtype": "bfloat16",
-    "image_size": 32,
-    "data.eval_split": "test",
-    "data.eval_crop_pct": 1.0,
-    "augment.inception_crop": False,
-    "batch_size": 256,
-    "eval_batch_size": 500,
-    "num_epochs": 100,
-    "warmup_epochs": 5,
-    "log_every_steps": 100,
-    "eval_every_steps": 1000,
-    "checkpoint_every_steps": 1000,
+    **studies.TFDS,
 }
-IMAGENETTE = {"image_size": 128, "model.overrides.patch_size": 8, "data.eval_split": "validation",
-              "data.eval_crop_pct": 0.875, "augment.inception_crop": True}  # fmt: skip
+IMAGENETTE = studies.IMAGENETTE
 
 
 def get_config(data: str = "digits"):
