@@ -7,7 +7,7 @@ with the same weight. For CutMix, λ is corrected to the exact pasted area.
 
 The mirrored position is over the whole global batch, so on a sharded batch each device mixes
 with another device's shard (one exchange per step). That keeps the step identical on 1 and N
-devices; mixing within each shard instead saved ~10 ms per 64 images on 8 CPU devices, far
+devices; mixing within each shard instead saved ~10-14 ms per 64 images on 8 CPU devices (best and median), far
 below the step's cost (BENCHMARKS.md, "Mixup/CutMix across devices"), so the exchange stays.
 """
 

@@ -1,0 +1,60 @@
+"""Label smoothing, Mixup and CutMix (`s2mlp/mixup.py`): exact targets, and CutMix's λ equal to the pasted area."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from s2mlp.mixup import mix_batch, smooth_labels
+
+
+def _batch(height=7, width=5):
+    """Two images of constant value 0 and 1 (so every output pixel says whose it is) and one-hot targets."""
+    images = jnp.stack([jnp.zeros((height, width, 3)), jnp.ones((height, width, 3))])
+    return images, jnp.eye(2, dtype=jnp.float32)
+
+
+def test_smooth_labels_exact():
+    targets = np.asarray(smooth_labels(jnp.array([0, 2]), 4, 0.1))
+    np.testing.assert_allclose(targets, [[0.925, 0.025, 0.025, 0.025], [0.025, 0.025, 0.925, 0.025]], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(smooth_labels(jnp.array([1]), 3, 0.0)), [[0.0, 1.0, 0.0]])
+
+
+def test_no_mixing_is_the_identity():
+    images, targets = _batch()
+    out_images, out_targets = mix_batch(jax.random.key(0), images, targets, mixup=0.0, cutmix=0.0)
+    assert out_images is images and out_targets is targets
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cutmix_weight_is_the_exact_kept_area(seed):
+    # Boxes centred anywhere, clipped at the border: the target weight of an image's own label must equal the
+    # fraction of its pixels that stayed its own, exactly (timm's λ correction).
+    images, targets = _batch()
+    mixed, mixed_targets = mix_batch(jax.random.key(seed), images, targets, mixup=0.0, cutmix=1.0)
+    mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
+    assert set(np.unique(mixed)) <= {0.0, 1.0}  # pasted, not blended
+    own = (mixed[0] == 0.0).all(-1).mean()  # image 0's pixels that are still image 0's
+    assert (mixed[1] == 1.0).all(-1).mean() == own  # the same box on every image
+    np.testing.assert_allclose(mixed_targets[0], [own, 1.0 - own], atol=1e-6)
+    np.testing.assert_allclose(mixed_targets[1], [1.0 - own, own], atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixup_blends_images_and_targets_with_one_lambda(seed):
+    images, targets = _batch()
+    mixed, mixed_targets = mix_batch(jax.random.key(seed), images, targets, mixup=0.8, cutmix=0.0)
+    mixed, mixed_targets = np.asarray(mixed), np.asarray(mixed_targets)
+    lam = 1.0 - mixed[0, 0, 0, 0]  # image 0 is lam * 0 + (1 - lam) * 1 everywhere
+    np.testing.assert_allclose(mixed[0], 1.0 - lam, atol=1e-6)
+    np.testing.assert_allclose(mixed[1], lam, atol=1e-6)
+    np.testing.assert_allclose(mixed_targets, [[lam, 1 - lam], [1 - lam, lam]], atol=1e-6)
+    assert 0.0 < lam < 1.0
+
+
+@pytest.mark.parametrize("switch_prob, cutmix_chosen", [(0.0, False), (1.0, True)])
+def test_switch_prob_picks_cutmix_or_mixup(switch_prob, cutmix_chosen):
+    images, targets = _batch()
+    for seed in range(5):
+        mixed, _ = mix_batch(jax.random.key(seed), images, targets, mixup=0.8, cutmix=1.0, switch_prob=switch_prob)
+        assert (set(np.unique(np.asarray(mixed))) <= {0.0, 1.0}) == cutmix_chosen
