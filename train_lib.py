@@ -300,8 +300,8 @@ def enable_compilation_cache(directory: str) -> None:
     """JAX's persistent compilation cache in `directory` ('~' expanded; '' leaves it off), for every program.
 
     Call before the first compile. Entries are keyed by the program, the JAX/XLA versions and the
-    devices, so one directory serves every run (config.compilation_cache_dir; s2mlp/study.py's runner
-    uses the same settings with WORKDIR/compilation_cache).
+    devices, so one directory serves every run (main.py: config.compilation_cache_dir; s2mlp/study.py's runner:
+    WORKDIR/compilation_cache).
     """
     if not directory:
         return

@@ -83,11 +83,12 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
     return runs
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config.json dict -> dotted field -> value (lists as tuples); also used by s2mlp.study."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
+            out |= flatten(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return out
@@ -158,7 +159,7 @@ def group(runs: list[RunInfo], key: str) -> tuple[list[Row], list[str], dict[str
         if r.config is None:
             groups[f"no config: {r.workdir}"] = [r]
             continue
-        f = {k: v for k, v in _flatten(r.config).items() if k != "seed"}
+        f = {k: v for k, v in flatten(r.config).items() if k != "seed"}
         flat[id(r)] = f
         groups.setdefault(json.dumps(f, sort_keys=True, default=str), []).append(r)
     configs = [flat[id(g[0])] for g in groups.values() if id(g[0]) in flat]
@@ -189,7 +190,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+    """Seconds as H:MM:SS (rounded); also used by s2mlp.study."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
@@ -225,7 +227,7 @@ def table(rows: list[Row], varying: list[str], key: str) -> str:
             f"{row.gmacs * scale:.3g}" if row.gmacs is not None else "—",
             f"{statistics.median(ips):.0f}" if ips else "—",
             _steps(row),
-            _hms(statistics.fmean(walls)) if walls else "—",
+            hms(statistics.fmean(walls)) if walls else "—",
         ]
         lines.append("| " + " | ".join([*label, *cells]) + " |")
     return "\n".join(lines)
@@ -336,7 +338,7 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
         f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. "
         f"Params and {_macs_unit(rows)[0]} (forward multiply-accumulates per image) are counted from the model code. "
         f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "
-        f"Machine: {machine()}. Total wall time of the finished runs: {_hms(sum(walls))}"
+        f"Machine: {machine()}. Total wall time of the finished runs: {hms(sum(walls))}"
         + (f"; {unfinished} run(s) not finished." if unfinished else ".")
     )
     models = {}  # the model behind each configuration, where models differ: name (overrides), once each

@@ -54,6 +54,9 @@ from typing import Any
 
 import ml_collections
 
+from s2mlp import report as report_lib
+from s2mlp.report import flatten, hms
+
 ROOT = Path(__file__).resolve().parents[1]  # main.py's directory: relative config paths resolve here
 STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
@@ -89,16 +92,6 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         sys.path.insert(0, str(ROOT))  # `from configs import common`
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
-
-
-def _flatten(tree, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, (dict, ml_collections.ConfigDict)) and value:
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _set_field(config, field: str, value, where: str) -> None:
@@ -244,8 +237,8 @@ def validate(run: Run) -> None:
         raise ValueError(f"study run {run.name!r}: {e}") from None
     saved = Path(run.workdir) / "config.json"
     if saved.is_file():
-        old = _flatten(json.loads(saved.read_text()))
-        new = _flatten(json.loads(run.config.to_json_best_effort()))
+        old = flatten(json.loads(saved.read_text()))
+        new = flatten(json.loads(run.config.to_json_best_effort()))
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in MACHINE_FIELDS)
         if diff:
             raise ValueError(
@@ -269,20 +262,6 @@ def _latest_step(run_dir) -> int | None:
     ckpt_dir = Path(run_dir) / "checkpoints"
     steps = ocp.utils.checkpoint_steps(ckpt_dir) if ckpt_dir.is_dir() else []
     return max(steps) if steps else None
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory`, for every compiled program however fast."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def write_study_json(study, runs: list[Run], workdir: str) -> None:
@@ -318,7 +297,7 @@ def run_study(study, workdir: str, *, only: str = "", dry_run: bool = False, com
     if compilation_cache is None:
         compilation_cache = str(Path(workdir) / CACHE_DIR)
     if compilation_cache:
-        enable_compilation_cache(compilation_cache)
+        train_lib.enable_compilation_cache(compilation_cache)
     walls = []
     for k, run in enumerate(runs, 1):
         if read_result(run.workdir):
@@ -342,11 +321,9 @@ def run_study(study, workdir: str, *, only: str = "", dry_run: bool = False, com
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         tmp.replace(Path(run.workdir) / RESULT_JSON)
         left = sum(1 for r in runs[k:] if not read_result(r.workdir))
-        eta = f"; study ETA {_hms(left * sum(walls) / len(walls))} for {left} more" if left else ""
-        out(f"run {k} of {n}: {run.name} done in {_hms(wall)}{eta}")
+        eta = f"; study ETA {hms(left * sum(walls) / len(walls))} for {left} more" if left else ""
+        out(f"run {k} of {n}: {run.name} done in {hms(wall)}{eta}")
     if report:
-        from s2mlp import report as report_lib
-
         report_lib.main_report([workdir], out_dir=workdir, out=out)
     return runs
 
