@@ -14,7 +14,7 @@ from configs import common
 def get_config():
     config = common.get_config("v2")
     config.model.name = "s2mlp_tiny"
-    config.model.overrides = dict(hidden_dim=64, num_blocks=4, expansion=2, patch_size=4)
+    config.model.overrides = dict(hidden_dim=64, num_blocks=4, mlp_ratio=2, patch_size=4)
     config.model.drop_path_rate = 0.0
     config.compute_dtype = "float32"
 

@@ -6,8 +6,9 @@
 
 Only the model differs from configs/s2mlp_v2_small.py (recipe 'v2') or
 configs/s2mlp_wide.py (recipe 'deit'), so the comparison isolates the backbone.
-Sized for 8+ accelerators with batch 1024. Reference: Mixer-B/16 reaches 76.4%
-top-1 from scratch on ImageNet-1K (Mixer paper, its own recipe).
+Sized for 8+ accelerators with batch 1024. Reference: neither S² paper quotes an
+ImageNet-1K top-1 for Mixer-S/16; their Mixer row (76.4% top-1 from scratch,
+S²-MLP Table 3, S²-MLPv2 Table 2) is Mixer-B/16, configs/mixer_b16.py.
 """
 
 from configs import common

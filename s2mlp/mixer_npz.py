@@ -133,7 +133,6 @@ def load_mixer_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int
     key with NaN/Inf values when there is one, and naming the file when it is
     not a readable ``.npz`` (truncated, damaged or not an archive).
     """
-    import jax
     import jax.numpy as jnp
 
     name, flat = _read_npz(path_or_file)
@@ -153,8 +152,7 @@ def load_mixer_npz(path_or_file, model_name: str = "mixer_b16", num_classes: int
         raise ValueError(f"{name}: {TOKEN_KERNEL} has {tokens} tokens, not a square grid.")
     image_size = side * probe.patch_size
     model = models.get_model(model_name, image_size=image_size, num_classes=num_classes, dtype=dtype)
-    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)["params"]
+    abstract = models.abstract_params(model, image_size)
     problems = ckpt.shape_mismatch(ckpt.flat_shapes(abstract), {k: v.shape for k, v in flat.items()}, limit=20)
     if problems:
         raise ValueError(

@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from s2mlp.flops import FAST_COMPILE, cost_flops, count_macs, jaxpr_macs, xla_flops
-from s2mlp.models import PAPER_MODELS, get_model, model_names
+from s2mlp.models import PAPER_MODELS, from_config, get_model, model_names
 from s2mlp.models.layers import DropPath
+from s2mlp.models.mixer import MlpMixer
+from s2mlp.models.s2mlp import S2MLP
+from s2mlp.models.s2mlpv2 import S2MLPv2
 from s2mlp.shift import PATTERNS
 
 # name -> (parameters with the 1000-class head, without it), from the papers' tables.
@@ -123,7 +126,7 @@ def test_exact_parameter_counts(name):
 def test_s2mlp_matches_the_papers_parameter_formula(name):
     model = get_model(name)
     params = abstract_params(model)["params"]
-    c, r, p, n = model.hidden_dim, model.expansion, model.patch_size, model.num_blocks
+    c, r, p, n = model.hidden_dim, model.mlp_ratio, model.patch_size, model.num_blocks
     norm = 2 * c  # LayerNorm scale + bias, or Affine scale + bias
     block = c * c * (2 * r + 2) + c * (3 + r)  # S²-MLP paper §3.4, norms excluded
     assert all(count(params[f"block_{i}"]) == block + 2 * norm for i in range(n))
@@ -183,7 +186,7 @@ def test_exact_macs(name):
 @pytest.mark.parametrize("name", ["s2mlp_wide", "s2mlp_deep"])
 def test_s2mlp_macs_equal_the_papers_multiplication_formula(name):
     model = get_model(name)
-    c, r, p, n, m = model.hidden_dim, model.expansion, model.patch_size, model.num_blocks, (224 // 16) ** 2
+    c, r, p, n, m = model.hidden_dim, model.mlp_ratio, model.patch_size, model.num_blocks, (224 // 16) ** 2
     assert count_macs(model) == n * m * c * c * (2 * r + 2) + 3 * m * c * p * p + c * 1000  # S²-MLP paper §3.4
 
 
@@ -191,11 +194,34 @@ def test_s2mlpv2_macs_with_the_weighted_sum_give_6_91_and_16_30():
     # The split-attention weighted sum Σ_k X_k ⊙ Ā[k] is 3·h·w·c elementwise multiplies per block.
     for name, printed in [("s2mlpv2_small", 6.91), ("s2mlpv2_medium", 16.30)]:
         model = get_model(name)
-        stages = enumerate(zip(model.hidden_dims, model.num_blocks, strict=True))
+        stages = enumerate(zip(model.hidden_dims, model.depths, strict=True))
         extra = sum(3 * (32 // 2**s) ** 2 * c * d for s, (c, d) in stages)
         macs = count_macs(model)
         assert round((macs + extra) / 1e9, 2) == printed
         assert round(macs / 1e9, 2) == {"s2mlpv2_small": 6.90, "s2mlpv2_medium": 16.28}[name]
+
+
+def test_summary_computes_the_formulas_and_its_notes_from_the_models():
+    from s2mlp import summary
+
+    params, flops, classifier = summary.s2mlp_formula(get_model("s2mlp_deep"))
+    norms = (1 + 2 * 36) * 2 * 384  # the patch norm and two per block, which the paper's formula leaves out
+    assert params == PARAMS["s2mlp_deep"][1] - norms == 53_476_224  # 53.5M, printed as 51M
+    assert flops - classifier + 384 * 1000 == MACS["s2mlp_deep"]  # the classifier once, after the pooling
+    assert round(flops / 1e9, 2) == 10.54  # the classifier on all 196 patches, as §3.4 writes it
+    assert round(summary.s2mlp_formula(get_model("s2mlp_wide"))[0] / 1e6) == 71
+    extra = summary.split_attention_multiplies(get_model("s2mlpv2_medium"))
+    assert round((MACS["s2mlpv2_medium"] + extra) / 1e9, 2) == 16.30
+    # Made-up counts come back in the table and notes: nothing there is typed in.
+    fake = [(name, 1_000_001 + i, 1_000_000 + i, (i + 1) * 1_230_000_000, float("nan")) for i, name in
+            enumerate(PAPER_MODELS)]  # fmt: skip
+    table, notes = summary.table(fake), summary.notes(fake)
+    assert "| note: s2mlp_deep | 1,000,002 | 1,000,001 | 2.46 |" in table and "53.5M (‡)" in table
+    assert "our exact count is 1,000,001 without the head (1,000,002 with)" in notes
+    assert f"has {6 * 1.23:.2f} GMACs" in notes  # mixer_b16, the 6th paper model
+    assert (
+        f"gives {(3 * 1.23e9 + summary.split_attention_multiplies(get_model('s2mlpv2_small'))) / 1e9:.2f}G /" in notes
+    )
 
 
 def test_count_macs_walks_nested_jaxprs():
@@ -265,7 +291,8 @@ def test_tiny_model_forward_at_224_and_intermediates(name):
     logits, state = compiled_apply(model, params, x, intermediates=True)(params, x)
     assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
-    blocks = [f"block_{i}_out" for i in range(int(np.sum(model.num_blocks)))]
+    depth = sum(model.depths) if isinstance(model, S2MLPv2) else model.num_blocks
+    blocks = [f"block_{i}_out" for i in range(depth)]
     assert set(state["intermediates"]) == {"stem_out", "pre_logits", *blocks}
 
 
@@ -364,6 +391,121 @@ def test_registry_errors_name_the_field(name, kwargs, words):
         get_model(name, **kwargs)
     for word in words:
         assert word in str(error.value)
+
+
+TINY_FIELDS = {  # a valid set of fields per class; each case below spoils one
+    S2MLP: dict(num_classes=10, patch_size=4, hidden_dim=32, num_blocks=2, mlp_ratio=2),
+    S2MLPv2: dict(num_classes=10, patch_size=4, hidden_dims=(16, 32), depths=(1, 1)),
+    MlpMixer: dict(num_classes=10, patch_size=4, num_blocks=2, hidden_dim=32, tokens_mlp_dim=16, channels_mlp_dim=64),
+}
+
+
+@pytest.mark.parametrize(
+    "cls, bad, message",
+    [
+        (S2MLP, {"num_classes": 0}, "num_classes=0 must be a positive integer."),
+        (MlpMixer, {"drop_path_rate": 1.0}, "drop_path_rate=1.0 must be in [0, 1)."),
+        (S2MLPv2, {"patch_size": 0}, "patch_size=0 must be a positive integer."),
+        (S2MLPv2, {"remat": "all"}, "remat='all' is unknown; choose one of ['none', 'full', 'dots']."),
+        (MlpMixer, {"weight_init": "he"}, "weight_init='he' is unknown; choose one of ['flax', 'timm'] "
+                                          "(docs/notes/initialisation.md)."),
+        (S2MLP, {"hidden_dim": 36, "shift_pattern": "eight"},
+         "hidden_dim=36 must be a positive multiple of 8 (the shift pattern's channel groups)."),
+        (S2MLP, {"mlp_ratio": 0}, "mlp_ratio=0 must be a positive integer."),
+        (S2MLP, {"norm": "batchnorm"}, "norm='batchnorm' is unknown; choose 'layernorm' or 'affine'."),
+        (S2MLP, {"branch_scale_init": 0.1},
+         "branch_scale_init=0.1 only sets the Affine that closes each branch: use it with norm='affine'."),
+        (S2MLPv2, {"depths": (1, 1, 1)}, "hidden_dims=(16, 32) must have one entry per stage, like depths."),
+        (S2MLPv2, {"depths": (1, 0)}, "depths=(1, 0) must all be positive integers."),
+        (S2MLPv2, {"shift_patterns": ("ss1",)},
+         f"shift_patterns=('ss1',) must be two patterns (branches 1 and 2) from {sorted(PATTERNS)}."),
+        (MlpMixer, {"tokens_mlp_dim": 0}, "tokens_mlp_dim=0 must be a positive integer."),
+    ],
+)  # fmt: skip
+def test_each_class_checks_its_fields_with_the_registrys_messages(cls, bad, message):
+    cls.check_fields(TINY_FIELDS[cls])  # valid: no error
+    with pytest.raises(ValueError) as error:
+        cls.check_fields({**TINY_FIELDS[cls], **bad})
+    assert str(error.value) == f"{cls.__name__}: {message}"
+    with pytest.raises(ValueError) as error:
+        cls.check_fields({**TINY_FIELDS[cls], **bad}, "some_model")
+    assert str(error.value) == f"some_model: {message}"
+    name = {S2MLP: "s2mlp_tiny", S2MLPv2: "s2mlpv2_tiny", MlpMixer: "mixer_tiny"}[cls]
+    with pytest.raises(ValueError) as error:
+        get_model(name, **{**TINY_FIELDS[cls], **bad})
+    assert str(error.value) == f"{name}: {message}"  # get_model raises the class's own error
+
+
+def test_check_fields_names_missing_fields():
+    with pytest.raises(ValueError) as error:
+        MlpMixer.check_fields({"num_classes": 10, "patch_size": 4})
+    expected = (
+        "MlpMixer: missing field(s) ['channels_mlp_dim', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim'] of MlpMixer."
+    )
+    assert str(error.value) == expected
+
+
+def test_input_divisor_and_block_groups_belong_to_the_models():
+    assert get_model("s2mlp_wide").input_divisor == get_model("mixer_b16").input_divisor == 16
+    assert get_model("s2mlpv2_small").input_divisor == 14 and get_model("s2mlpv2_tiny").input_divisor == 8
+    assert get_model("s2mlpv2_tiny", hidden_dims=(16,), depths=(2,)).input_divisor == 4  # one stage: no downsampling
+    assert get_model("s2mlp_tiny").block_groups() == [("blocks", ["block_0", "block_1"])]
+    v2 = get_model("s2mlpv2_tiny", depths=(2, 1))
+    assert v2.block_groups() == [("stage_0", ["block_0", "block_1"]), ("stage_1", ["block_2"])]
+    assert get_model("mixer_tiny").block_groups() == []
+    with pytest.raises(ValueError) as error:
+        get_model("s2mlpv2_tiny", image_size=30)
+    assert str(error.value) == (
+        "image_size=30 is not a positive multiple of 8 (the patch size × 2 for the downsampling of s2mlpv2_tiny); "
+        "use e.g. 32."
+    )
+
+
+@pytest.mark.parametrize(
+    "name, old, new",
+    [
+        ("s2mlp_tiny", {"expansion": 3}, {"mlp_ratio": 3}),
+        ("s2mlpv2_tiny", {"num_blocks": (2, 1)}, {"depths": (2, 1)}),
+        ("s2mlpv2_tiny", {"num_blocks": [2, 1]}, {"depths": (2, 1)}),  # a list, as JSON gives it
+    ],
+)
+def test_former_field_names_build_the_same_model_with_a_deprecation_warning(name, old, new):
+    (new_field,) = new
+    with pytest.warns(DeprecationWarning, match=f"is now '{new_field}'"):
+        model = get_model(name, num_classes=10, **old)
+    reference = get_model(name, num_classes=10, **new)
+    assert np.array_equal(getattr(model, new_field), new[new_field])
+    size = reference.input_divisor * 4
+    assert count(abstract_params(model, size)) == count(abstract_params(reference, size))
+    assert count(abstract_params(model, size)) != count(abstract_params(get_model(name, num_classes=10), size))
+
+
+def test_former_field_names_in_a_saved_config_still_load():
+    saved = {"model": {"name": "s2mlp_tiny", "overrides": {"hidden_dim": 64, "num_blocks": 4, "expansion": 2}},
+             "image_size": 32}  # fmt: skip
+    with pytest.warns(DeprecationWarning, match="mlp_ratio"):
+        assert from_config(saved, 10).mlp_ratio == 2
+    saved = {"model": {"name": "s2mlpv2_tiny", "overrides": {"num_blocks": [1, 2]}}, "image_size": 32}
+    with pytest.warns(DeprecationWarning, match="depths"):
+        assert from_config(saved, 10).depths == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("s2mlp_tiny", {"expansion": 3, "mlp_ratio": 3}, "s2mlp_tiny: expansion=3 is the former name of mlp_ratio; "
+                                                         "give only mlp_ratio."),
+        ("s2mlpv2_tiny", {"num_blocks": (1, 1), "depths": (1, 1)},
+         "s2mlpv2_tiny: num_blocks=(1, 1) is the former name of depths; give only depths."),
+        ("s2mlpv2_tiny", {"num_blocks": 2}, "model override(s) ['num_blocks'] are not fields of s2mlpv2_tiny"),
+        ("s2mlp_wide", {"depths": (1, 1)}, "model override(s) ['depths'] are not fields of s2mlp_wide"),
+        ("mixer_tiny", {"mlp_ratio": 2}, "model override(s) ['mlp_ratio'] are not fields of mixer_tiny"),
+    ],
+)  # fmt: skip
+def test_old_and_new_name_together_or_in_the_wrong_family_are_refused(name, overrides, message):
+    with pytest.raises(ValueError) as error:
+        get_model(name, **overrides)
+    assert str(error.value).startswith(message)
 
 
 def test_every_shift_pattern_runs_in_s2mlp_tiny():

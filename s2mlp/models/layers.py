@@ -1,12 +1,19 @@
-"""Small building blocks shared by the models: DropPath, Affine, the norm switch, initialisers.
+"""What the three models share: their layers (patch conv, Dense, MLP, norms, DropPath, head), initialisers,
+the block stack of the S² models, and the checks of the fields every model has.
 
 Initialisation options (docs/notes/initialisation.md): `kernel_init(weight_init)` for every Dense and
 conv kernel except the zero-initialised heads, and `resmlp_branch_scale(depth)` for the initial
 scale of the Affine that closes each S²-MLP residual branch.
+
+The helpers that build layers (`patch_conv`, `dense`, `mlp`, `classifier_head`) are called inside a
+model's ``@nn.compact`` method and create their submodules there, under the names they are given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -101,6 +108,59 @@ def make_norm(kind: str, dtype: Dtype, name: str, affine_scale_init: float = 1.0
     raise ValueError(f"norm={kind!r} is unknown; choose 'layernorm' or 'affine'.")
 
 
+def patch_conv(
+    features: int, patch: int, *, dtype: Dtype, weight_init: str, name: str, padding: str = "VALID"
+) -> nn.Conv:
+    """A patch×patch conv with stride patch: one Dense on each flattened patch×patch×C patch.
+
+    The stems of all three models and S²-MLPv2's 2×2 downsampling. Mixer keeps vision_transformer's
+    ``padding='SAME'``, the same as 'VALID' on sides divisible by the patch.
+    """
+    return nn.Conv(
+        features,
+        (patch, patch),
+        strides=(patch, patch),
+        padding=padding,
+        dtype=dtype,
+        kernel_init=kernel_init(weight_init),
+        name=name,
+    )
+
+
+def dense(features: int, *, dtype: Dtype, weight_init: str, name: str | None = None) -> nn.Dense:
+    """A Dense with `weight_init` kernels and zero biases; ``name=None`` lets Flax number it (``Dense_0``, ...)."""
+    return nn.Dense(features, dtype=dtype, kernel_init=kernel_init(weight_init), name=name)
+
+
+def mlp(
+    x: jax.Array,
+    hidden: int,
+    *,
+    dtype: Dtype,
+    weight_init: str,
+    names: tuple[str | None, str | None] = (None, None),
+    approximate_gelu: bool = False,
+) -> jax.Array:
+    """Dense(hidden) -> GELU -> Dense back to x's width, on the last axis of `x`.
+
+    Every model's channel MLP (S²-MLP's fc3/fc4, S²-MLPv2's channel_mlp_fc1/fc2) and Mixer's two MLPs.
+    GELU is exact (erf) unless `approximate_gelu` (tanh, Mixer's: Flax's default, as vision_transformer).
+    """
+    y = dense(hidden, dtype=dtype, weight_init=weight_init, name=names[0])(x)
+    y = nn.gelu(y, approximate=approximate_gelu)
+    return dense(x.shape[-1], dtype=dtype, weight_init=weight_init, name=names[1])(y)
+
+
+def classifier_head(model: nn.Module, features: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
+    """Float32 logits (B, num_classes) of the pooled `features` (B, c) by a zero-initialised Dense ``head``.
+
+    `features` are sown into `model`'s ``'intermediates'`` as ``pre_logits`` first.
+    """
+    model.sow("intermediates", "pre_logits", features)
+    logits = nn.Dense(num_classes, kernel_init=nn.initializers.zeros, dtype=dtype, name="head")(features)
+    return logits.astype(jnp.float32)
+
+
 def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None, *, deterministic: bool) -> jax.Array:
     """DropPath with the rate as an array and an explicit key: the S² blocks' DropPath in both layouts.
 
@@ -115,6 +175,23 @@ def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None, *, determini
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+def drop_path_schedule(model: nn.Module, rate: float, depth: int, *, train: bool) -> tuple[jax.Array, jax.Array | None]:
+    """The DropPath rate of each of `depth` blocks (float32, 0 ... `rate`) and their keys for `block_stack`.
+
+    Keys: one per block, split from one ``'dropout'`` key of `model`; None (nothing is dropped) at
+    eval or when `rate` is 0.
+    """
+    rates = jnp.asarray(drop_path_rates(rate, depth), jnp.float32)
+    if not train or rate <= 0:
+        return rates, None
+    return rates, jax.random.split(model.make_rng("dropout"), depth)
+
+
+def branch_keys(key: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+    """The DropPath keys of a block's two residual branches, from the block's key (None: nothing dropped)."""
+    return (None, None) if key is None else tuple(jax.random.split(key))
 
 
 # Rematerialisation of each block's activations in the backward pass (`remat` model field):
@@ -172,3 +249,66 @@ def block_stack(
         x = cls(**block_kwargs, name=f"block_{first + j}")(x, rates[j], key, train)
         parent.sow("intermediates", f"block_{first + j}_out", x)
     return x
+
+
+def block_output(block: nn.Module, x: jax.Array):
+    """What a block run by `block_stack` returns: `x`.
+
+    Inside ``nn.scan`` (``block.scanned``): the carry ``(x, None)``, with `x` sown as ``out``.
+    """
+    if not block.scanned:
+        return x
+    block.sow("intermediates", "out", x)
+    return x, None
+
+
+# ---- fields ---------------------------------------------------------------------
+def invalid(name: str, fields: Mapping[str, Any], field: str, why: str) -> ValueError:
+    """The error of a bad model field: ``"{name}: {field}={value!r} {why}."``."""
+    return ValueError(f"{name}: {field}={fields[field]!r} {why}.")
+
+
+def common_fields(cls: type[nn.Module], fields: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """`fields` over `cls`'s defaults, once the fields every model shares are checked.
+
+    Shared: ``num_classes``, ``drop_path_rate``, ``patch_size``, ``weight_init`` and, where `cls` has
+    them, ``scan`` and ``remat``. Raises ValueError starting ``"{name}: "`` (see `invalid`); the model
+    classes' ``check_fields`` then check their own fields in the returned dict.
+    """
+    own = [f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+    kw = {f.name: f.default for f in own if f.default is not dataclasses.MISSING} | dict(fields)
+    missing = sorted(f.name for f in own if f.name not in kw)
+    if missing:
+        raise ValueError(f"{name}: missing field(s) {missing} of {cls.__name__}.")
+    if not isinstance(kw["num_classes"], int) or kw["num_classes"] < 1:
+        raise invalid(name, kw, "num_classes", "must be a positive integer")
+    if not 0.0 <= kw["drop_path_rate"] < 1.0:
+        raise invalid(name, kw, "drop_path_rate", "must be in [0, 1)")
+    if kw["patch_size"] < 1:
+        raise invalid(name, kw, "patch_size", "must be a positive integer")
+    if "scan" in kw and not isinstance(kw["scan"], bool):
+        why = "must be True (one nn.scan per run of identical blocks) or False (unrolled blocks)"
+        raise invalid(name, kw, "scan", why)
+    if kw.get("remat", "none") not in REMAT_POLICIES:
+        raise invalid(name, kw, "remat", f"is unknown; choose one of {list(REMAT_POLICIES)}")
+    if kw["weight_init"] not in INITS:
+        why = f"is unknown; choose one of {list(INITS)} (docs/notes/initialisation.md)"
+        raise invalid(name, kw, "weight_init", why)
+    return kw
+
+
+def renamed_field(fields: Mapping[str, Any], old: str, new: str, name: str) -> dict[str, Any]:
+    """`fields` with the field's former name `old` replaced by `new`, warning (DeprecationWarning) that it was used.
+
+    Saved runs and recorded commands keep working. Raises ValueError when both names are given.
+    """
+    fields = dict(fields)
+    if old not in fields:
+        return fields
+    if new in fields:
+        raise ValueError(f"{name}: {old}={fields[old]!r} is the former name of {new}; give only {new}.")
+    warnings.warn(
+        f"{name}: model field {old!r} is now {new!r}; write {new}={fields[old]!r}.", DeprecationWarning, stacklevel=4
+    )
+    fields[new] = fields.pop(old)
+    return fields

@@ -15,11 +15,23 @@ resolution it was built for: (image_size / patch)² tokens.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import DropPath, Dtype, drop_path_rates, kernel_init
+from s2mlp.models.layers import (
+    DropPath,
+    Dtype,
+    classifier_head,
+    common_fields,
+    drop_path_rates,
+    invalid,
+    mlp,
+    patch_conv,
+)
 
 
 class MlpBlock(nn.Module):
@@ -29,8 +41,7 @@ class MlpBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nn.Dense(self.mlp_dim, dtype=self.dtype, kernel_init=kernel_init(self.weight_init))(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=kernel_init(self.weight_init))(nn.gelu(y))
+        return mlp(x, self.mlp_dim, dtype=self.dtype, weight_init=self.weight_init, approximate_gelu=True)
 
 
 class MixerBlock(nn.Module):
@@ -70,14 +81,10 @@ class MlpMixer(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         p = self.patch_size
-        x = nn.Conv(
-            self.hidden_dim,
-            (p, p),
-            strides=(p, p),
-            dtype=self.dtype,
-            kernel_init=kernel_init(self.weight_init),
-            name="stem",
-        )(images.astype(self.dtype))
+        stem = patch_conv(
+            self.hidden_dim, p, dtype=self.dtype, weight_init=self.weight_init, name="stem", padding="SAME"
+        )
+        x = stem(images.astype(self.dtype))
         b, h, w, c = x.shape
         if not self.is_initializing() and "MixerBlock_0" in self.variables.get("params", {}):
             built_for = self.variables["params"]["MixerBlock_0"]["token_mixing"]["Dense_0"]["kernel"].shape[0]
@@ -95,7 +102,30 @@ class MlpMixer(nn.Module):
                 self.tokens_mlp_dim, self.channels_mlp_dim, rate, self.dtype, self.weight_init, name=f"MixerBlock_{i}"
             )(x, train=train)
             self.sow("intermediates", f"block_{i}_out", x)
-        x = jnp.mean(nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x), axis=1)
-        self.sow("intermediates", "pre_logits", x)
-        x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
-        return x.astype(jnp.float32)
+        x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
+        return classifier_head(self, jnp.mean(x, axis=1), self.num_classes, self.dtype)
+
+    # ---- the model's fields -------------------------------------------------------------
+    @property
+    def input_divisor(self) -> int:
+        """Image sides must be multiples of this: the patch size."""
+        return self.patch_size
+
+    @nn.nowrap
+    def block_groups(self) -> list[tuple[str, list[str]]]:
+        """[]: Mixer's blocks are always unrolled (``MixerBlock_{i}``, vision_transformer's names)."""
+        return []
+
+    @classmethod
+    def upgrade_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+        """`fields` unchanged: no Mixer field was renamed."""
+        return dict(fields)
+
+    @classmethod
+    def check_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> None:
+        """Raises ValueError ``"{name}: {field}={value!r} ..."`` for the first bad field, as `S2MLP.check_fields`."""
+        name = name or cls.__name__
+        kw = common_fields(cls, fields, name)
+        for field in ("num_blocks", "hidden_dim", "tokens_mlp_dim", "channels_mlp_dim"):
+            if kw[field] < 1:
+                raise invalid(name, kw, field, "must be a positive integer")

@@ -5,7 +5,7 @@ conv) + norm, N identical blocks, global average pool, Dense head. Each block
 puts the norm at the *end* of its residual branches (paper Fig. 1)::
 
     x = x + Norm(fc2(Shift(GELU(fc1(x)))))       fc1, fc2: c -> c
-    x = x + Norm(fc4(GELU(fc3(x))))              fc3: c -> r·c, fc4: r·c -> c
+    x = x + Norm(fc4(GELU(fc3(x))))              fc3: c -> r·c, fc4: r·c -> c  (r: mlp_ratio)
 
 Parameter names follow the paper's FC1..FC4. Works at any H, W divisible by
 the patch size; the token grid is (H/p, W/p).
@@ -18,20 +18,31 @@ norm='affine' the Affine closing each residual branch starts at `branch_scale_in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from s2mlp.models.layers import (
     Dtype,
+    block_output,
     block_stack,
+    branch_keys,
+    classifier_head,
+    common_fields,
+    dense,
     drop_path,
-    drop_path_rates,
-    kernel_init,
+    drop_path_schedule,
+    invalid,
     make_norm,
+    mlp,
+    patch_conv,
+    renamed_field,
     resmlp_branch_scale,
 )
-from s2mlp.shift import spatial_shift
+from s2mlp.shift import PATTERNS, num_groups, spatial_shift
 
 
 class S2MLPBlock(nn.Module):
@@ -42,7 +53,7 @@ class S2MLPBlock(nn.Module):
     ``(x, None)`` and sows its output as ``out``.
     """
 
-    expansion: int
+    mlp_ratio: int
     norm: str = "layernorm"
     shift_pattern: str = "ss1"
     dtype: Dtype = jnp.float32
@@ -53,27 +64,23 @@ class S2MLPBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, rate: jax.Array, key: jax.Array | None, train: bool):
         c = x.shape[-1]
-        keys = (None, None) if key is None else tuple(jax.random.split(key))
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, dtype=self.dtype, kernel_init=kernel_init(self.weight_init), name=name
-        )
-        y = dense(c, "fc1")(x)
+        keys = branch_keys(key)
+        init = dict(dtype=self.dtype, weight_init=self.weight_init)
+        y = dense(c, **init, name="fc1")(x)
         y = spatial_shift(nn.gelu(y, approximate=False), self.shift_pattern)
-        y = dense(c, "fc2")(y)
+        y = dense(c, **init, name="fc2")(y)
         y = make_norm(self.norm, self.dtype, "norm1", self.branch_scale)(y)
         x = x + drop_path(y, rate, keys[0], deterministic=not train)
-        y = dense(self.expansion * c, "fc3")(x)
-        y = dense(c, "fc4")(nn.gelu(y, approximate=False))
+        y = mlp(x, self.mlp_ratio * c, **init, names=("fc3", "fc4"))
         y = make_norm(self.norm, self.dtype, "norm2", self.branch_scale)(y)
         x = x + drop_path(y, rate, keys[1], deterministic=not train)
-        if not self.scanned:
-            return x
-        self.sow("intermediates", "out", x)
-        return x, None
+        return block_output(self, x)
 
 
 class S2MLP(nn.Module):
     """S²-MLP on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
+
+    `mlp_ratio` is the paper's expansion ratio r of the channel MLP (fc3: c -> r·c).
 
     Intermediates (``stem_out``, ``block_{i}_out``, ``pre_logits``) are sown into the
     ``'intermediates'`` collection; pass ``mutable=['intermediates']`` to get them. With
@@ -95,7 +102,7 @@ class S2MLP(nn.Module):
     patch_size: int
     hidden_dim: int
     num_blocks: int
-    expansion: int
+    mlp_ratio: int
     norm: str = "layernorm"
     shift_pattern: str = "ss1"
     drop_path_rate: float = 0.0
@@ -107,26 +114,16 @@ class S2MLP(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-        p = self.patch_size
-        x = nn.Conv(
-            self.hidden_dim,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            dtype=self.dtype,
-            kernel_init=kernel_init(self.weight_init),
-            name="patch_embed",
+        x = patch_conv(
+            self.hidden_dim, self.patch_size, dtype=self.dtype, weight_init=self.weight_init, name="patch_embed"
         )(images.astype(self.dtype))
         x = make_norm(self.norm, self.dtype, "patch_norm")(x)  # scale 1, like ResMLP's non-branch Affines
         self.sow("intermediates", "stem_out", x)
         scale = self.branch_scale_init
         scale = resmlp_branch_scale(self.num_blocks) if scale is None else scale
-        rates = jnp.asarray(drop_path_rates(self.drop_path_rate, self.num_blocks), jnp.float32)
-        keys = None
-        if train and self.drop_path_rate > 0:
-            keys = jax.random.split(self.make_rng("dropout"), self.num_blocks)
+        rates, keys = drop_path_schedule(self, self.drop_path_rate, self.num_blocks, train=train)
         kwargs = dict(
-            expansion=self.expansion,
+            mlp_ratio=self.mlp_ratio,
             norm=self.norm,
             shift_pattern=self.shift_pattern,
             dtype=self.dtype,
@@ -137,7 +134,50 @@ class S2MLP(nn.Module):
             self, S2MLPBlock, kwargs, x, first=0, depth=self.num_blocks, rates=rates, keys=keys, train=train,
             scan=self.scan, remat=self.remat, scan_name="blocks",
         )  # fmt: skip
-        x = jnp.mean(x, axis=(1, 2))
-        self.sow("intermediates", "pre_logits", x)
-        x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head")(x)
-        return x.astype(jnp.float32)
+        return classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
+
+    # ---- the model's fields, and its parameter layouts -----------------------------------
+    @property
+    def input_divisor(self) -> int:
+        """Image sides must be multiples of this: the patch size."""
+        return self.patch_size
+
+    @nn.nowrap
+    def block_groups(self) -> list[tuple[str, list[str]]]:
+        """The run of identical blocks: [(scanned name, [unrolled names])] (see `s2mlp.models.convert_params`)."""
+        return [("blocks", [f"block_{i}" for i in range(self.num_blocks)])]
+
+    @classmethod
+    def upgrade_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+        """`fields` with the former name ``expansion`` of `mlp_ratio` replaced (DeprecationWarning)."""
+        return renamed_field(fields, "expansion", "mlp_ratio", name or cls.__name__)
+
+    @classmethod
+    def check_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> None:
+        """Raises ValueError ``"{name}: {field}={value!r} ..."`` for the first bad field of `fields`.
+
+        `fields` are constructor arguments (missing ones take the defaults); `name`, the class name by
+        default, starts the message (`get_model` gives the registry name). The checks every model
+        shares are in `layers.common_fields`.
+        """
+        name = name or cls.__name__
+        kw = common_fields(cls, fields, name)
+        if kw["shift_pattern"] not in PATTERNS:
+            raise invalid(name, kw, "shift_pattern", f"is unknown; choose one of {sorted(PATTERNS)}")
+        groups = num_groups(kw["shift_pattern"])
+        if kw["hidden_dim"] < 1 or kw["hidden_dim"] % groups:
+            why = f"must be a positive multiple of {groups} (the shift pattern's channel groups)"
+            raise invalid(name, kw, "hidden_dim", why)
+        for field in ("num_blocks", "mlp_ratio"):
+            if kw[field] < 1:
+                raise invalid(name, kw, field, "must be a positive integer")
+        if kw["norm"] not in ("layernorm", "affine"):
+            raise invalid(name, kw, "norm", "is unknown; choose 'layernorm' or 'affine'")
+        scale = kw["branch_scale_init"]
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0.0 < scale < float("inf"):
+                why = "must be a positive number, or None for ResMLP's depth rule"
+                raise invalid(name, kw, "branch_scale_init", why)
+            if kw["norm"] != "affine":
+                why = "only sets the Affine that closes each branch: use it with norm='affine'"
+                raise invalid(name, kw, "branch_scale_init", why)
