@@ -3,7 +3,7 @@
 Writes ``--num_images`` JPEGs of ImageNet-like size (default 500×375, quality 90, smooth
 random content plus noise) into a temporary image folder ``<tmp>/train/<class>/`` (and
 links to them in ``<tmp>/validation/<class>/``, enough for one eval pass), then times the repo's own
-iterators on it, `input_pipeline.create_train_iterator` and `create_eval_iterator`, with
+iterators on it, ``input_pipeline.build(config)``'s ``train_iterator`` and ``eval_iterator``, with
 ``configs.common.get_config()``'s recipe and ``config.data.name='directory'``:
 
 * train: JPEG decode of the inception-crop window, bicubic resize, flip, RandAugment
@@ -12,10 +12,10 @@ iterators on it, `input_pipeline.create_train_iterator` and `create_eval_iterato
   normalisation, batching.
 
 Each setting runs with every thread of this process pinned to k CPU cores (Linux
-``sched_setaffinity`` on every task) and tf.data's private threadpool set to k threads,
-for k = 1 and k = all cores; images/s is the median [min–max] over ``--repeats`` windows
-of 4 batches each, after 2 warm-up batches. Needs TensorFlow and ml_collections (imported
-here only).
+``sched_setaffinity`` on every task) and tf.data's private threadpool set to k threads
+(``config.data.num_threads = k``), for k = 1 and k = all cores; images/s is the median
+[min–max] over ``--repeats`` windows of 4 batches each, after 2 warm-up batches. Needs
+TensorFlow and ml_collections (imported here only).
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _rates(batches, batch: int, repeats: int) -> list[float]:
 
 def main(args, argv: list[str], started: str) -> dict:
     import input_pipeline
-    from benchmarks.run import _fmt, header, markdown_table
+    from benchmarks.common import fmt, header, markdown_table
     from configs import common
 
     width, height = (int(x) for x in args.jpeg_size.split(","))
@@ -122,11 +122,12 @@ def main(args, argv: list[str], started: str) -> dict:
             config.data.num_threads = cores  # tf.data's private pool: one thread per pinned core
             with pinned(allowed[:cores]) as ok:
                 pinning &= ok
+                data = input_pipeline.build(config)  # the folder is scanned once for both iterators
                 for name, make in (
-                    ("train (decode+inception crop+flip+RandAugment+erase)", input_pipeline.create_train_iterator),
-                    ("eval (decode+resize+center crop)", input_pipeline.create_eval_iterator),
+                    ("train (decode+inception crop+flip+RandAugment+erase)", data.train_iterator),
+                    ("eval (decode+resize+center crop)", data.eval_iterator),
                 ):
-                    batches = make(config)  # built inside the pinned block; only one iterator alive at a time
+                    batches = make()  # made inside the pinned block; only one iterator alive at a time
                     rates = _rates(batches, batch, args.repeats)
                     del batches
                     gc.collect()
@@ -140,18 +141,18 @@ def main(args, argv: list[str], started: str) -> dict:
                     row["cells"] = [
                         name, str(cores), str(args.image_size), f"{width}×{height} q90 ({mean_bytes / 1024:.0f} KiB)",
                         str(batch),
-                        f"{_fmt(statistics.median(rates))} [{_fmt(min(rates))}–{_fmt(max(rates))}]",
-                        f"{_fmt(statistics.median(per_core))} [{_fmt(min(per_core))}–{_fmt(max(per_core))}]",
+                        f"{fmt(statistics.median(rates))} [{fmt(min(rates))}–{fmt(max(rates))}]",
+                        f"{fmt(statistics.median(per_core))} [{fmt(min(per_core))}–{fmt(max(per_core))}]",
                     ]  # fmt: skip
                     rows.append(row)
     import tensorflow as tf
 
     extra = [
-        f"tensorflow {tf.__version__}; input_pipeline.create_train_iterator / create_eval_iterator on a "
+        f"tensorflow {tf.__version__}; input_pipeline.build(config).train_iterator / eval_iterator on a "
         f"'directory' dataset of {args.num_images} JPEGs per split, configs.common.get_config('v2') augmentation",
         f"k cores: every thread pinned to k cores ({'sched_setaffinity' if pinning else 'NOT pinned: no affinity API'})"
-        f" and tf.data private_threadpool_size = k; images/s: median [min–max] of {args.repeats} windows of "
-        f"{WINDOW_BATCHES} batches after {WARMUP_BATCHES} warm-up batches",
+        f" and config.data.num_threads = k (tf.data private_threadpool_size); images/s: median [min–max] of "
+        f"{args.repeats} windows of {WINDOW_BATCHES} batches after {WARMUP_BATCHES} warm-up batches",
     ]
     text = header(argv, extra, started) + "\n\n" + markdown_table(COLUMNS, rows) + "\n"
     print(text)

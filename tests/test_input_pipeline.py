@@ -1,4 +1,5 @@
-"""Tests of input_pipeline.py: sources, determinism/resumption, eval sharding, errors, RandAugment ops.
+"""Tests of the input pipeline (input_pipeline.py, data_sources.py, image_ops.py): sources, building once,
+determinism/resumption, eval sharding, errors, RandAugment ops.
 
 Nothing here downloads: tfds is mocked (`tfds.testing.mock_data`, policy USE_FILES on metadata written
 by the test), 'digits' is scikit-learn's bundled data and 'directory' images are written to tmp_path.
@@ -16,8 +17,11 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from sklearn.datasets import load_digits
 
+import data_sources
+import image_ops
 import input_pipeline as ip
 from configs.common import get_config
+from s2mlp.preprocessing import mean_std
 from tests.conftest import MOCK_EXAMPLES
 
 
@@ -103,7 +107,7 @@ def test_digits_info_batches_and_resumption_across_epoch_boundary():
     assert reference[0]["image"].shape == (32, 16, 16, 3) and reference[0]["image"].dtype == np.float32
     assert reference[0]["label"].dtype == np.int32
     first_epoch = np.concatenate([b["label"] for b in reference])[:300]  # a permutation of the split
-    assert collections.Counter(first_epoch.tolist()) == collections.Counter(ip._digits()["test"][1].tolist())
+    assert collections.Counter(first_epoch.tolist()) == collections.Counter(data_sources._digits()["test"][1].tolist())
     resumed = take(ip.create_train_iterator(config, start_step=k), 4)
     assert_batches_equal(resumed, reference[k:])
 
@@ -127,7 +131,7 @@ def test_seed_changes_order_and_is_repeatable():
 # ---------------------------------------------------------------- eval sharding
 def eval_examples(config, process_count):
     """Runs every process's eval iterator; returns per-process batch counts and the masked-in examples."""
-    mean, std = ip.mean_std(config.data.normalization)
+    mean, std = mean_std(config.data.normalization)
     counts, examples = [], collections.Counter()
     for index in range(process_count):
         batches = list(ip.create_eval_iterator(config, process_index=index, process_count=process_count))
@@ -156,7 +160,8 @@ def test_eval_two_processes_cover_each_example_once():
     counts, test = eval_examples(config, 2)
     assert counts[0] == counts[1] == 5 and sum(test.values()) == 300
     assert train + test == everything  # disjoint and complete: each example exactly once
-    held_out = np.random.RandomState(ip.DIGITS_SPLIT_SEED).permutation(1797)[-300:]  # fixed, independent of seed
+    # fixed, independent of seed
+    held_out = np.random.RandomState(data_sources.DIGITS_SPLIT_SEED).permutation(1797)[-300:]
     assert test == collections.Counter(
         (digits.images[i].astype(np.uint8).tobytes(), int(digits.target[i])) for i in held_out
     )
@@ -251,14 +256,16 @@ SEED = tf.constant([3, 4], tf.int64)
 
 
 def test_parse_randaugment():
-    assert ip.parse_randaugment("") is None
-    assert ip.parse_randaugment("rand-m9-mstd0.5") == ip.RandAugmentSpec(2, 9.0, 0.5, 10.0, False, 0.5)
-    assert ip.parse_randaugment("rand-n3-m7-inc1-mmax8") == ip.RandAugmentSpec(3, 7.0, 0.0, 8.0, True, 0.5)
+    assert image_ops.parse_randaugment("") is None
+    assert image_ops.parse_randaugment("rand-m9-mstd0.5") == image_ops.RandAugmentSpec(2, 9.0, 0.5, 10.0, False, 0.5)
+    assert image_ops.parse_randaugment("rand-n3-m7-inc1-mmax8") == image_ops.RandAugmentSpec(
+        3, 7.0, 0.0, 8.0, True, 0.5
+    )
 
 
-@pytest.mark.parametrize("name", ip.RANDAUGMENT_OPS)
+@pytest.mark.parametrize("name", image_ops.RANDAUGMENT_OPS)
 def test_randaugment_op_changes_image_keeping_shape_and_dtype(name):
-    out = ip.randaugment_op(IMAGE, name, 9.0, SEED)
+    out = image_ops.randaugment_op(IMAGE, name, 9.0, SEED)
     assert out.shape == IMAGE.shape and out.dtype == tf.uint8
     assert not np.array_equal(out.numpy(), IMAGE.numpy())
 
@@ -279,35 +286,35 @@ def test_randaugment_op_changes_image_keeping_shape_and_dtype(name):
     ],
 )
 def test_randaugment_op_identity(name, magnitude):
-    np.testing.assert_array_equal(ip.randaugment_op(IMAGE, name, magnitude, SEED).numpy(), IMAGE.numpy())
+    np.testing.assert_array_equal(image_ops.randaugment_op(IMAGE, name, magnitude, SEED).numpy(), IMAGE.numpy())
 
 
 def test_randaugment_op_values():
     image = IMAGE.numpy().astype(int)
-    posterized = ip.randaugment_op(IMAGE, "Posterize", 5.0, SEED).numpy()  # 2 bits kept
+    posterized = image_ops.randaugment_op(IMAGE, "Posterize", 5.0, SEED).numpy()  # 2 bits kept
     np.testing.assert_array_equal(posterized, image & 0b11000000)
-    solarized = ip.randaugment_op(IMAGE, "Solarize", 5.0, SEED).numpy()  # threshold 128
+    solarized = image_ops.randaugment_op(IMAGE, "Solarize", 5.0, SEED).numpy()  # threshold 128
     np.testing.assert_array_equal(solarized, np.where(image < 128, image, 255 - image))
-    np.testing.assert_array_equal(ip.randaugment_op(IMAGE, "Invert", 3.0, SEED).numpy(), 255 - image)
-    stretched = ip.randaugment_op(IMAGE, "AutoContrast", 0.0, SEED).numpy()
+    np.testing.assert_array_equal(image_ops.randaugment_op(IMAGE, "Invert", 3.0, SEED).numpy(), 255 - image)
+    stretched = image_ops.randaugment_op(IMAGE, "AutoContrast", 0.0, SEED).numpy()
     assert stretched.min(axis=(0, 1)).tolist() == [0] * 3 and stretched.max(axis=(0, 1)).tolist() == [255] * 3
-    assert ip.randaugment_op(IMAGE, "Equalize", 0.0, SEED).numpy().max() == 255
+    assert image_ops.randaugment_op(IMAGE, "Equalize", 0.0, SEED).numpy().max() == 255
     fill = (10.0, 20.0, 30.0)
-    shifted = ip.randaugment_op(IMAGE, "TranslateXRel", 10.0, SEED, fill=fill).numpy()  # 45% of 16 = 7.2 px
+    shifted = image_ops.randaugment_op(IMAGE, "TranslateXRel", 10.0, SEED, fill=fill).numpy()  # 45% of 16 = 7.2 px
     assert {tuple(shifted[0, c]) for c in (0, 15)} & {fill}  # one border column is filled with the fill colour
 
 
 def test_randaugment_and_erase_are_stateless():
-    spec = ip.parse_randaugment("rand-m9-mstd0.5")
-    a = ip.randaugment(IMAGE, spec, SEED, (128.0,) * 3)
+    spec = image_ops.parse_randaugment("rand-m9-mstd0.5")
+    a = image_ops.randaugment(IMAGE, spec, SEED, (128.0,) * 3)
     assert a.shape == IMAGE.shape and a.dtype == tf.uint8
-    np.testing.assert_array_equal(a.numpy(), ip.randaugment(IMAGE, spec, SEED, (128.0,) * 3).numpy())
+    np.testing.assert_array_equal(a.numpy(), image_ops.randaugment(IMAGE, spec, SEED, (128.0,) * 3).numpy())
     x = tf.zeros([16, 16, 3])
-    np.testing.assert_array_equal(ip.random_erase(x, 0.0, SEED).numpy(), x.numpy())
-    erased = [ip.random_erase(x, 1.0, tf.constant([s, 0], tf.int64)).numpy() for s in range(20)]
+    np.testing.assert_array_equal(image_ops.random_erase(x, 0.0, SEED).numpy(), x.numpy())
+    erased = [image_ops.random_erase(x, 1.0, tf.constant([s, 0], tf.int64)).numpy() for s in range(20)]
     areas = [np.any(e != 0, axis=-1).mean() for e in erased]
     assert all(0.0 < a <= 0.5 for a in areas)  # 2%..1/3 of the image after rounding of the sides
-    np.testing.assert_array_equal(erased[0], ip.random_erase(x, 1.0, tf.constant([0, 0], tf.int64)).numpy())
+    np.testing.assert_array_equal(erased[0], image_ops.random_erase(x, 1.0, tf.constant([0, 0], tf.int64)).numpy())
 
 
 # ---------------------------------------------------------------- training on part of the train split
@@ -318,7 +325,7 @@ def digits_records(ds):
 
 def one_epoch(config, n, process_index=0, process_count=1):
     """(8x8 grey pixels, label) of the first n train examples (image_size 8, no augmentation: identity resize)."""
-    mean, std = ip.mean_std(config.data.normalization)
+    mean, std = mean_std(config.data.normalization)
     batches = take(ip.create_train_iterator(config, process_index=process_index, process_count=process_count), n)
     images = np.round(np.round(np.concatenate([b["image"] for b in batches]) * std + mean)[..., 0] * 16 / 255)
     labels = np.concatenate([b["label"] for b in batches])
@@ -340,9 +347,9 @@ DIGITS_TENTH = {0: 15, 1: 16, 2: 14, 3: 16, 4: 14, 5: 16, 6: 15, 7: 15, 8: 15, 9
 def test_train_fraction_is_stratified_seeded_and_disjoint_from_eval():
     config = make_config(**{**NO_AUGMENT, "data.train_fraction": 0.1, "batch_size": 151})
     assert ip.dataset_info(config).num_train == 151 and ip.dataset_info(config).num_eval == 300
-    keep = ip._source(config).train_keep
-    np.testing.assert_array_equal(keep, ip._source(config).train_keep)  # same subset on every call
-    images, labels = ip._digits()["train"]
+    keep = data_sources.source(config).train_keep
+    np.testing.assert_array_equal(keep, data_sources.source(config).train_keep)  # same subset on every call
+    images, labels = data_sources._digits()["train"]
     assert collections.Counter(labels[keep].tolist()) == DIGITS_TENTH
     subset = collections.Counter(
         (np.round(im[..., 0] / 255 * 16).astype(np.uint8).tobytes(), int(t))
@@ -352,19 +359,19 @@ def test_train_fraction_is_stratified_seeded_and_disjoint_from_eval():
     _, test = eval_examples(config, 1)
     assert sum(test.values()) == 300 and not set(subset) & set(test)  # disjoint from the eval split
     config.seed = 5  # config.seed shuffles differently but keeps the data
-    np.testing.assert_array_equal(ip._source(config).train_keep, keep)
+    np.testing.assert_array_equal(data_sources.source(config).train_keep, keep)
     config.data.subset_seed = 1
-    other = ip._source(config).train_keep
+    other = data_sources.source(config).train_keep
     assert collections.Counter(labels[other].tolist()) == DIGITS_TENTH and len(set(other) & set(keep)) < 100
     config.data.train_fraction, config.data.subset_seed = 0.3, 0  # nested: 10 % is part of 30 %
-    assert set(keep) < set(ip._source(config).train_keep)
+    assert set(keep) < set(data_sources.source(config).train_keep)
 
 
 def test_train_per_class_counts_and_two_process_shards():
     config = make_config(**{**NO_AUGMENT, "data.train_per_class": 7, "batch_size": 10})
-    source = ip._source(config)
+    source = data_sources.source(config)
     assert source.info.num_train == 70
-    labels = ip._digits()["train"][1]
+    labels = data_sources._digits()["train"][1]
     assert collections.Counter(labels[source.train_keep].tolist()) == {c: 7 for c in range(10)}
     whole = digits_records(source.train_shard(0, 1))
     shards = [digits_records(source.train_shard(p, 2)) for p in (0, 1)]
@@ -444,8 +451,8 @@ def test_tfds_train_subset_and_process_shards(tiny_tfds, split, subset):
         "s2mlp_test_tiny",
         **{**NO_AUGMENT, "data.data_dir": root, "data.train_split": split, field: subset, "batch_size": 4},
     )
-    source = ip._source(config)
-    in_order = tfds_ids(ip._tfds_read(builder, split, 0, in_order=True))  # the split's record order
+    source = data_sources.source(config)
+    in_order = tfds_ids(data_sources._tfds_read(builder, split, 0, in_order=True))  # the split's record order
     sizes = collections.Counter((0, 0, 1, 1, 2)[i % 5] for i in in_order)
     counts = {c: subset if field == "data.train_per_class" else int(n * subset + 0.5) for c, n in sizes.items()}
     assert (source.info.num_train, source.info.num_eval) == (sum(counts.values()), 6)
@@ -454,11 +461,13 @@ def test_tfds_train_subset_and_process_shards(tiny_tfds, split, subset):
     for count in (1, 2, 3):
         shards = [tfds_ids(source.train_shard(p, count)) for p in range(count)]
         assert sum(shards, []) == expected  # contiguous shares that together are exactly the subset
-        assert [ip._count(source.train_shard(p, count)) for p in range(count)] == [len(s) for s in shards]
+        assert [data_sources.count_records(source.train_shard(p, count)) for p in range(count)] == [
+            len(s) for s in shards
+        ]
     reference = take(ip.create_train_iterator(config), 6)  # batches 3..5 cross the end of epoch 0
     assert_batches_equal(take(ip.create_train_iterator(config, start_step=3), 3), reference[3:])
     config.data.subset_seed = 1
-    assert ip._source(config).train_keep.tolist() != source.train_keep.tolist()
+    assert data_sources.source(config).train_keep.tolist() != source.train_keep.tolist()
 
 
 def test_tfds_train_per_class_refuses_small_class(mock_imagenet):
@@ -467,17 +476,17 @@ def test_tfds_train_per_class_refuses_small_class(mock_imagenet):
     with pytest.raises(ValueError, match=r"config.data.train_per_class=1: class 'n\d+' has only 0 examples"):
         ip.dataset_info(config)
     config.data.train_per_class, config.data.train_fraction = 0, 0.5  # every present class keeps >= 1
-    hits = ip._tfds_labels.cache_info().hits
+    hits = data_sources._tfds_labels.cache_info().hits
     assert 1 <= ip.dataset_info(config).num_train <= 20
-    assert ip._tfds_labels.cache_info().hits == hits + 1  # the labels are read once per process
+    assert data_sources._tfds_labels.cache_info().hits == hits + 1  # the labels are read once per process
 
 
 # ---------------------------------------------------------------- image folders: progress and empty classes
 def test_directory_scan_logs_progress_and_summary(image_dir, caplog, monkeypatch):
     config, _ = image_dir
     config.data.bad_images = "skip"
-    monkeypatch.setattr(ip, "PROGRESS_SECONDS", 0.0)  # log after every image
-    with caplog.at_level(logging.INFO, logger=ip.log.name):
+    monkeypatch.setattr(data_sources, "PROGRESS_SECONDS", 0.0)  # log after every image
+    with caplog.at_level(logging.INFO, logger=data_sources.log.name):
         ip.dataset_info(config)
     train, val = (os.path.join(config.data.data_dir, s) for s in ("train", "val"))
     for done in range(1, 8):  # 8 train images: progress after 1..7, then the summary
@@ -485,7 +494,7 @@ def test_directory_scan_logs_progress_and_summary(image_dir, caplog, monkeypatch
         assert re.search(pattern + r"\d+ images/s, ETA \dm\d\ds", caplog.text)
     assert f"{train}: 6 readable images in 2 classes, 2 unreadable; verified in" in caplog.text
     assert f"{val}: 4 readable images in 2 classes, 0 unreadable; verified in" in caplog.text
-    assert (ip._duration(75.4), ip._duration(3725)) == ("1m15s", "1h02m05s")
+    assert (data_sources._duration(75.4), data_sources._duration(3725)) == ("1m15s", "1h02m05s")
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -518,3 +527,113 @@ def test_directory_train_split_without_images(tmp_path):
     config.data.bad_images = "skip"
     with pytest.raises(ValueError, match=re.escape(f"class folder {tmp_path / 'train' / 'a'} has no readable images")):
         ip.dataset_info(config)
+
+
+# ---------------------------------------------------------------- build(): the source opened, and checked, once
+class Calls:
+    """Wraps `module.name` (monkeypatched) and counts its calls, from any thread."""
+
+    def __init__(self, monkeypatch, module, name):
+        self.calls, wrapped = [], getattr(module, name)
+
+        def counted(*args, **kwargs):
+            self.calls.append(args)  # list.append is atomic: the image checks run in a thread pool
+            return wrapped(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    @property
+    def n(self) -> int:
+        return len(self.calls)
+
+
+def test_build_makes_one_tfds_builder_and_eval_passes_reuse_it(mock_imagenet, monkeypatch):
+    config = mock_imagenet
+    builders, sources = Calls(monkeypatch, tfds, "builder"), Calls(monkeypatch, data_sources, "source")
+    checks = Calls(monkeypatch, ip, "_validate")
+    data = ip.build(config)
+    assert (builders.n, sources.n, checks.n) == (1, 1, 1)
+    assert (data.info.num_train, data.info.num_eval, data.eval_batches) == (20, 20, 3)
+    counts = Calls(monkeypatch, data_sources, "count_records")
+    first, second = list(data.eval_iterator()), list(data.eval_iterator())  # the trainer's params and EMA passes
+    assert len(first) == 3 and first[-1]["mask"].tolist() == [1.0] * 4 + [0.0] * 4
+    assert_batches_equal(first, second)
+    next(data.train_iterator(start_step=2))
+    assert (builders.n, sources.n, checks.n, counts.n) == (1, 1, 1, 0)  # the shares were counted by build()
+
+
+def test_build_subset_of_tfds_split_uses_its_one_builder(tiny_tfds, monkeypatch):
+    _, root = tiny_tfds
+    config = make_config(
+        "s2mlp_test_tiny", **{**NO_AUGMENT, "data.data_dir": root, "data.train_fraction": 0.5, "batch_size": 4}
+    )
+    data_sources._tfds_labels.cache_clear()  # make build() read the labels
+    builders = Calls(monkeypatch, tfds, "builder")
+    data = ip.build(config)
+    assert builders.n == 1 and data_sources._tfds_labels.cache_info().misses == 1
+    assert data.info.num_train == 25 and len(data.source.train_keep) == 25
+
+
+def test_build_scans_an_image_folder_once(image_dir, monkeypatch):
+    config, _ = image_dir
+    config.data.bad_images = "skip"
+    data_sources._scan_split.cache_clear()  # make build() scan
+    verified, sources = Calls(monkeypatch, data_sources, "_verify_image"), Calls(monkeypatch, data_sources, "source")
+    data = ip.build(config)
+    assert (verified.n, sources.n) == (12, 1)  # 8 train files (2 unreadable) and 4 eval images, each read once
+    counts = Calls(monkeypatch, data_sources, "count_records")
+    first, second = list(data.eval_iterator()), list(data.eval_iterator())
+    assert_batches_equal(first, second)
+    assert [b["mask"].sum() for b in first] == [4.0] and sorted(first[0]["label"].tolist()) == [0, 0, 1, 1]
+    take(data.train_iterator(), 2)
+    assert (verified.n, sources.n, counts.n) == (12, 1, 0)
+
+
+def test_build_copies_the_config_and_equals_the_one_call_iterators():
+    config = make_config(**AUGMENT_ALL, **{"data.train_fraction": 0.5})
+    data = ip.build(config, process_index=1, process_count=2)
+    train, evals = take(data.train_iterator(start_step=3), 2), list(data.eval_iterator())
+    assert_batches_equal(
+        train, take(ip.create_train_iterator(config, start_step=3, process_index=1, process_count=2), 2)
+    )
+    assert_batches_equal(evals, list(ip.create_eval_iterator(config, process_index=1, process_count=2)))
+    assert train[0]["image"].shape == (16, 16, 16, 3) and evals[0]["image"].shape == (16, 16, 16, 3)
+    config.seed, config.batch_size, config.image_size, config.data.train_fraction = 9, 64, 8, 1.0
+    assert_batches_equal(take(data.train_iterator(start_step=3), 2), train)  # later edits don't reach a Data
+    assert_batches_equal(list(data.eval_iterator()), evals)
+    assert data.info.num_train == 753 and ip.dataset_info(config).num_train == 1497  # stratified half
+
+
+def test_build_checks_the_process_split_of_the_batch_once():
+    data = ip.build(make_config(), process_index=3, process_count=4)  # batch_size = eval_batch_size = 32
+    assert (data.recipe.batch, data.recipe.eval_batch) == (8, 8)
+    assert next(data.train_iterator())["image"].shape[0] == 8 and next(data.eval_iterator())["mask"].shape == (8,)
+    for field in ("batch_size", "eval_batch_size"):
+        message = f"config.{field}=30: must be a positive multiple of the process count (4)."
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ip.build(make_config(**{field: 30}), process_count=4)
+    assert ip._get(make_config(), "data.name") == "digits"  # 'a.b' paths, as train_lib's _get
+
+
+@pytest.mark.parametrize("num_threads", [0, 3])
+def test_num_threads_reaches_the_tf_data_options(num_threads, tiny_tfds):
+    _, root = tiny_tfds
+    for name, extra in (("digits", {}), ("s2mlp_test_tiny", {"data.data_dir": root})):
+        data = ip.build(make_config(name, **{"data.num_threads": num_threads, "batch_size": 4}, **extra))
+        datasets = [data.train_dataset(), data.eval_dataset()]
+        if name != "digits":  # tfds reads its files with the same options
+            datasets.append(data.source.train_shard(0, 1))
+        for ds in datasets:
+            threading = ds.options().threading
+            assert ds.options().deterministic is True
+            assert threading.private_threadpool_size == (num_threads or None)
+            assert threading.max_intra_op_parallelism == (1 if num_threads else None)
+
+
+def test_verify_image_reads_the_format_from_the_content(tmp_path):
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP"):
+        Image.fromarray(pixels).save(tmp_path / f"{fmt}.png", fmt)
+    for fmt in ("JPEG", "PNG", "GIF", "BMP"):  # whatever the extension says
+        assert data_sources._verify_image(str(tmp_path / f"{fmt}.png")) is None, fmt
+    assert "format WEBP is not decodable" in data_sources._verify_image(str(tmp_path / "WEBP.png"))

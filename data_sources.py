@@ -1,0 +1,409 @@
+"""Where the examples come from: tfds datasets, image folders ('directory') and scikit-learn's digits.
+
+`source(config)` opens one of them as a `Source`: the class names, the split sizes and, per process, a finite
+tf.data.Dataset of (image, int32 label) records in a fixed order. The train split may be cut to a class-balanced
+subset (config.data.train_fraction / train_per_class, picked by config.data.subset_seed). Image folders are
+scanned and every image verified once per process; tfds label reads (for the subset) likewise.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import operator
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+log = logging.getLogger(__name__)
+
+DIGITS_SPLIT_SEED = 0  # fixed: the digits held-out split never depends on config.seed
+DIGITS_NUM_EVAL = 300
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+PROGRESS_SECONDS = 5.0  # long start-up passes (image verification, tfds label reads) log progress this often
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """What a model and the trainer need to know of a dataset; num_train counts the train subset if there is one."""
+
+    num_classes: int
+    num_train: int
+    num_eval: int
+    class_names: list[str]
+
+
+@dataclasses.dataclass
+class Source:
+    """An opened dataset (`source`): its DatasetInfo and the records of its splits, process by process."""
+
+    kind: str  # how records hold images: 'encoded' bytes, 'path' to a file, 'raw' uint8 (H, W, 3)
+    info: DatasetInfo
+    # (split, process_index, process_count, keep) -> this process's share of the split (of the records at the
+    # sorted positions `keep` of the split's record order when keep is not None): a finite tf.data.Dataset of
+    # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one.
+    shard: Callable[[str, int, int, np.ndarray | None], tf.data.Dataset]
+    train_split: str
+    train_keep: np.ndarray | None  # the train subset (`_select_subset`), None: the whole split
+
+    def train_shard(self, process_index: int, process_count: int) -> tf.data.Dataset:
+        return self.shard(self.train_split, process_index, process_count, self.train_keep)
+
+
+class _Progress:
+    """Logs `done / total`, rate and ETA of a long pass every PROGRESS_SECONDS, and nothing for short ones."""
+
+    def __init__(self, what: str, total: int, unit: str = "images"):
+        self.what, self.total, self.unit, self.done = what, total, unit, 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and self.done < self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info(
+                "%s: %d / %d %s (%.0f%%), %.0f %s/s, ETA %s",
+                self.what,
+                self.done,
+                self.total,
+                self.unit,
+                100.0 * self.done / self.total,
+                rate,
+                self.unit,
+                _duration((self.total - self.done) / rate),
+            )
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{secs:02d}s" if minutes >= 60 else f"{minutes}m{secs:02d}s"
+
+
+# ---------------------------------------------------------------- sources
+def tfds_builder(config):
+    """The tfds builder of config.data.name in config.data.data_dir; ValueError when the name is not a tfds
+    dataset, or when the dataset is not prepared and config.data.download is off (naming the fix). Downloads
+    nothing: `source` prepares a builder that is not prepared yet."""
+    name, data_dir = config.data.name, config.data.data_dir
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"config.data.name={name!r} is not a tfds dataset, 'directory' or 'digits'.") from e
+    if not builder.is_prepared():
+        root = str(builder.data_dir_root)
+        if not config.data.download:
+            build = f"`tfds build {name} --data_dir={root}`"
+            if name.split(":")[0] == "imagenet2012":
+                manual = os.path.join(root, "downloads", "manual")
+                fix = (
+                    f"ImageNet needs a manual download: tfds expects {manual}/ILSVRC2012_img_train.tar and "
+                    f"{manual}/ILSVRC2012_img_val.tar; put them there and build it once with {build}."
+                )
+            else:
+                fix = f"build it once with {build}, or set config.data.download=True."
+            raise ValueError(
+                f"tfds dataset {name!r} is not prepared in config.data.data_dir={root} "
+                f"(looked for {builder.data_dir}); {fix}"
+            )
+    return builder
+
+
+def _tfds_read(builder, split, num_threads: int, *, in_order: bool = False) -> tf.data.Dataset:
+    """(encoded image, int32 label) records of `split` (a tfds split or ReadInstruction) in a fixed order.
+
+    in_order: read the files one after the other, so that record i of a sub-range [a, b) of the split is record
+    a + i of the whole split (tfds otherwise interleaves 16 files, an order that depends on the range).
+    """
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    read_config = tfds.ReadConfig(
+        options=dataset_options(num_threads), **({"interleave_cycle_length": 1} if in_order else {})
+    )
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False, read_config=read_config, decoders={image_key: tfds.decode.SkipDecoding()}
+    )
+    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TfdsSplit:
+    """A split of a tfds dataset, keyed by (name, data_dir, split); carries the builder that reads it."""
+
+    name: str
+    data_dir: str | None
+    split: str
+    builder: tfds.core.DatasetBuilder = dataclasses.field(compare=False, repr=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_labels(key: _TfdsSplit) -> np.ndarray:
+    """The labels of a split in record order (files read in order): one pass that reads every record, once per
+    process for each (name, data_dir, split)."""
+    name, split = key.name, key.split
+    ds = _tfds_read(key.builder, split, 0, in_order=True)
+    progress = _Progress(
+        f"Reading the labels of {name} {split} to select the train subset", count_records(ds), "records"
+    )
+    labels = []
+    for batch in ds.map(lambda image, label: label).batch(4096).as_numpy_iterator():
+        labels.append(batch)
+        progress.update(len(batch))
+    labels = np.concatenate(labels) if labels else np.zeros([0], np.int32)
+    log.info("Read %d labels of %s %s in %.1fs.", len(labels), name, split, progress.seconds())
+    return labels
+
+
+def _tfds_range(builder, split: str, lo: int, hi: int):
+    """ReadInstruction of records lo..hi-1 of `split` (which may be a sub-split spec like 'train[:90%]+validation')."""
+    pieces, start = [], 0
+    for inst in tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits):
+        a = inst.from_ or 0
+        b = builder.info.splits[inst.splitname].num_examples if inst.to is None else inst.to
+        x, y = max(lo, start), min(hi, start + b - a)
+        if x < y:
+            pieces.append(tfds.core.ReadInstruction(inst.splitname, from_=a + x - start, to=a + y - start, unit="abs"))
+        start += b - a
+    return functools.reduce(operator.add, pieces)
+
+
+def _tfds_source(config, builder) -> Source:
+    if builder is None:
+        builder = tfds_builder(config)
+    if not builder.is_prepared():  # tfds_builder refused this unless config.data.download is on
+        builder.download_and_prepare()
+    num_threads = config.data.num_threads
+
+    def shard(split, index, count, keep=None):
+        if keep is None:
+            return _tfds_read(
+                builder, tfds.split_for_jax_process(split, process_index=index, process_count=count), num_threads
+            )
+        part = np.array_split(keep, count)[index]
+        if not len(part):
+            return _tfds_read(builder, split, num_threads).take(0)
+        lo, hi = int(part[0]), int(part[-1]) + 1  # read this range of the split, keep the subset's records
+        mask = np.zeros(hi - lo, bool)
+        mask[part - lo] = True
+        ds = _tfds_read(builder, _tfds_range(builder, split, lo, hi), num_threads, in_order=True).enumerate()
+        ds = ds.filter(lambda i, rec: tf.gather(mask, i)).map(lambda i, rec: rec)
+        return ds.apply(tf.data.experimental.assert_cardinality(len(part)))
+
+    _, label_key = builder.info.supervised_keys or ("image", "label")
+    labels = builder.info.features[label_key]
+    train = config.data.train_split
+    keep = None
+    if _subset_requested(config):
+        split = _TfdsSplit(config.data.name, config.data.data_dir, train, builder)
+        keep = _select_subset(_tfds_labels(split), list(labels.names), config)
+    info = DatasetInfo(
+        labels.num_classes,
+        len(keep) if keep is not None else count_records(shard(train, 0, 1)),
+        count_records(shard(config.data.eval_split, 0, 1)),
+        list(labels.names),
+    )
+    return Source("encoded", info, shard, train, keep)
+
+
+def _subset_requested(config) -> bool:
+    return config.data.train_per_class > 0 or config.data.train_fraction != 1.0
+
+
+def _select_subset(labels: np.ndarray, class_names: list[str], config) -> np.ndarray | None:
+    """Sorted positions (in the train split's record order) of the train subset; None: the whole split.
+
+    A pure function of (labels, config.data.train_fraction / train_per_class, config.data.subset_seed): one
+    seeded permutation of the split orders each class's records, and each class keeps its first
+    k_c = train_per_class, or k_c = max(1, floor(train_fraction * n_c + 0.5)) of its n_c records (stratified).
+    Subsets are nested: with the same subset_seed, a smaller fraction or count is part of a larger one.
+    """
+    if not _subset_requested(config):
+        return None
+    data = config.data
+    counts = np.bincount(labels, minlength=len(class_names))
+    if data.train_per_class > 0:
+        short = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if n < data.train_per_class]
+        if short:
+            (name, n), more = short[0], len(short) - 1
+            raise ValueError(
+                f"config.data.train_per_class={data.train_per_class}: class {name!r} has only {n} examples in "
+                f"config.data.train_split={data.train_split!r}"
+                + (f" ({more} more classes have too few)" if more else "")
+                + "; lower train_per_class, or use config.data.train_fraction for a stratified fraction."
+            )
+        want = np.full(len(counts), data.train_per_class)
+    else:
+        want = np.where(counts > 0, np.maximum(1, np.floor(data.train_fraction * counts + 0.5)), 0).astype(np.int64)
+    order = np.random.RandomState(data.subset_seed).permutation(len(labels))  # RandomState: stable across numpy
+    by_class = order[np.argsort(labels[order], kind="stable")]  # grouped by class, each in the seeded order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(labels)) - starts[labels[by_class]]
+    keep = np.sort(by_class[rank < want[labels[by_class]]])
+    how = f"{data.train_per_class} per class" if data.train_per_class > 0 else f"train_fraction={data.train_fraction}"
+    _log_once(
+        f"Training on {len(keep)} of the {len(labels)} examples of {data.train_split} ({how}, "
+        f"subset_seed={data.subset_seed})."
+    )
+    return keep
+
+
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    log.info(message)
+
+
+def _verify_image(path: str) -> str | None:
+    """Returns None if PIL fully decodes `path` and its content is a JPEG, PNG, GIF or BMP image, else the reason.
+
+    Files are picked by extension (IMAGE_EXTENSIONS), but the format is read from their content, so a .png that
+    holds a JPEG passes. tf.io.decode_image also reads WebP and JPEG XL; those, and PIL's 'MPO' (multi-picture
+    JPEG), are refused here."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.format not in ("JPEG", "PNG", "GIF", "BMP"):
+                return f"format {im.format} is not decodable by tf.io.decode_image"
+            im.draft(None, (1, 1))  # JPEG: decode at 1/8 scale; still reads every byte, so truncation shows
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any failure means an unreadable image
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _scan_split(root: str, split: str, classes: tuple[str, ...]) -> tuple[list[str], list[int], list[str]]:
+    """Lists root/split/<class>/*.{jpg,jpeg,png}; returns (paths, labels, bad 'path (reason)' entries)."""
+    folder = os.path.join(root, split)  # input_pipeline.validate_data_config checked that it exists
+    extra = sorted(set(os.listdir(folder)) - set(classes))
+    if extra and any(os.path.isdir(os.path.join(folder, c)) for c in extra):
+        raise ValueError(f"{folder} has class folders absent from the train split: {extra[:10]}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        d = os.path.join(folder, name)
+        files = image_files(d) if os.path.isdir(d) else []
+        paths += [os.path.join(d, f) for f in files]
+        labels += [label] * len(files)
+    progress, reasons = _Progress(f"Verifying the images of {folder}", len(paths)), []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        for reason in pool.map(_verify_image, paths):
+            reasons.append(reason)
+            progress.update()
+    bad = [f"{p} ({r})" for p, r in zip(paths, reasons, strict=True) if r]
+    keep = [i for i, r in enumerate(reasons) if not r]
+    labels = [labels[i] for i in keep]
+    log.info(
+        "%s: %d readable images in %d classes, %d unreadable; verified in %.1fs.",
+        folder,
+        len(keep),
+        len(set(labels)),
+        len(bad),
+        progress.seconds(),
+    )
+    return [paths[i] for i in keep], labels, bad
+
+
+def class_folders(folder: str) -> tuple[str, ...]:
+    return tuple(sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))))
+
+
+def image_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def _directory_source(config) -> Source:
+    root = config.data.data_dir
+    classes = class_folders(os.path.join(root, config.data.train_split))
+    splits = {}
+    for split in (config.data.train_split, config.data.eval_split):
+        paths, labels, bad = _scan_split(root, split, classes)
+        if bad:
+            listing = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
+            if config.data.bad_images == "fail":
+                raise ValueError(
+                    f"{len(bad)} unreadable images in {root}/{split} (set config.data.bad_images='skip' "
+                    f"to leave them out, or fix them):\n  {listing}"
+                )
+            log.warning("Skipping %d unreadable images in %s/%s:\n  %s", len(bad), root, split, listing)
+        if split == config.data.train_split and len(set(labels)) < len(classes):
+            empty = os.path.join(root, split, classes[min(set(range(len(classes))) - set(labels))])
+            raise ValueError(
+                f"class folder {empty} has no readable images (config.data.bad_images='skip' left them all out); "
+                "add readable images to it or remove the folder."
+            )
+        splits[split] = (np.array([p.encode() for p in paths], dtype=object), np.array(labels, np.int32))
+
+    def shard(split, index, count, keep=None):
+        paths, labels = (np.array_split(a if keep is None else a[keep], count)[index] for a in splits[split])
+        return tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
+
+    train = config.data.train_split
+    keep = _select_subset(splits[train][1], list(classes), config)
+    num_train = len(splits[train][1]) if keep is None else len(keep)
+    info = DatasetInfo(len(classes), num_train, len(splits[config.data.eval_split][1]), list(classes))
+    return Source("path", info, shard, train, keep)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """scikit-learn's bundled digits as uint8 (N, 8, 8, 3) in 0..255; fixed 1,497 / 300 split."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.repeat(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None], 3, axis=-1)
+    perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+    idx = {"train": perm[:-DIGITS_NUM_EVAL], "test": perm[-DIGITS_NUM_EVAL:]}
+    return {k: (images[i], digits.target[i].astype(np.int32)) for k, i in idx.items()}
+
+
+def _digits_source(config) -> Source:
+    data = _digits()
+
+    def shard(split, index, count, keep=None):
+        arrays = data[split] if keep is None else tuple(a[keep] for a in data[split])
+        return tf.data.Dataset.from_tensor_slices(tuple(np.array_split(a, count)[index] for a in arrays))
+
+    train, names = config.data.train_split, [str(i) for i in range(10)]
+    keep = _select_subset(data[train][1], names, config)
+    num_train = len(data[train][1]) if keep is None else len(keep)
+    return Source("raw", DatasetInfo(10, num_train, len(data[config.data.eval_split][1]), names), shard, train, keep)
+
+
+def source(config, *, builder=None) -> Source:
+    """Opens config.data.name ('digits', 'directory' or a tfds dataset): scans and verifies an image folder, reads
+    a tfds split's labels when a train subset is asked for, counts the splits. Expects a config that passed
+    `input_pipeline.validate_data_config`; builder: the tfds dataset's builder (`tfds_builder`), if already made."""
+    name = config.data.name
+    if name == "digits":
+        return _digits_source(config)
+    if name == "directory":
+        return _directory_source(config)
+    return _tfds_source(config, builder)
+
+
+def count_records(ds) -> int:
+    """Records in `ds`: its cardinality, or a pass over it when that is unknown."""
+    n = int(ds.cardinality())
+    if n < 0:
+        n = int(ds.reduce(np.int64(0), lambda c, _: c + 1))  # unknown cardinality: count (reads the shard)
+    return n
+
+
+def dataset_options(num_threads: int = 0) -> tf.data.Options:
+    """Deterministic tf.data options; num_threads > 0 (config.data.num_threads): a private pool of that many
+    threads for the iterator's ops, each op single-threaded; 0: tf.data's default (shared pool, AUTOTUNE)."""
+    options = tf.data.Options()
+    options.deterministic = True
+    if num_threads > 0:
+        options.threading.private_threadpool_size = num_threads
+        options.threading.max_intra_op_parallelism = 1
+    return options

@@ -1,0 +1,282 @@
+"""TensorFlow image ops of the input pipeline: decoding, the inception crop, resizing, the eval image, timm's
+RandAugment and random erasing.
+
+Pure functions of tensors and explicit arguments; every random choice is a stateless op keyed by an explicit
+seed (a shape-[2] int64 tensor), so the same seed gives the same image whatever TF's global seed.
+Images are uint8 (H, W, 3) unless said otherwise. `kind` says how a record holds its image: 'encoded' bytes,
+'path' to a file, or 'raw' uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import tensorflow as tf
+
+RANDAUGMENT_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+
+
+# ---------------------------------------------------------------- decoding, cropping, resizing
+def decode(image, kind):
+    """Record image -> uint8 (H, W, 3)."""
+    if kind == "path":
+        image = tf.io.read_file(image)
+    if kind == "raw":
+        return image
+    return tf.io.decode_image(image, channels=3, expand_animations=False)
+
+
+def crop_window(shape, key, area_min):
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        tf.zeros([1, 0, 4]),
+        seed=key,
+        min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(area_min, 1.0),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return begin, size
+
+
+def decode_inception_crop(image, kind, key, area_min):
+    """Inception crop (area `area_min`..1 of the image, aspect 3/4..4/3); JPEGs decode only the window."""
+    if kind == "path":
+        image = tf.io.read_file(image)
+    if kind == "raw":
+        begin, size = crop_window(tf.shape(image), key, area_min)
+        return tf.slice(image, begin, size)
+
+    def jpeg():
+        begin, size = crop_window(tf.image.extract_jpeg_shape(image), key, area_min)
+        return tf.image.decode_and_crop_jpeg(image, tf.stack([begin[0], begin[1], size[0], size[1]]), channels=3)
+
+    def other():
+        decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
+        begin, size = crop_window(tf.shape(decoded), key, area_min)
+        return tf.slice(decoded, begin, size)
+
+    return tf.cond(tf.io.is_jpeg(image), jpeg, other)
+
+
+def resize(image, size) -> tf.Tensor:
+    """uint8 (H, W, 3) -> uint8 (size[0], size[1], 3), bicubic with antialiasing like timm's PIL resize."""
+    return _u8(tf.image.resize(image, size, method="bicubic", antialias=True))
+
+
+def eval_image(image, kind, size: int, crop_pct: float):
+    """Eval: resize the shorter side to size / crop_pct, centre-crop size x size (raw images, the digits: resize)."""
+    s = size
+    image = decode(image, kind)
+    if kind == "raw":
+        return resize(image, [s, s])
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short = math.floor(s / crop_pct)  # torchvision Resize(short): long side truncated
+    new = tf.where(h <= w, tf.stack([short, w * short // h]), tf.stack([h * short // w, short]))
+    image = resize(image, new)
+    top, left = (new[0] - s + 1) // 2, (new[1] - s + 1) // 2
+    return tf.ensure_shape(image[top : top + s, left : left + s], [s, s, 3])
+
+
+# ---------------------------------------------------------------- RandAugment (timm semantics, stateless)
+@dataclasses.dataclass(frozen=True)
+class RandAugmentSpec:
+    num_ops: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.0
+    magnitude_max: float = 10.0
+    increasing: bool = False
+    prob: float = 0.5  # timm applies each chosen op with probability 0.5
+
+
+def parse_randaugment(spec: str) -> RandAugmentSpec | None:
+    """timm config string, e.g. 'rand-m9-mstd0.5' or 'rand-m9-n2-mstd0.5-inc1'; '' -> None (off)."""
+    if not spec:
+        return None
+    parts = spec.split("-")
+    keys = {
+        "m": "magnitude",
+        "n": "num_ops",
+        "mstd": "magnitude_std",
+        "mmax": "magnitude_max",
+        "inc": "increasing",
+        "p": "prob",
+    }
+    fields = {}
+    try:
+        if parts[0] != "rand":
+            raise ValueError(parts[0])
+        for part in parts[1:]:
+            key = next(k for k in sorted(keys, key=len, reverse=True) if part.startswith(k))
+            fields[keys[key]] = type(getattr(RandAugmentSpec, keys[key]))(float(part[len(key) :]))
+    except (StopIteration, ValueError):
+        raise ValueError(
+            f"config.augment.randaugment={spec!r} is not a timm RandAugment string like "
+            f"'rand-m9-mstd0.5' (keys m, n, mstd, mmax, inc, p); use '' to turn it off."
+        ) from None
+    return RandAugmentSpec(**fields)
+
+
+def _u8(x):
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+def _grey(f):  # PIL 'L' of float (H, W, 3) -> (H, W, 1)
+    return tf.round(tf.reduce_sum(f * tf.constant([0.299, 0.587, 0.114]), -1, keepdims=True))
+
+
+def _blend(degenerate, f, factor):  # PIL ImageEnhance: degenerate + factor * (image - degenerate)
+    return _u8(degenerate + factor * (f - degenerate))
+
+
+def _sharpness(f, factor):
+    kernel = tf.tile(tf.constant([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]])[:, :, None, None] / 13.0, [1, 1, 3, 1])
+    smooth = tf.round(tf.nn.depthwise_conv2d(f[None], kernel, [1, 1, 1, 1], "VALID")[0])
+    interior = tf.pad(tf.ones_like(smooth), [[1, 1], [1, 1], [0, 0]]) > 0  # PIL keeps the border pixels
+    return _blend(tf.where(interior, tf.pad(smooth, [[1, 1], [1, 1], [0, 0]]), f), f, factor)
+
+
+def _equalize(image):
+    def channel(c):  # PIL ImageOps.equalize on one uint8 channel
+        v = tf.cast(tf.reshape(c, [-1]), tf.int32)
+        hist = tf.math.bincount(v, minlength=256, maxlength=256)
+        step = (tf.reduce_sum(hist) - tf.gather(hist, tf.reduce_max(v))) // 255
+        lut = tf.minimum((tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1), 255)
+        return tf.cast(tf.where(step > 0, tf.reshape(tf.gather(lut, v), tf.shape(c)), tf.cast(c, tf.int32)), tf.uint8)
+
+    return tf.stack([channel(image[..., i]) for i in range(3)], -1)
+
+
+def _affine(f, matrix, fill):
+    """Output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f); outside -> `fill` (RGB)."""
+    x = tf.concat([f, tf.ones_like(f[..., :1])], -1)[None]  # 4th channel tracks what came from inside
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=x,
+        transforms=tf.concat([tf.stack(matrix), [0.0, 0.0]], 0)[None],
+        output_shape=tf.shape(f)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )[0]
+    return _u8(out[..., :3] + (1.0 - out[..., 3:]) * fill)
+
+
+def _rotate(f, degrees, fill):
+    h, w = tf.cast(tf.shape(f)[0], tf.float32), tf.cast(tf.shape(f)[1], tf.float32)
+    cy, cx, rad = (h - 1) / 2, (w - 1) / 2, degrees * math.pi / 180
+    c, s = tf.cos(rad), tf.sin(rad)
+    return _affine(f, [c, s, cx - c * cx - s * cy, -s, c, cy + s * cx - c * cy], fill)
+
+
+_OP_FNS = {  # (float image (H, W, 3) in 0..255, op argument, fill RGB) -> uint8 image
+    "AutoContrast": lambda f, a, fill: _u8(
+        tf.math.divide_no_nan(f - tf.reduce_min(f, [0, 1]), tf.reduce_max(f, [0, 1]) - tf.reduce_min(f, [0, 1])) * 255.0
+        + tf.where(tf.reduce_max(f, [0, 1]) > tf.reduce_min(f, [0, 1]), 0.0, f)
+    ),
+    "Equalize": lambda f, a, fill: _equalize(_u8(f)),
+    "Invert": lambda f, a, fill: _u8(255.0 - f),
+    "Rotate": _rotate,
+    "Posterize": lambda f, a, fill: _u8(f - tf.math.floormod(f, 2.0 ** (8.0 - tf.clip_by_value(a, 0.0, 8.0)))),
+    "Solarize": lambda f, a, fill: _u8(tf.where(f < a, f, 255.0 - f)),
+    "SolarizeAdd": lambda f, a, fill: _u8(tf.where(f < 128.0, tf.minimum(f + a, 255.0), f)),
+    "Color": lambda f, a, fill: _blend(_grey(f), f, a),
+    "Contrast": lambda f, a, fill: _blend(tf.floor(tf.reduce_mean(_grey(f)) + 0.5), f, a),
+    "Brightness": lambda f, a, fill: _blend(0.0, f, a),
+    "Sharpness": lambda f, a, fill: _sharpness(f, a),
+    "ShearX": lambda f, a, fill: _affine(f, [1.0, a, 0.0, 0.0, 1.0, 0.0], fill),
+    "ShearY": lambda f, a, fill: _affine(f, [1.0, 0.0, 0.0, a, 1.0, 0.0], fill),
+    "TranslateXRel": lambda f, a, fill: _affine(
+        f, [1.0, 0.0, a * tf.cast(tf.shape(f)[1], tf.float32), 0.0, 1.0, 0.0], fill
+    ),
+    "TranslateYRel": lambda f, a, fill: _affine(
+        f, [1.0, 0.0, 0.0, 0.0, 1.0, a * tf.cast(tf.shape(f)[0], tf.float32)], fill
+    ),
+}
+
+
+def _op_argument(name, level, sign, increasing):
+    """timm's level -> argument maps; level = magnitude / 10 and sign = +-1 at random."""
+    if name == "Rotate":
+        return 30.0 * level * sign
+    if name == "Posterize":  # bits kept
+        return 4.0 - tf.floor(4.0 * level) if increasing else tf.floor(4.0 * level)
+    if name == "Solarize":  # threshold
+        return 256.0 - tf.floor(256.0 * level) if increasing else tf.floor(256.0 * level)
+    if name == "SolarizeAdd":
+        return tf.floor(110.0 * level)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):  # enhancement factor, 1 = identity
+        return 1.0 + 0.9 * level * sign if increasing else 1.8 * level + 0.1
+    if name in ("ShearX", "ShearY"):
+        return 0.3 * level * sign
+    if name in ("TranslateXRel", "TranslateYRel"):  # fraction of the image size
+        return 0.45 * level * sign
+    return tf.constant(0.0)
+
+
+def randaugment_op(image, name: str, magnitude, seed, *, fill=(128.0, 128.0, 128.0), increasing=False):
+    """Applies one timm RandAugment op at `magnitude` (0..10) to uint8 (H, W, 3); returns uint8 (H, W, 3)."""
+    level = tf.cast(magnitude, tf.float32) / 10.0
+    sign = tf.where(tf.random.stateless_uniform([], seed) < 0.5, -1.0, 1.0)
+    f = tf.cast(image, tf.float32)
+    return _OP_FNS[name](f, _op_argument(name, level, sign, increasing), tf.constant(fill, tf.float32))
+
+
+def randaugment(image, spec: RandAugmentSpec, seed, fill):
+    """timm RandAugment on uint8 (H, W, 3): `num_ops` ops drawn with replacement, each applied with probability
+    `spec.prob` at a magnitude ~ N(m, mstd) clipped to [0, mmax] (uniform(0, m) when mstd is inf)."""
+
+    def layer(i, image):
+        k = tf.unstack(tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, i), 4))
+        op = tf.random.stateless_uniform([], k[0], 0, len(RANDAUGMENT_OPS), dtype=tf.int32)
+        if math.isinf(spec.magnitude_std):
+            mag = tf.random.stateless_uniform([], k[1], 0.0, spec.magnitude)
+        else:
+            mag = spec.magnitude + spec.magnitude_std * tf.random.stateless_normal([], k[1])
+        mag = tf.clip_by_value(mag, 0.0, spec.magnitude_max)
+        branches = [
+            functools.partial(randaugment_op, image, name, mag, k[3], fill=fill, increasing=spec.increasing)
+            for name in RANDAUGMENT_OPS
+        ] + [lambda: image]  # the last branch: op not applied
+        op = tf.where(tf.random.stateless_uniform([], k[2]) < spec.prob, op, len(RANDAUGMENT_OPS))
+        return i + 1, tf.ensure_shape(tf.switch_case(op, branches), image.shape)
+
+    # A loop, not a Python for: the 15 branches are traced once whatever num_ops is.
+    return tf.while_loop(lambda i, _: i < spec.num_ops, layer, (tf.constant(0), image))[1]
+
+
+def random_erase(x, prob: float, seed):
+    """timm RandomErasing 'pixel' mode on normalised float (H, W, 3): with probability `prob`, one rectangle
+    of area 2%..1/3 and aspect 0.3..3.3 (10 tries) is filled with N(0, 1) noise per pixel and channel."""
+    k = tf.unstack(tf.random.experimental.stateless_split(seed, 6))
+    h_img, w_img = tf.shape(x)[0], tf.shape(x)[1]
+    area = tf.random.stateless_uniform([10], k[0], 0.02, 1 / 3) * tf.cast(h_img * w_img, tf.float32)
+    ratio = tf.exp(tf.random.stateless_uniform([10], k[1], math.log(0.3), math.log(1 / 0.3)))
+    hs, ws = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
+    fits = (hs < h_img) & (ws < w_img)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    h, w = hs[first], ws[first]
+    top = tf.random.stateless_uniform([], k[2], 0, h_img - h + 1, dtype=tf.int32)
+    left = tf.random.stateless_uniform([], k[3], 0, w_img - w + 1, dtype=tf.int32)
+    rows, cols = tf.range(h_img)[:, None, None], tf.range(w_img)[None, :, None]
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    erase = (tf.random.stateless_uniform([], k[4]) < prob) & tf.reduce_any(fits)
+    return tf.where(erase & inside, tf.random.stateless_normal(tf.shape(x), k[5]), x)
