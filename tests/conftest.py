@@ -41,7 +41,7 @@ def imagenet_metadata(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_s2mlp_run(tmp_path_factory) -> str:
     """configs/tiny.py's s2mlp_tiny (digits, 6 steps, EMA on, checkpoints at steps 3 and 6) trained once per session
-    by the trainer; the same folder as tests/test_inference.py's `tiny_workdir`, so one run serves every test."""
+    by the trainer, so one run serves every test that needs a trained workdir (inference, notebook, scan, install)."""
     workdir = tmp_path_factory.getbasetemp() / "tiny_s2mlp_run"
     if not (workdir / "checkpoints").is_dir():
         import train_lib
