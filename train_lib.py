@@ -1,6 +1,7 @@
 """Training and evaluation of S²-MLP, S²-MLPv2 and Mixer: read top to bottom.
 
-Sections: config checks · state and optimizer · mesh and sharding · steps ·
+Sections: config checks · recipe and state · mesh and sharding · steps · the trainer
+(`setup`: what the trainer, `evaluate`, the benchmarks and the tests all compile) ·
 restore · train loop · eval-only.
 
 One jitted train step runs over a 1-D device mesh ``('data',)``: the global
@@ -8,23 +9,22 @@ batch is sharded over 'data', parameters are replicated (or FSDP-sharded over
 'data' with ``config.fsdp``). Multi-host runs feed each process's share of the
 batch through `jax.make_array_from_process_local_data`.
 
-Importing this module needs no TensorFlow: the input pipeline and the metric
-writers (which use it) are imported inside `train_and_evaluate`/`evaluate`, so
-the train step and the benchmarks run on hosts without TensorFlow.
+Importing this module needs no TensorFlow: the input pipeline is imported inside
+`train_and_evaluate`/`evaluate`, so the train step and the benchmarks run on hosts
+without TensorFlow. The workdir's lock, metric writers and stop signals are in
+`s2mlp/runs.py`; the checkpoint layout is in `s2mlp/checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import functools
 import json
 import math
 import os
-import signal
-import socket
-import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -40,45 +40,25 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from s2mlp import checkpoint as ckpt
-from s2mlp import models
+from s2mlp import models, runs
 from s2mlp.mixup import mix_batch, smooth_labels
+from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
 
 jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
 
-# Exit status of main.py when SIGTERM/SIGINT stopped training after saving a checkpoint (sysexits' EX_TEMPFAIL:
-# "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
-EXIT_STOPPED = 75
-
-
-class WorkdirBusy(RuntimeError):
-    """Another live trainer holds the workdir's lock."""
-
-
 # Errors whose message says what is wrong and how to fix it: main.py prints them without a traceback.
 CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy)
+METRICS_FILE = "metrics.jsonl"
 
 
 # =============================================================================
 # Config checks: every bad value fails here, before anything is compiled.
 # =============================================================================
-def build_model(config, num_classes: int):
-    """The config's model; ValueError naming the field when it is invalid."""
-    overrides = dict(config.model.get("overrides", {}))
-    try:
-        return models.get_model(
-            config.model.name,
-            image_size=config.image_size,
-            num_classes=num_classes,
-            drop_path_rate=config.model.drop_path_rate,
-            dtype=config.compute_dtype,
-            **overrides,
-        )
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from None
+def validate_config(config, *, num_devices: int) -> None:
+    """Checks the recipe and model fields; raises ValueError naming `config.<field>` and the fix.
 
-
-def validate_config(config, *, num_devices: int, num_processes: int = 1) -> None:
-    """Checks the recipe fields; raises ValueError naming `config.<field>` and the fix."""
+    The data fields (and the batch's split over processes) are checked by `input_pipeline.build`.
+    """
 
     def check(ok: bool, field: str, why: str):
         if not ok:
@@ -95,7 +75,6 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1) -> None
         f"must be a positive multiple of devices ({num_devices}) × grad_accum_steps ({config.grad_accum_steps}) "
         f"= {per_step}; e.g. {max(per_step, config.batch_size // per_step * per_step)}",
     )
-    check(config.batch_size % num_processes == 0, "batch_size", f"must divide over {num_processes} processes")
     check(
         config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
         "eval_batch_size",
@@ -128,18 +107,66 @@ def validate_config(config, *, num_devices: int, num_processes: int = 1) -> None
         "compute_dtype",
         "must be float32, bfloat16 or float16",
     )
-    build_model(config, num_classes=1000)  # model name, overrides, rates and image_size
+    models.from_config(config, num_classes=1000)  # model name, overrides, rates and image_size
 
 
 def _get(config, dotted: str):
-    for part in dotted.split("."):
-        config = config[part]
-    return config
+    """``_get(config, "augment.mixup")`` is ``config.augment.mixup``."""
+    return functools.reduce(lambda node, key: node[key], dotted.split("."), config)
+
+
+def _check_finite_floats(config, prefix: str = "config") -> None:
+    """Every float field of `config` must be finite: ``--config.base_lr=inf`` is refused here."""
+    for key, value in config.items():
+        if isinstance(value, dict | ml_collections.ConfigDict):
+            _check_finite_floats(value, f"{prefix}.{key}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}.{key}={value} must be a finite number.")
 
 
 # =============================================================================
-# State and optimizer.
+# Recipe and state.
 # =============================================================================
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """The config fields the learning-rate schedule and the optimizer read."""
+
+    batch_size: int
+    base_lr: float
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> OptimizerOptions:
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The config fields `train_step` reads (``augment.*`` for the first four)."""
+
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta alpha; 0 turns Mixup off
+    cutmix: float = 0.0  # Beta alpha; 0 turns CutMix off
+    mix_switch_prob: float = 0.5
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0  # 0 turns the EMA off
+
+    @classmethod
+    def from_config(cls, config) -> StepOptions:
+        aug = config.augment
+        return cls(
+            label_smoothing=aug.label_smoothing,
+            mixup=aug.mixup,
+            cutmix=aug.cutmix,
+            mix_switch_prob=aug.mix_switch_prob,
+            grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay,
+        )
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -149,19 +176,19 @@ class TrainState:
     bad_step: jax.Array  # first step (1-based, as logged) whose loss, gradient or update was not finite; -1 if none
 
 
-def learning_rate_schedule(config, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(options: OptimizerOptions, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then cosine to `min_lr`; peak lr = base_lr × batch_size / 1024."""
-    peak = config.base_lr * config.batch_size / 1024
-    warmup = min(int(config.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), config.min_lr)
+    peak = options.base_lr * options.batch_size / 1024
+    warmup = min(int(options.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), options.min_lr)
 
 
-def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(options: OptimizerOptions, schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW; no weight decay on biases and norm scales (every parameter with ndim < 2)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay, mask=decay_mask)
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=options.weight_decay, mask=decay_mask)
+    if options.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(options.grad_clip_norm), adamw)
     return adamw
 
 
@@ -183,9 +210,10 @@ def init_state(rng: jax.Array, model, tx: optax.GradientTransformation, image_si
 # =============================================================================
 # Mesh and sharding.
 # =============================================================================
-def make_mesh() -> jax.sharding.Mesh:
-    """All devices of all processes on one 'data' axis."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """`devices` (default: all devices of all processes) on one 'data' axis."""
+    devices = list(devices or jax.devices())
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def state_sharding(mesh, abstract_state, fsdp: bool):
@@ -210,19 +238,23 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 # =============================================================================
 # Steps.
 # =============================================================================
-def train_step(state: TrainState, batch, rng, *, model, tx, config, num_classes: int):
+def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
 
-    Label smoothing, Mixup/CutMix on the whole batch, then `grad_accum_steps`
-    micro-batches whose gradients are averaged. A non-finite loss, gradient or
-    updated parameter leaves the state unchanged and records the step in `bad_step`.
+    Label smoothing over `model.num_classes`, Mixup/CutMix on the whole batch, then
+    `grad_accum_steps` micro-batches whose gradients are averaged. A non-finite loss, gradient
+    or updated parameter leaves the state unchanged and records the step in `bad_step`.
     """
     rng = jax.random.fold_in(rng, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
-    aug = config.augment
-    targets = smooth_labels(batch["label"], num_classes, aug.label_smoothing)
+    targets = smooth_labels(batch["label"], model.num_classes, options.label_smoothing)
     images, targets = mix_batch(
-        mix_rng, batch["image"], targets, mixup=aug.mixup, cutmix=aug.cutmix, switch_prob=aug.mix_switch_prob
+        mix_rng,
+        batch["image"],
+        targets,
+        mixup=options.mixup,
+        cutmix=options.cutmix,
+        switch_prob=options.mix_switch_prob,
     )
 
     def loss_fn(params, images, targets, rng):
@@ -230,7 +262,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, num_classes:
         return optax.softmax_cross_entropy(logits, targets).mean()
 
     grad_fn = jax.value_and_grad(loss_fn)
-    accum = config.grad_accum_steps
+    accum = options.grad_accum_steps
     if accum == 1:
         loss, grads = grad_fn(state.params, images, targets, drop_rng)
     else:
@@ -254,7 +286,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, config, num_classes:
     keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     ema_params = state.ema_params
     if ema_params is not None:
-        d = config.ema_decay
+        d = options.ema_decay
         ema_params = keep_if_bad(jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema_params, params), ema_params)
     new_state = state.replace(
         step=state.step + 1,
@@ -280,27 +312,123 @@ def eval_step(params, batch, *, model):
     }
 
 
-def evaluate_params(eval_fn, params, batches, batch_sharding) -> dict[str, float]:
-    """Top-1, top-5 and loss over one pass of `batches`; every real example counted once."""
-    sums = None
-    for batch in batches:
-        out = eval_fn(params, to_global(batch, batch_sharding))
-        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    count = float(sums["count"])
-    return {
-        "top1": float(sums["correct_top1"]) / count,
-        "top5": float(sums["correct_top5"]) / count,
-        "loss": float(sums["loss"]) / count,
-        "num_examples": count,
-    }
+# =============================================================================
+# The trainer: one model and recipe on one mesh, compiled the same way for
+# training, eval-only runs, the benchmarks and the tests.
+# =============================================================================
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The jitted functions of one model and recipe on one mesh, and the state's shapes and shardings.
+
+    ``init(rng)`` and ``create(params)`` return a sharded `TrainState`; ``train_step(state, batch, rng)``
+    donates `state`; ``eval_step(params, batch)`` returns sums (`evaluate` turns them into metrics).
+    Nothing is compiled until first called (or lowered, as `train_and_evaluate` does).
+    """
+
+    model: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: jax.sharding.Mesh
+    abstract: TrainState  # shapes and dtypes only
+    shardings: TrainState
+    batch_sharding: NamedSharding
+    init: Callable
+    create: Callable
+    train_step: Callable
+    eval_step: Callable
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return to_global(batch, self.batch_sharding)
+
+    def batch_spec(self, batch_size: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global train batch's shapes, for compiling the train step before the first batch arrives."""
+        shape = (batch_size, image_size, image_size, 3)
+        return {
+            "image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding),
+            "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=self.batch_sharding),
+        }
+
+    def evaluate(self, params, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Top-1, top-5 and loss over one pass of `batches`; every real (mask 1) example counted once."""
+        sums = None
+        for batch in batches:
+            out = self.eval_step(params, self.to_global(batch))
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = jax.device_get(sums)
+        count = float(sums["count"])
+        return {
+            "top1": float(sums["correct_top1"]) / count,
+            "top5": float(sums["correct_top5"]) / count,
+            "loss": float(sums["loss"]) / count,
+            "num_examples": count,
+        }
+
+
+def setup(
+    model,
+    *,
+    image_size: int,
+    optimizer: OptimizerOptions,
+    options: StepOptions,
+    steps_per_epoch: int,
+    total_steps: int,
+    mesh: jax.sharding.Mesh | None = None,
+    fsdp: bool = False,
+) -> Trainer:
+    """The `Trainer` of `model` (`models.from_config`, `models.get_model`) and a recipe; default mesh: all devices."""
+    mesh = mesh or make_mesh()
+    schedule = learning_rate_schedule(optimizer, steps_per_epoch, total_steps)
+    tx = make_optimizer(optimizer, schedule)
+    use_ema = options.ema_decay > 0
+    init = functools.partial(init_state, model=model, tx=tx, image_size=image_size, use_ema=use_ema)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = state_sharding(mesh, abstract, fsdp)
+    batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    step = functools.partial(train_step, model=model, tx=tx, options=options)
+    return Trainer(
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh,
+        abstract=abstract,
+        shardings=shardings,
+        batch_sharding=batch_sharding,
+        init=jax.jit(init, out_shardings=shardings),
+        # Inside jit, so the EMA gets its own buffers (the step donates both) and every leaf its sharding.
+        create=jax.jit(functools.partial(create_state, tx=tx, use_ema=use_ema), out_shardings=shardings),
+        train_step=jax.jit(
+            step,
+            in_shardings=(shardings, batch_sharding, replicated),
+            out_shardings=(shardings, replicated),
+            donate_argnums=0,
+        ),
+        eval_step=jax.jit(functools.partial(eval_step, model=model), in_shardings=(shardings.params, batch_sharding)),
+    )
+
+
+def setup_from_config(config, num_classes: int, *, steps_per_epoch: int = 1, total_steps: int = 1, mesh=None):
+    """`setup` with the model and recipe of `config` (the schedule's length matters only for training)."""
+    return setup(
+        models.from_config(config, num_classes),
+        image_size=config.image_size,
+        optimizer=OptimizerOptions.from_config(config),
+        options=StepOptions.from_config(config),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        mesh=mesh,
+        fsdp=config.fsdp,
+    )
 
 
 def enable_compilation_cache(directory: str) -> None:
     """JAX's persistent compilation cache in `directory` ('~' expanded; '' leaves it off), for every program.
 
     Call before the first compile. Entries are keyed by the program, the JAX/XLA versions and the
-    devices, so one directory serves every run (main.py: config.compilation_cache_dir; s2mlp/study.py's runner:
+    devices, so one directory serves every run (main.py: config.compilation_cache_dir; study.py's runner:
     WORKDIR/compilation_cache).
     """
     if not directory:
@@ -313,21 +441,15 @@ def enable_compilation_cache(directory: str) -> None:
 # =============================================================================
 # Restore: resume from the workdir, or start from another run's weights.
 # =============================================================================
-def _layout_model(config, abstract_params):
-    """The config's model (for `models.convert_params`), its class count read from `abstract_params`' head."""
-    return build_model(config, int(abstract_params["head"]["bias"].shape[-1]))
-
-
-def _other_layout(config, abstract_params):
-    """`abstract_params` moved to the other block layout (scanned <-> unrolled; None for Mixer), no shardings."""
-    model = _layout_model(config, abstract_params)
+def _other_layout(model, tree):
+    """`tree`'s shapes moved to `model`'s other block layout (scanned <-> unrolled; None for Mixer), no shardings."""
     if not models.block_groups(model):
         return None
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
-    return jax.eval_shape(lambda p: models.convert_params(p, model, to_scan=not model.scan), plain)
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    return jax.eval_shape(lambda t: models.convert_params(t, model, to_scan=not model.scan), plain)
 
 
-def _check_compatible(directory, step: int, abstract_params, config) -> bool:
+def _check_compatible(directory, step: int, trainer: Trainer, config) -> bool:
     """The saved parameters must have exactly the shapes this config builds, in either block layout.
 
     Returns True when they were saved in the other layout (unrolled ``block_{i}`` vs scanned, see
@@ -335,9 +457,9 @@ def _check_compatible(directory, step: int, abstract_params, config) -> bool:
     """
     step_dir = directory / str(step)
     saved_shapes = ckpt.saved_shapes(step_dir)
-    problems = ckpt.shape_mismatch(ckpt.flat_shapes(abstract_params), saved_shapes)
+    problems = ckpt.shape_mismatch(ckpt.flat_shapes(trainer.abstract.params), saved_shapes)
     if problems:
-        other = _other_layout(config, abstract_params)
+        other = _other_layout(trainer.model, trainer.abstract.params)
         if other is not None and not ckpt.shape_mismatch(ckpt.flat_shapes(other), saved_shapes):
             logging.info("Step %d in %s was saved in the other block layout (model.scan): converting.", step, directory)
             return True
@@ -352,8 +474,27 @@ def _check_compatible(directory, step: int, abstract_params, config) -> bool:
     return False
 
 
-def _fine_tune_params(config, fresh_params):
-    """`config.init_from`'s (EMA) parameters with this config's freshly initialised head."""
+def _check_init_from(config, model, abstract_params) -> None:
+    """`config.init_from` must hold a checkpoint whose parameters, less the head, fit `model` (metadata only)."""
+    try:
+        directory, step = ckpt.locate(config.init_from)
+        step_dir = directory / str(step)
+        saved = ckpt.saved_shapes(step_dir, ckpt.params_item(step_dir, ema=config.init_from_ema))
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
+    body = lambda shapes: {k: v for k, v in shapes.items() if not k.startswith("head/")}  # noqa: E731
+    problems = ckpt.shape_mismatch(body(ckpt.flat_shapes(abstract_params)), body(saved))
+    other = _other_layout(model, abstract_params) if problems else None  # saved with the other model.scan
+    if other is not None and not ckpt.shape_mismatch(body(ckpt.flat_shapes(other)), body(saved)):
+        problems = ""
+    if problems:
+        raise ValueError(
+            f"config.init_from={config.init_from!r}: its parameters do not fit {config.model.name}:\n{problems}"
+        )
+
+
+def _fine_tune_params(config, model, fresh_params):
+    """`config.init_from`'s (EMA) parameters, in `model`'s block layout, with the freshly initialised head."""
     directory, step = ckpt.locate(config.init_from)
     step_dir = directory / str(step)
     try:
@@ -361,7 +502,6 @@ def _fine_tune_params(config, fresh_params):
     except ckpt.BadCheckpoint as e:
         raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
     loaded = jax.tree.map(np.asarray, dict(loaded))
-    model = _layout_model(config, fresh_params)
     if models.block_groups(model):  # a run saved in the other block layout (model.scan) is converted
         loaded = models.convert_params(loaded, model, to_scan=model.scan)
     loaded["head"] = fresh_params["head"]
@@ -374,7 +514,23 @@ def _fine_tune_params(config, fresh_params):
     return loaded
 
 
-def _restore_state(directory, step: int, abstract: TrainState, shardings, config, convert: bool = False) -> TrainState:
+def _restore(step_dir, targets: dict[str, Any], model, convert: bool, replicated: NamedSharding) -> dict[str, Any]:
+    """`ckpt.restore_state(step_dir, targets)`; with `convert`, read (replicated) in the other block layout and
+    converted onto the targets' shardings."""
+    if not convert:
+        return ckpt.restore_state(step_dir, targets)
+    saved = jax.tree.map(lambda a: a.update(sharding=replicated), _other_layout(model, targets))
+    restored = ckpt.restore_state(step_dir, saved)
+    return {
+        item: jax.device_put(
+            models.convert_params(arrays, model, to_scan=model.scan),
+            jax.tree.map(lambda a: a.sharding, targets[item]),
+        )
+        for item, arrays in restored.items()
+    }
+
+
+def _restore_state(directory, step: int, trainer: Trainer, config, convert: bool = False) -> TrainState:
     """The training state saved at `step`, each leaf on its sharding, with this config's EMA setting.
 
     A damaged step (unreadable files, NaN/Inf values) raises `ckpt.BadCheckpoint`, which names the
@@ -385,21 +541,12 @@ def _restore_state(directory, step: int, abstract: TrainState, shardings, config
     and optimizer state are read in that layout and converted (`models.convert_params`).
     """
     step_dir = directory / str(step)
-    targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    targets = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract, trainer.shardings
+    )
     use_ema, saved_ema = config.ema_decay > 0, ckpt.EMA_PARAMS in ckpt.saved_items(step_dir)
-    items = {ckpt.PARAMS: targets.params, ckpt.OPT_STATE: targets.opt_state}
-    if use_ema and saved_ema:
-        items[ckpt.EMA_PARAMS] = targets.ema_params
-    if convert:
-        model = _layout_model(config, abstract.params)
-        plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), items)
-        saved_layout = jax.eval_shape(lambda t: models.convert_params(t, model, to_scan=not model.scan), plain)
-        restored = {}
-        for item, arrays in ckpt.restore_state(step_dir, saved_layout).items():
-            converted = models.convert_params(arrays, model, to_scan=model.scan)
-            restored[item] = jax.device_put(converted, jax.tree.map(lambda a: a.sharding, items[item]))
-    else:
-        restored = ckpt.restore_state(step_dir, items)
+    items = ckpt.state_items(targets, ema=use_ema and saved_ema)
+    restored = _restore(step_dir, items, trainer.model, convert, trainer.replicated)
     ema_params = restored.get(ckpt.EMA_PARAMS)
     if use_ema and not saved_ema:
         logging.warning(
@@ -407,7 +554,7 @@ def _restore_state(directory, step: int, abstract: TrainState, shardings, config
             "from the restored parameters at step %d. To go on without an EMA, resume with --config.ema_decay=0.",
             step, directory, config.ema_decay, step,
         )  # fmt: skip
-        ema_params = jax.device_put(restored[ckpt.PARAMS], shardings.ema_params, may_alias=False)  # own buffers
+        ema_params = jax.device_put(restored[ckpt.PARAMS], trainer.shardings.ema_params, may_alias=False)
     elif saved_ema and not use_ema:
         saved_decay = (ckpt.read_json(step_dir, ckpt.CONFIG) or {}).get("ema_decay")
         logging.warning(
@@ -415,19 +562,40 @@ def _restore_state(directory, step: int, abstract: TrainState, shardings, config
             "resumed and later checkpoints hold none. To keep it, resume with --config.ema_decay=%s.",
             step, directory, saved_decay,
         )  # fmt: skip
-    replicated = jax.sharding.NamedSharding(shardings.step.mesh, P())
-    return abstract.replace(
-        step=jax.device_put(jnp.asarray(step, jnp.int32), replicated),
+    return trainer.abstract.replace(
+        step=jax.device_put(jnp.asarray(step, jnp.int32), trainer.replicated),
         params=restored[ckpt.PARAMS],
         opt_state=restored[ckpt.OPT_STATE],
         ema_params=ema_params,
-        bad_step=jax.device_put(jnp.asarray(-1, jnp.int32), replicated),
+        bad_step=jax.device_put(jnp.asarray(-1, jnp.int32), trainer.replicated),
     )
 
 
 # =============================================================================
 # Train loop.
 # =============================================================================
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What the train loop reads and never reassigns; built by `_prepare`."""
+
+    config: Any
+    workdir: epath.Path
+    data: Any  # input_pipeline.Data
+    trainer: Trainer
+    total_steps: int
+    start_step: int
+    step_rng: jax.Array
+    mngr: ocp.CheckpointManager
+    writer: Any  # a clu MetricWriter (process 0 writes metrics.jsonl and TensorBoard events; others nothing)
+    stop: runs.StopSignals
+    saved_config: dict  # the JSON items saved with every checkpoint
+    saved_dataset: dict
+
+    @property
+    def ckpt_dir(self) -> epath.Path:
+        return self.workdir / ckpt.CHECKPOINTS
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last eval metrics.
 
@@ -435,200 +603,126 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     another trainer holds the workdir, and `Stopped` when SIGTERM/SIGINT stopped training (after a checkpoint).
     """
     with contextlib.ExitStack() as cleanup:  # the workdir lock and the signal handlers, released on any exit
-        return _train_and_evaluate(config, workdir, cleanup)
+        prepared = _prepare(config, epath.Path(workdir), cleanup)
+        if prepared is None:
+            return runs.last_eval(epath.Path(workdir) / METRICS_FILE)
+        return _train(*prepared)
 
 
-def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> dict[str, float]:
+def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tuple[_Run, TrainState] | None:
+    """Checks, data, trainer, the state (resumed, fine-tuned or fresh) and the writers; None when already done."""
     from clu import metric_writers
 
     import input_pipeline  # TensorFlow lives behind this import.
 
-    # ---- checks, before anything is compiled or written -------------------------
-    validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-    input_pipeline.validate_data_config(config, process_count=jax.process_count())
-    info = input_pipeline.dataset_info(config)
+    validate_config(config, num_devices=jax.device_count())
+    data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
+    info = data.info
     logging.info(
         "Dataset %s: train split %r %s images, eval split %r %s images, %d classes.",
         config.data.name, config.data.train_split, f"{info.num_train:,}", config.data.eval_split,
         f"{info.num_eval:,}", info.num_classes,
     )  # fmt: skip
-    model = build_model(config, info.num_classes)
     steps_per_epoch = max(info.num_train // config.batch_size, 1)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
-    schedule = learning_rate_schedule(config, steps_per_epoch, total_steps)
-    tx = make_optimizer(config, schedule)
-    use_ema = config.ema_decay > 0
-
-    workdir = epath.Path(workdir)
+    trainer = setup_from_config(config, info.num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     ckpt_dir = workdir / ckpt.CHECKPOINTS
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
-    init = functools.partial(init_state, model=model, tx=tx, image_size=config.image_size, use_ema=use_ema)
-    abstract = jax.eval_shape(lambda r: init(r), init_rng)
-    saved_steps = ocp.utils.checkpoint_steps(ckpt_dir) if ckpt_dir.exists() else []
-    latest = max(saved_steps) if saved_steps else None
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    latest = ckpt.latest_step(ckpt_dir)
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
-        convert = _check_compatible(ckpt_dir, latest, abstract.params, config)
+        convert = _check_compatible(ckpt_dir, latest, trainer, config)
     elif config.get("init_from"):
-        _check_init_from(config, abstract.params)
+        _check_init_from(config, trainer.model, trainer.abstract.params)
     if latest is not None and latest >= total_steps:
         logging.info("Already finished at step %d; nothing to do (checkpoints in %s).", latest, ckpt_dir)
-        return _last_eval(workdir / "metrics.jsonl")
-    _check_writable(workdir, "--workdir")
-    primary = jax.process_index() == 0
-    lock = cleanup.enter_context(WorkdirLock(workdir))  # WorkdirBusy when another trainer runs here
-    if max(ocp.utils.checkpoint_steps(ckpt_dir) if ckpt_dir.exists() else [], default=None) != latest:
+        return None
+    runs.check_writable(workdir, "--workdir")
+    lock = cleanup.enter_context(runs.WorkdirLock(workdir))  # WorkdirBusy when another trainer runs here
+    if ckpt.latest_step(ckpt_dir) != latest:
         raise WorkdirBusy(f"a trainer that just ended saved new checkpoints in {ckpt_dir}; rerun to resume from them.")
-    stop = cleanup.enter_context(StopSignals())  # from here on SIGTERM/SIGINT stop after the current step
+    stop = cleanup.enter_context(runs.StopSignals())  # from here on SIGTERM/SIGINT stop after the current step
 
-    # ---- mesh, sharding, jitted functions ------------------------------------
-    mesh = make_mesh()
-    shardings = state_sharding(mesh, abstract, config.fsdp)
-    batch_sharding = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, config=config, num_classes=info.num_classes),
-        in_shardings=(shardings, batch_sharding, replicated),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(functools.partial(eval_step, model=model), in_shardings=(shardings.params, batch_sharding))
-
-    # ---- state: resume, fine-tune or fresh -------------------------------------
     if latest is not None:
-        state = _restore_state(ckpt_dir, latest, abstract, shardings, config, convert)
+        state = _restore_state(ckpt_dir, latest, trainer, config, convert)
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
     else:
-        state = jax.jit(init, out_shardings=shardings)(init_rng)
+        state = trainer.init(init_rng)
         if config.get("init_from"):
-            params = _fine_tune_params(config, jax.device_get(state.params))
-            # Inside jit, so the EMA gets its own buffers (the step donates both) and every leaf its sharding.
-            create = functools.partial(create_state, tx=tx, use_ema=use_ema)
-            state = jax.jit(create, out_shardings=shardings)(params)
+            state = trainer.create(_fine_tune_params(config, trainer.model, jax.device_get(state.params)))
     # Opened once the state is in hand, so a failed restore leaves the folder as it was (opening it deletes
     # the temporary folders of unfinished saves).
     mngr = ckpt.manager(ckpt_dir, keep=config.keep_checkpoints)
-    start_step = int(state.step)
 
-    # ---- writers (the first writes into the workdir) ------------------------------
-    lock.started()
-    writer = None
-    if primary:
+    lock.started()  # the first writes into the workdir follow
+    writers = []
+    if jax.process_index() == 0:
         if latest is not None:
-            _drop_rows_after(workdir / "metrics.jsonl", start_step)
+            runs.drop_rows_after(workdir / METRICS_FILE, latest)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        tensorboard = TensorBoardWriter(workdir, config.data.eval_split)
+        tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split)
         tensorboard.write_config(config)
-        writer = metric_writers.MultiWriter([tensorboard, JsonlWriter(workdir / "metrics.jsonl")])
-    writer = writer or metric_writers.MultiWriter([])
-    config_json = json.loads(config.to_json_best_effort())
-    dataset_json = {"num_classes": info.num_classes, "class_names": list(info.class_names)}
-
-    def evaluate_now(step: int) -> dict[str, float]:
-        it = lambda: input_pipeline.create_eval_iterator(  # noqa: E731
-            config, process_index=jax.process_index(), process_count=jax.process_count()
-        )
-        out = {f"eval_{k}": v for k, v in evaluate_params(eval_fn, state.params, it(), batch_sharding).items()}
-        if use_ema:
-            out |= {
-                f"eval_ema_{k}": v for k, v in evaluate_params(eval_fn, state.ema_params, it(), batch_sharding).items()
-            }
-        writer.write_scalars(step, out)
-        logging.info("eval step %d: %s", step, " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
-        return out
-
-    def check_finite():
-        bad = int(state.bad_step)
-        if bad >= 0:
-            kept = mngr.latest_step()
-            where = "No checkpoint was written yet"
-            if kept is not None:
-                where = f"The last good checkpoint (step {kept}) is kept in {ckpt_dir}"
-            raise FloatingPointError(
-                f"The loss or gradient became NaN/Inf at step {bad}; training stopped and that update was not "
-                f"applied. {where}. Lower base_lr, enable grad_clip_norm, or use compute_dtype='float32'."
-            )
-
-    def save(step: int, metrics: dict[str, float] | None):
-        check_finite()
-        args = ckpt.save_args(
-            params=state.params,
-            opt_state=state.opt_state,
-            ema_params=state.ema_params,
-            config=config_json,
-            dataset=dataset_json,
-        )
-        best = None
-        if metrics:  # ranks the step among the kept ones (the EMA's top-1 when on), also after a resume
-            best = {ckpt.BEST_METRIC: metrics.get("eval_ema_top1", metrics["eval_top1"])}
-        mngr.save(step, args=args, metrics=best)
-
-    # ---- the loop --------------------------------------------------------------
-    train_iter = input_pipeline.create_train_iterator(
-        config, start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count()
+        writers = [tensorboard, runs.JsonlWriter(workdir / METRICS_FILE)]
+    run = _Run(
+        config=config,
+        workdir=workdir,
+        data=data,
+        trainer=trainer,
+        total_steps=total_steps,
+        start_step=int(state.step),
+        step_rng=step_rng,
+        mngr=mngr,
+        writer=metric_writers.MultiWriter(writers),
+        stop=stop,
+        saved_config=json.loads(config.to_json_best_effort()),
+        saved_dataset={"num_classes": info.num_classes, "class_names": list(info.class_names)},
     )
+    return run, state
+
+
+def _train(run: _Run, state: TrainState) -> dict[str, float]:
+    """Steps from `run.start_step` to `run.total_steps`, with metrics, evals and checkpoints on their schedules."""
+    config, trainer = run.config, run.trainer
+    train_iter = run.data.train_iterator(run.start_step)
     logging.info(
         "Training %s (%s params) for %d steps from step %d; %d images/step over %d devices.",
-        config.model.name,
-        f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
-        total_steps,
-        start_step,
-        config.batch_size,
-        jax.device_count(),
-    )
-    eval_metrics: dict[str, float] = {}
-    pending: list[dict[str, jax.Array]] = []
-    step_last = start_step
-
-    def write_train_metrics(step: int):
-        """The means since the last logged step, the lr and the throughput: to the writers and the log."""
-        nonlocal t_last, step_last
-        check_finite()
-        means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
-        pending.clear()
-        now = time.time()
-        images_per_s = (step - step_last) * config.batch_size / (now - t_last)
-        eta = (total_steps - step) * (now - t_start) / max(step - start_step, 1)
-        means |= {"lr": float(schedule(step - 1)), "images_per_s": images_per_s}
-        writer.write_scalars(step, means)
-        logging.info(
-            "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s",
-            step, total_steps, means["loss"], means["lr"], images_per_s, _hms(eta),
-        )  # fmt: skip
-        t_last, step_last = now, step
-
+        config.model.name, f"{sum(x.size for x in jax.tree.leaves(trainer.abstract.params)):,}", run.total_steps,
+        run.start_step, config.batch_size, jax.device_count(),
+    )  # fmt: skip
     logging.info("Compiling the train step…")
     t_compile = time.time()
-    step_fn = step_fn.lower(state, _batch_spec(config, batch_sharding), step_rng).compile()
+    batch_spec = trainer.batch_spec(config.batch_size, config.image_size)
+    step_fn = trainer.train_step.lower(state, batch_spec, run.step_rng).compile()
     logging.info("compiled in %.1f s.", time.time() - t_compile)
-    t_start = t_last = time.time()
-    step = start_step
-    trace = _ProfileTrace(config, workdir / "profile")
-    with jax.set_mesh(mesh), _finish_writes(mngr, writer), trace:
-        for step in range(start_step + 1, total_steps + 1):
-            batch = to_global(next(train_iter), batch_sharding)
+    meter = _Throughput(run.start_step, run.total_steps, config.batch_size)
+    eval_metrics: dict[str, float] = {}
+    pending: list[dict[str, jax.Array]] = []  # train metrics of the steps since the last logged one
+    step = run.start_step
+    trace = runs.ProfileTrace(config.get("profile_steps"), run.workdir / "profile")
+    with jax.set_mesh(trainer.mesh), _finish_writes(run.mngr, run.writer), trace:
+        for step in range(run.start_step + 1, run.total_steps + 1):
+            batch = trainer.to_global(next(train_iter))
             trace.before(step)
-            state, metrics = step_fn(state, batch, step_rng)
+            state, metrics = step_fn(state, batch, run.step_rng)
             trace.after(step, state)
             pending.append(metrics)
-            last = step == total_steps
+            last = step == run.total_steps
             if step % config.log_every_steps == 0 or last:
-                write_train_metrics(step)
-            if step % config.eval_every_steps == 0 or last:
-                eval_metrics = evaluate_now(step)
+                _write_train_metrics(run, state, step, pending, meter)
+            evaluated = step % config.eval_every_steps == 0 or last
+            if evaluated:
+                eval_metrics = _evaluate_now(run, state, step)
             if step % config.checkpoint_every_steps == 0 or last:
-                evaluated = step % config.eval_every_steps == 0 or last
-                save(step, eval_metrics if evaluated else None)
-            if stop.should_stop(step) and not last:
+                _save(run, state, step, eval_metrics if evaluated else None)
+            if run.stop.should_stop(step) and not last:
                 if pending:
-                    write_train_metrics(step)
+                    _write_train_metrics(run, state, step, pending, meter)
                 if step % config.checkpoint_every_steps:
-                    save(step, None)
+                    _save(run, state, step, None)
                 break
-    if stop.received and step < total_steps:
+    if run.stop.received and step < run.total_steps:
         message = (
-            f"stopped by {stop.received} at step {step}; checkpoint saved in {ckpt_dir}; "
+            f"stopped by {run.stop.received} at step {step}; checkpoint saved in {run.ckpt_dir}; "
             "rerun the same command to resume."
         )
         logging.warning(message)
@@ -637,135 +731,80 @@ def _train_and_evaluate(config, workdir: str, cleanup: contextlib.ExitStack) -> 
         logging.info(
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
             "TensorBoard: tensorboard --logdir=%s",
-            100 * eval_metrics.get("eval_ema_top1", eval_metrics["eval_top1"]),
-            total_steps,
-            eval_metrics["eval_num_examples"],
-            ckpt_dir,
-            workdir / "metrics.jsonl",
-            workdir,
-        )
+            100 * eval_metrics.get("eval_ema_top1", eval_metrics["eval_top1"]), run.total_steps,
+            eval_metrics["eval_num_examples"], run.ckpt_dir, run.workdir / METRICS_FILE, run.workdir,
+        )  # fmt: skip
     return eval_metrics
 
 
-# =============================================================================
-# Eval-only: evaluate the latest (or a given) checkpoint of a run.
-# =============================================================================
-def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str | None = None) -> dict[str, float]:
-    """Evaluates `checkpoint` (default: `workdir`'s latest) on config.data.eval_split; returns the metrics.
+class _Throughput:
+    """Images/s since the last logged step and the ETA from the mean step time since the start."""
 
-    The results get their own folder, ``<eval_dir>/<split>_step<N>/`` (default eval_dir: ``<workdir>/eval``):
-    ``metrics.json`` (metrics.jsonl's keys) and TensorBoard events tagged ``<split>/top1``, ... They add no
-    point to the training curves, and nothing else is written, so a read-only run can be evaluated with
-    ``--eval_dir`` elsewhere.
-    """
-    import input_pipeline
+    def __init__(self, start_step: int, total_steps: int, batch_size: int):
+        self.start_step, self.total_steps, self.batch_size = start_step, total_steps, batch_size
+        self.t_start = self.t_last = time.time()
+        self.step_last = start_step
 
-    validate_config(config, num_devices=jax.device_count(), num_processes=jax.process_count())
-    input_pipeline.validate_data_config(config, process_count=jax.process_count())
-    info = input_pipeline.dataset_info(config)
-    model = build_model(config, info.num_classes)
-    directory, step = ckpt.locate(checkpoint or workdir)
-    abstract = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size, 3)), train=False)
-    )["params"]
-    convert = _check_compatible(directory, step, abstract, config)
-    saved_layout = _other_layout(config, abstract) if convert else abstract
-    split = config.data.eval_split
-    out_dir = epath.Path(eval_dir or epath.Path(workdir) / "eval") / f"{split.replace('/', '_')}_step{step}"
-    _check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
-    mesh = make_mesh()
-    batch_sharding = NamedSharding(mesh, P("data"))
-    eval_fn = jax.jit(functools.partial(eval_step, model=model))
-    step_dir = directory / str(step)
-    out = {}
-    with jax.set_mesh(mesh):
-        for item in ["params"] + (["ema_params"] if "ema_params" in ckpt.saved_items(step_dir) else []):
-            params = ckpt.restore(step_dir, item, saved_layout, sharding=NamedSharding(mesh, P()))
-            if convert:
-                model_ = _layout_model(config, abstract)
-                params = models.convert_params(params, model_, to_scan=model_.scan)
-            it = input_pipeline.create_eval_iterator(
-                config, process_index=jax.process_index(), process_count=jax.process_count()
-            )
-            prefix = "eval_ema_" if item == "ema_params" else "eval_"
-            out |= {prefix + k: v for k, v in evaluate_params(eval_fn, params, it, batch_sharding).items()}
-    if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for old in out_dir.glob("events.out.tfevents.*"):  # an earlier eval of this step: replaced, not doubled
-            old.unlink()
-        record = {"step": step, "checkpoint": str(step_dir), "split": split, **out}
-        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-        tensorboard = TensorBoardWriter(out_dir, split)
-        tensorboard.write_scalars(step, out)
-        tensorboard.close()
+    def next(self, step: int) -> tuple[float, float]:
+        """(images/s since the previous call, seconds left); call once per logged step."""
+        now = time.time()
+        images_per_s = (step - self.step_last) * self.batch_size / (now - self.t_last)
+        eta = (self.total_steps - step) * (now - self.t_start) / max(step - self.start_step, 1)
+        self.t_last, self.step_last = now, step
+        return images_per_s, eta
+
+
+def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list, meter: _Throughput) -> None:
+    """The means of `pending` (then emptied), the lr and the throughput: to the writers and the log."""
+    _check_finite(run, state)
+    means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+    pending.clear()
+    images_per_s, eta = meter.next(step)
+    means |= {"lr": float(run.trainer.schedule(step - 1)), "images_per_s": images_per_s}
+    run.writer.write_scalars(step, means)
     logging.info(
-        "eval of %s step %d on %r: %s. Results: %s",
-        directory, step, split, " | ".join(f"{k} {v:.4f}" for k, v in out.items()), out_dir,
+        "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s",
+        step, run.total_steps, means["loss"], means["lr"], images_per_s, _hms(eta),
     )  # fmt: skip
+
+
+def _evaluate_now(run: _Run, state: TrainState, step: int) -> dict[str, float]:
+    """The eval split's metrics of the parameters (``eval_*``) and of their EMA (``eval_ema_*``), written."""
+    out = {f"eval_{k}": v for k, v in run.trainer.evaluate(state.params, run.data.eval_iterator()).items()}
+    if state.ema_params is not None:
+        ema = run.trainer.evaluate(state.ema_params, run.data.eval_iterator())
+        out |= {f"eval_ema_{k}": v for k, v in ema.items()}
+    run.writer.write_scalars(step, out)
+    logging.info("eval step %d: %s", step, " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
     return out
 
 
-# =============================================================================
-# Small helpers.
-# =============================================================================
-class JsonlWriter:
-    """A clu MetricWriter that appends ``{"step": s, name: value, ...}`` lines to a file."""
-
-    def __init__(self, path: epath.Path):
-        self._path = path
-
-    def write_scalars(self, step: int, scalars) -> None:
-        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-        with self._path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def write_texts(self, step: int, texts) -> None:
-        pass
-
-    def write_hparams(self, hparams) -> None:
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
+def _check_finite(run: _Run, state: TrainState) -> None:
+    """FloatingPointError naming the first step whose loss or gradient was NaN/Inf, and the last good checkpoint."""
+    bad = int(state.bad_step)
+    if bad >= 0:
+        kept = run.mngr.latest_step()
+        where = "No checkpoint was written yet"
+        if kept is not None:
+            where = f"The last good checkpoint (step {kept}) is kept in {run.ckpt_dir}"
+        raise FloatingPointError(
+            f"The loss or gradient became NaN/Inf at step {bad}; training stopped and that update was not "
+            f"applied. {where}. Lower base_lr, enable grad_clip_norm, or use compute_dtype='float32'."
+        )
 
 
-class _ProfileTrace:
-    """A `jax.profiler` trace of steps first .. first+num-1 of config.profile_steps = (first, num) into `logdir`.
-
-    Open the trace with TensorBoard's profile plugin (``tensorboard --logdir=WORKDIR/profile``) or load
-    ``WORKDIR/profile/plugins/profile/<run>/*.xplane.pb`` / ``*.trace.json.gz`` in Perfetto (README).
-    """
-
-    def __init__(self, config, logdir: epath.Path):
-        self.first, self.num = tuple(config.get("profile_steps") or (0, 0))
-        self.logdir, self.active = logdir, False
-
-    def before(self, step: int) -> None:
-        if self.num and step == self.first:
-            jax.profiler.start_trace(str(self.logdir))
-            self.active = True
-
-    def after(self, step: int, state) -> None:
-        if self.active and step == self.first + self.num - 1:
-            jax.block_until_ready(state)
-            self.stop()
-
-    def stop(self) -> None:
-        if self.active:
-            jax.profiler.stop_trace()
-            self.active = False
-            logging.info(
-                "Profiler trace of steps %d-%d written to %s.", self.first, self.first + self.num - 1, self.logdir
-            )
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()  # a run that ends or stops inside the traced steps still writes what it traced
+def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | None) -> None:
+    """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones (the EMA's top-1 when on)."""
+    _check_finite(run, state)
+    args = ckpt.save_args(
+        params=state.params,
+        opt_state=state.opt_state,
+        ema_params=state.ema_params,
+        config=run.saved_config,
+        dataset=run.saved_dataset,
+    )
+    best = {ckpt.BEST_METRIC: metrics.get("eval_ema_top1", metrics["eval_top1"])} if metrics else None
+    run.mngr.save(step, args=args, metrics=best)
 
 
 @contextlib.contextmanager
@@ -783,256 +822,50 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _batch_spec(config, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global train batch as `create_train_iterator` yields it (per process), for compiling ahead of the loop."""
-    shape = (config.batch_size, config.image_size, config.image_size, 3)
-    return {
-        "image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
-        "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=sharding),
-    }
+# =============================================================================
+# Eval-only: evaluate the latest (or a given) checkpoint of a run.
+# =============================================================================
+def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str | None = None) -> dict[str, float]:
+    """Evaluates `checkpoint` (default: `workdir`'s latest) on config.data.eval_split; returns the metrics.
 
-
-def _check_init_from(config, abstract_params) -> None:
-    """`config.init_from` must hold a checkpoint whose parameters, less the head, fit this model (metadata only)."""
-    try:
-        directory, step = ckpt.locate(config.init_from)
-        step_dir = directory / str(step)
-        saved = ckpt.saved_shapes(step_dir, ckpt.params_item(step_dir, ema=config.init_from_ema))
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
-    body = lambda shapes: {k: v for k, v in shapes.items() if not k.startswith("head/")}  # noqa: E731
-    problems = ckpt.shape_mismatch(body(ckpt.flat_shapes(abstract_params)), body(saved))
-    other = _other_layout(config, abstract_params) if problems else None  # saved with the other model.scan
-    if other is not None and not ckpt.shape_mismatch(body(ckpt.flat_shapes(other)), body(saved)):
-        problems = ""
-    if problems:
-        raise ValueError(
-            f"config.init_from={config.init_from!r}: its parameters do not fit {config.model.name}:\n{problems}"
-        )
-
-
-def _last_eval(path: epath.Path) -> dict[str, float]:
-    """The eval metrics of the last eval row of metrics.jsonl ({} when there is none)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    evals = [r for r in rows if "eval_top1" in r]
-    return {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
-
-
-class TensorBoardWriter:
-    """TensorBoard events with tags grouped per split: ``train/loss``, ``train/lr``, ``<eval_split>/top1``,
-    ``<eval_split>/ema_top1``, ...; the example count is text (once), not a curve. Takes metrics.jsonl's flat keys."""
-
-    def __init__(self, logdir: epath.Path, eval_split: str):
-        from clu import metric_writers
-
-        self._writer = metric_writers.SummaryWriter(str(logdir))
-        self._split = eval_split
-        self._counted = False
-
-    def write_scalars(self, step: int, scalars) -> None:
-        named = {}
-        for key, value in scalars.items():
-            if not key.startswith("eval_"):
-                named[f"train/{key}"] = value
-            elif key.endswith("num_examples"):
-                if not self._counted:
-                    self._writer.write_texts(step, {f"{self._split}/num_examples": f"{int(value):,}"})
-                    self._counted = True
-            else:
-                named[f"{self._split}/{key.removeprefix('eval_')}"] = value
-        self._writer.write_scalars(step, named)
-
-    def write_config(self, config) -> None:
-        """The config as text (JSON) and its scalar fields as hparams (``model.name``, ``base_lr``, ...)."""
-        self._writer.write_texts(0, {"config": "```\n" + config.to_json_best_effort(indent=2) + "\n```"})
-        self._writer.write_hparams(_flat_scalars(config.to_dict()))
-
-    def flush(self):
-        self._writer.flush()
-
-    def close(self):
-        self._writer.close()
-
-
-def _flat_scalars(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{'model.name': 's2mlp_tiny', 'base_lr': 0.002, ...}``: every leaf as bool, int, float or str."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= _flat_scalars(value, name + ".")
-        elif value is not None:
-            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    return flat
-
-
-def _check_finite_floats(config, prefix: str = "config") -> None:
-    """Every float field of `config` must be finite: ``--config.base_lr=inf`` is refused here."""
-    for key, value in config.items():
-        if isinstance(value, dict | ml_collections.ConfigDict):
-            _check_finite_floats(value, f"{prefix}.{key}")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{prefix}.{key}={value} must be a finite number.")
-
-
-def _drop_rows_after(path: epath.Path, step: int) -> None:
-    """Rewrites metrics.jsonl (atomically) without rows after `step`: after a resume each step appears once."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        tmp = path.parent / (path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
-        logging.info("Dropped %d rows after step %d from %s (trained again).", len(lines) - len(kept), step, path)
-
-
-def _check_writable(path: epath.Path, flag: str) -> None:
-    """`path` (or, when it does not exist yet, its nearest existing parent) must be a writable folder."""
-    if "://" in str(path):  # a bucket: its permissions show only on the first write
-        return
-    existing = path
-    while not os.path.exists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not os.path.isdir(existing):
-        raise ValueError(f"{flag}={path}: {existing} is not a folder; choose another {flag}.")
-    for p in [existing] + [existing / name for name in ("config.json", "metrics.jsonl", ckpt.CHECKPOINTS, LOCK_FILE)]:
-        if os.path.exists(p) and not os.access(p, os.W_OK):
-            raise ValueError(
-                f"{flag}={path}: {p} is not writable (read-only file system or permissions); choose a writable "
-                f"{flag}{' (or --eval_dir for --mode=eval)' if flag == '--workdir' else ''}."
-            )
-
-
-LOCK_FILE = ".lock"
-
-
-class WorkdirLock:
-    """An exclusive `fcntl.flock` on ``WORKDIR/.lock`` while a trainer runs in WORKDIR.
-
-    Process 0 takes it (creating WORKDIR) and tells the other processes whether it got it. The file names
-    its holder (pid, host, start time) and is emptied when the run ends; it is never deleted while in use
-    (deleting a lock file races with the next taker). The kernel releases the lock when its process dies,
-    so a killed run never blocks its resume. A run that fails before `started()` puts the file (and a
-    workdir it created) back as they were. Workdirs on buckets (``gs://``) are not locked.
+    The results get their own folder, ``<eval_dir>/<split>_step<N>/`` (default eval_dir: ``<workdir>/eval``):
+    ``metrics.json`` (metrics.jsonl's keys) and TensorBoard events tagged ``<split>/top1``, ... They add no
+    point to the training curves, and nothing else is written, so a read-only run can be evaluated with
+    ``--eval_dir`` elsewhere.
     """
+    import input_pipeline
 
-    def __init__(self, workdir: epath.Path):
-        self._path = workdir / LOCK_FILE
-        self._fd: int | None = None
-        self._started = False
-        self._undo: list[Any] = []  # what __exit__ does when the run failed before it started
-
-    def __enter__(self) -> WorkdirLock:
-        from jax.experimental import multihost_utils
-
-        error = ""
-        if jax.process_index() == 0 and "://" not in str(self._path):
-            error = self._take()
-        elif jax.process_index() == 0:
-            logging.warning("%s is not a local path: it is not locked against a second trainer.", self._path.parent)
-        if jax.process_count() > 1:
-            busy = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-            error = error or (f"process 0 found --workdir={self._path.parent} in use by another trainer." * int(busy))
-        if error:
-            self.__exit__()
-            raise WorkdirBusy(error)
-        return self
-
-    def _take(self) -> str:
-        """Locks the file and writes the holder into it; '' when done, else why not."""
-        workdir = self._path.parent
-        if not workdir.exists():
-            workdir.mkdir(parents=True)
-            self._undo.append(lambda: os.rmdir(workdir) if not os.listdir(workdir) else None)
-        existed = self._path.exists()
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder not recorded"
-            os.close(fd)
-            return (
-                f"--workdir={workdir} is in use by another trainer ({holder}). Wait for it to end "
-                "(or stop it: SIGTERM saves a checkpoint), or choose another --workdir. Nothing was changed."
-            )
-        self._fd = fd
-        if existed:
-            st, content = os.fstat(fd), os.pread(fd, 1 << 16, 0)
-            self._undo.insert(0, lambda: self._write(content, times=(st.st_atime_ns, st.st_mtime_ns)))
-        else:
-            self._undo.insert(0, lambda: os.unlink(self._path))
-        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-        self._write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
-        return ""
-
-    def _write(self, content: bytes, times: tuple[int, int] | None = None) -> None:
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, content, 0)
-        if times:
-            os.utime(self._fd, ns=times)
-
-    def started(self) -> None:
-        """The run passed every check and writes into the workdir from here on: no undo on failure."""
-        self._started = True
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None and self._started:
-            os.ftruncate(self._fd, 0)
-        for undo in [] if self._started else self._undo:
-            undo()
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
-        self._undo.clear()
-
-
-class Stopped(Exception):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; main.py exits with EXIT_STOPPED."""
-
-
-class StopSignals:
-    """SIGTERM and SIGINT ask the train loop to stop after the current step (it saves a checkpoint there).
-
-    A second signal ends the process at once (the first restores the default handlers, so the shell sees
-    128 + signum). One process: the handler sets a flag that the loop reads after every step. Several
-    processes must stop at the same step: there SIGTERM is left to JAX's preemption service
-    (`jax.distributed.initialize` starts it; it catches SIGTERM on any process) and the loop asks
-    `multihost_utils.reached_preemption_sync_point(step)` after every step, which turns True on every
-    process at the same step. SIGINT keeps Python's default there (stop at once; rerunning resumes from
-    the last periodic checkpoint).
-    """
-
-    def __init__(self):
-        from jax._src import distributed  # whether jax.distributed started the preemption service
-
-        self.received: str | None = None
-        manager = getattr(getattr(distributed, "global_state", None), "preemption_sync_manager", None)
-        self._synced = jax.process_count() > 1 and manager is not None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-        for other in self._previous:
-            signal.signal(other, signal.SIG_DFL)  # the next one ends the process, even inside a long XLA call
-        logging.warning("%s received: stopping after the current step (a second signal ends at once).", self.received)
-
-    def should_stop(self, step: int) -> bool:
-        if self._synced:
-            from jax.experimental import multihost_utils
-
-            if multihost_utils.reached_preemption_sync_point(step):
-                self.received = self.received or "SIGTERM"
-        return self.received is not None
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+    validate_config(config, num_devices=jax.device_count())
+    data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
+    trainer = setup_from_config(config, data.info.num_classes)
+    directory, step = ckpt.locate(checkpoint or workdir)
+    convert = _check_compatible(directory, step, trainer, config)
+    split = config.data.eval_split
+    out_dir = epath.Path(eval_dir or epath.Path(workdir) / "eval") / f"{split.replace('/', '_')}_step{step}"
+    runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
+    step_dir = directory / str(step)
+    targets = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        trainer.abstract.params,
+        trainer.shardings.params,
+    )
+    out = {}
+    with jax.set_mesh(trainer.mesh):
+        for item in ckpt.param_items(step_dir):
+            params = _restore(step_dir, {item: targets}, trainer.model, convert, trainer.replicated)[item]
+            prefix = "eval_ema_" if item == ckpt.EMA_PARAMS else "eval_"
+            out |= {prefix + k: v for k, v in trainer.evaluate(params, data.eval_iterator()).items()}
+    if jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in out_dir.glob("events.out.tfevents.*"):  # an earlier eval of this step: replaced, not doubled
+            old.unlink()
+        record = {"step": step, "checkpoint": str(step_dir), "split": split, **out}
+        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        tensorboard = runs.TensorBoardWriter(out_dir, split)
+        tensorboard.write_scalars(step, out)
+        tensorboard.close()
+    logging.info(
+        "eval of %s step %d on %r: %s. Results: %s",
+        directory, step, split, " | ".join(f"{k} {v:.4f}" for k, v in out.items()), out_dir,
+    )  # fmt: skip
+    return out

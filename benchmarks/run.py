@@ -45,17 +45,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import functools
 import gc
 import math
-import os
-import platform
 import re
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +60,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import train_lib
+from benchmarks.common import fmt, header, markdown_table, now, spread
 from s2mlp import models
 from s2mlp.flops import cost_flops, count_macs
 from s2mlp.models.s2mlp import S2MLP
@@ -108,19 +105,15 @@ SHIFT_COLUMNS = (
 # =============================================================================
 # The recipe the train step runs with (no ml_collections needed).
 # =============================================================================
-def recipe_config(batch_size: int) -> SimpleNamespace:
-    """The fields `train_lib.train_step` and the optimizer read, at S²-MLPv2's recipe (S²-MLPv2 paper §5)."""
-    return SimpleNamespace(
-        batch_size=batch_size,
-        grad_accum_steps=1,
-        base_lr=2e-3,
-        min_lr=1e-5,
-        warmup_epochs=10,
-        weight_decay=0.05,
-        grad_clip_norm=0.0,
-        ema_decay=0.99996,
-        augment=SimpleNamespace(label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch_prob=0.5),
+def recipe(batch_size: int) -> tuple[train_lib.OptimizerOptions, train_lib.StepOptions]:
+    """The optimizer and train-step fields of S²-MLPv2's recipe (S²-MLPv2 paper §5; configs/common.py's "v2")."""
+    optimizer = train_lib.OptimizerOptions(
+        batch_size=batch_size, base_lr=2e-3, min_lr=1e-5, warmup_epochs=10, weight_decay=0.05, grad_clip_norm=0.0
     )
+    options = train_lib.StepOptions(
+        label_smoothing=0.1, mixup=0.8, cutmix=1.0, mix_switch_prob=0.5, grad_accum_steps=1, ema_decay=0.99996
+    )
+    return optimizer, options
 
 
 DROP_PATH_RATE = 0.1
@@ -172,27 +165,6 @@ def fit_image_size(name: str, size: int) -> int:
 # =============================================================================
 # Machine: description, dense-matmul rate, peak memory.
 # =============================================================================
-def machine_description() -> str:
-    devices = jax.devices()
-    kinds = sorted({d.device_kind for d in devices})
-    text = f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} × {', '.join(kinds)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        import psutil
-
-        ram = f", {psutil.virtual_memory().total / 2**30:.1f} GiB RAM"
-    except ImportError:
-        ram = ""
-    return f"{text}; host: {cpu}, {cores} cores{ram}"
-
-
 def matmul_flops_per_s(mesh, n: int, dtype, repeats: int) -> float:
     """Best-of-`repeats` FLOP/s of one square n×n @ n×n matmul on every device at once."""
     devices = mesh.shape["data"]
@@ -280,44 +252,33 @@ class ModelBench:
             **(overrides or {}),
             **(blocks or {}),
         )
-        config = recipe_config(batch)
-        schedule = train_lib.learning_rate_schedule(config, STEPS_PER_EPOCH, NUM_EPOCHS * STEPS_PER_EPOCH)
-        tx = train_lib.make_optimizer(config, schedule)
-        init = functools.partial(train_lib.init_state, model=self.model, tx=tx, image_size=image_size, use_ema=True)
-        init_rng = jax.random.key(0)
-        abstract = jax.eval_shape(init, init_rng)
-        shardings = train_lib.state_sharding(mesh, abstract, fsdp=False)
-        batch_sharding = NamedSharding(mesh, P("data"))
-        replicated = NamedSharding(mesh, P())
-        self.params_count = sum(x.size for x in jax.tree.leaves(abstract.params))
+        optimizer, options = recipe(batch)
+        self.trainer = train_lib.setup(
+            self.model,
+            image_size=image_size,
+            optimizer=optimizer,
+            options=options,
+            steps_per_epoch=STEPS_PER_EPOCH,
+            total_steps=NUM_EPOCHS * STEPS_PER_EPOCH,
+            mesh=mesh,
+        )
+        self.params_count = sum(x.size for x in jax.tree.leaves(self.trainer.abstract.params))
         self.macs = count_macs(self.model, image_size=image_size, batch=1)
-
-        self.train_fn = jax.jit(
-            functools.partial(train_lib.train_step, model=self.model, tx=tx, config=config, num_classes=NUM_CLASSES),
-            in_shardings=(shardings, batch_sharding, replicated),
-            out_shardings=(shardings, replicated),
-            donate_argnums=0,
-        )
-        self.eval_fn = jax.jit(
-            functools.partial(train_lib.eval_step, model=self.model), in_shardings=(shardings.params, batch_sharding)
-        )
-        self.state = jax.jit(init, out_shardings=shardings)(init_rng)
+        self.state = self.trainer.init(jax.random.key(0))
         rng = np.random.default_rng(0)
         images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
         labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
-        self.train_batch = train_lib.to_global({"image": images, "label": labels}, batch_sharding)
-        self.eval_batch = train_lib.to_global(
-            {"image": images, "label": labels, "mask": np.ones(batch, np.float32)}, batch_sharding
-        )
-        self.rng = jax.device_put(jax.random.key(1), replicated)
+        self.train_batch = self.trainer.to_global({"image": images, "label": labels})
+        self.eval_batch = self.trainer.to_global({"image": images, "label": labels, "mask": np.ones(batch, np.float32)})
+        self.rng = jax.device_put(jax.random.key(1), self.trainer.replicated)
         self.train_cpu_s: list[float] = []
 
     def compile(self) -> None:
         start = time.perf_counter()
-        self.train_compiled = self.train_fn.lower(self.state, self.train_batch, self.rng).compile()
+        self.train_compiled = self.trainer.train_step.lower(self.state, self.train_batch, self.rng).compile()
         self.train_compile_s = time.perf_counter() - start
         start = time.perf_counter()
-        self.eval_compiled = self.eval_fn.lower(self.state.params, self.eval_batch).compile()
+        self.eval_compiled = self.trainer.eval_step.lower(self.state.params, self.eval_batch).compile()
         self.eval_compile_s = time.perf_counter() - start
         self.xla_train_flops = cost_flops(self.train_compiled.cost_analysis())
         mem = self.train_compiled.memory_analysis()
@@ -394,31 +355,13 @@ def mixup_exchange(mesh, *, batch: int, image_size: int, repeats: int) -> str:
             if i:  # the first round warms up
                 times[name].append(t * 1e3)
     lines = ["| mixing | best (ms) | median [min–max] (ms) |", "|---|---|---|"]
-    lines += [f"| {k} | {_fmt(min(v))} | {_spread(v)} |" for k, v in times.items()]
+    lines += [f"| {k} | {fmt(min(v))} | {spread(v)} |" for k, v in times.items()]
     return "\n".join(lines)
 
 
 # =============================================================================
 # Rows and the markdown tables.
 # =============================================================================
-def _fmt(x: float) -> str:
-    """3 significant digits, no exponent for ordinary magnitudes."""
-    if not math.isfinite(x):
-        return str(x)
-    a = abs(x)
-    if a >= 100:
-        return f"{x:.0f}"
-    if a >= 10:
-        return f"{x:.1f}"
-    if a >= 1:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
-
-
-def _spread(values: list[float]) -> str:
-    return f"{_fmt(statistics.median(values))} [{_fmt(min(values))}–{_fmt(max(values))}]"
-
-
 def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
     """The figures of one bench; ``cells`` holds the table's strings in COLUMNS order."""
     train_med, eval_med = statistics.median(bench.train_s), statistics.median(bench.eval_s)
@@ -452,19 +395,19 @@ def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
         str(row["image"]),
         str(row["batch"]),
         row["dtype"],
-        _fmt(row["params"] / 1e6),
-        _fmt(row["fwd_macs_per_image"] / 1e9),
-        _fmt(row["compile_train_s"]),
-        _fmt(row["compile_eval_s"]),
-        _spread(row["eval_images_per_s"]),
-        _spread(row["train_images_per_s"]),
-        _spread(row["train_step_s"]),
-        _fmt(row["train_cpu_s_per_image"]),
-        _fmt(row["peak_bytes"] / 2**30),
-        _fmt(row["xla_train_bytes"] / 2**30),
-        _fmt(row["xla_train_flops_per_image"] / 1e9),
-        _fmt(row["train_flops_per_s"] / 1e12),
-        _fmt(100 * row["train_mfu"]),
+        fmt(row["params"] / 1e6),
+        fmt(row["fwd_macs_per_image"] / 1e9),
+        fmt(row["compile_train_s"]),
+        fmt(row["compile_eval_s"]),
+        spread(row["eval_images_per_s"]),
+        spread(row["train_images_per_s"]),
+        spread(row["train_step_s"]),
+        fmt(row["train_cpu_s_per_image"]),
+        fmt(row["peak_bytes"] / 2**30),
+        fmt(row["xla_train_bytes"] / 2**30),
+        fmt(row["xla_train_flops_per_image"] / 1e9),
+        fmt(row["train_flops_per_s"] / 1e12),
+        fmt(100 * row["train_mfu"]),
     ]
     return row
 
@@ -490,20 +433,14 @@ def shift_row(shifted: ModelBench, identity: ModelBench) -> dict:
         row["model"],
         str(row["image"]),
         str(row["batch"]),
-        _fmt(t_shift),
-        _fmt(t_id),
+        fmt(t_shift),
+        fmt(t_id),
         f"{row['train_overhead_pct']:+.1f}",
         f"{statistics.median(paired):+.1f} [{min(paired):+.1f} – {max(paired):+.1f}]",
         f"{eval_overhead:+.1f}",
         f"{cpu_overhead:+.1f}",
     ]
     return row
-
-
-def markdown_table(columns, rows) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row["cells"]) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # =============================================================================
@@ -564,16 +501,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if batch < 1 or batch % devices:
             p.error(f"batch {batch} must be a positive multiple of the device count ({devices})")
     return args
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def header(argv: list[str], extra: list[str], started: str) -> str:
-    lines = [f"### benchmarks.run, {started} to {now()}", "", f"`python -m benchmarks.run {' '.join(argv)}`", ""]
-    lines += [f"- {machine_description()}"] + [f"- {x}" for x in extra]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -638,7 +565,7 @@ def main(argv: list[str] | None = None) -> dict:
     extra = [
         f"dense matmul: {n}³ {args.dtype} per device, best of {args.matmul_repeats}: "
         f"{matmul / 1e12:.3f} TFLOP/s (before the models {matmul_before / 1e12:.3f}, after {matmul_after / 1e12:.3f})",
-        f"train step: train_lib.train_step (AdamW, EMA {recipe_config(1).ema_decay}, Mixup 0.8 / CutMix 1.0, "
+        f"train step: train_lib.train_step (AdamW, EMA {recipe(1)[1].ema_decay}, Mixup 0.8 / CutMix 1.0, "
         f"label smoothing 0.1, DropPath {DROP_PATH_RATE}); eval step: train_lib.eval_step; random inputs",
         f"timings: median [min–max] of {args.repeats} calls after {args.warmup} warm-up call(s), to block_until_ready",
         "train TFLOP/s = 6 × fwd MACs × batch / median step (matmul and conv MACs from s2mlp.flops.count_macs, "

@@ -73,6 +73,25 @@ def save_args(*, params, opt_state, ema_params, config: dict, dataset: dict) -> 
     return ocp.args.Composite(**args, **{CONFIG: ocp.args.JsonSave(config), DATASET: ocp.args.JsonSave(dataset)})
 
 
+def state_items(state: Any, *, ema: bool) -> dict[str, Any]:
+    """``{item: tree}`` of a training state's saved items (`state` has params, opt_state, ema_params), the EMA
+    only with `ema`: the restore targets of `restore_state`."""
+    items = {PARAMS: state.params, OPT_STATE: state.opt_state}
+    return items | ({EMA_PARAMS: state.ema_params} if ema else {})
+
+
+def param_items(step_dir: epath.PathLike) -> list[str]:
+    """The parameter items saved in a step: PARAMS, then EMA_PARAMS when the run had an EMA."""
+    return [PARAMS] + ([EMA_PARAMS] if EMA_PARAMS in saved_items(step_dir) else [])
+
+
+def latest_step(directory: epath.PathLike) -> int | None:
+    """The latest complete step in a checkpoints folder; None when it holds none (or does not exist)."""
+    directory = epath.Path(directory)
+    steps = ocp.utils.checkpoint_steps(directory) if directory.exists() else []
+    return max(steps) if steps else None
+
+
 def restore_state(step_dir: epath.PathLike, targets: dict[str, Any]) -> dict[str, Any]:
     """`{item: arrays}` for each `{item: abstract tree}` of `targets` (leaves keep their shardings).
 

@@ -108,18 +108,21 @@ def test_image_sizes_fit_the_model():
     assert run.fit_image_size("s2mlp_wide", 288) == 288
 
 
-def test_recipe_config_is_the_training_recipe():
+def test_recipe_is_the_training_recipe():
     # The benchmark keeps a TensorFlow-free copy of the fields the train step reads: they must be the v2 recipe's.
     pytest.importorskip("ml_collections")
+    import train_lib
     from configs import common
 
-    config, recipe = run.recipe_config(8), common.get_config("v2")
-    assert config.batch_size == 8
-    for field in ("grad_accum_steps", "base_lr", "min_lr", "warmup_epochs", "weight_decay", "grad_clip_norm",
-                  "ema_decay"):  # fmt: skip
-        assert getattr(config, field) == recipe[field], field
+    (optimizer, options), recipe = run.recipe(8), common.get_config("v2")
+    assert optimizer.batch_size == 8
+    for field in ("base_lr", "min_lr", "warmup_epochs", "weight_decay", "grad_clip_norm"):
+        assert getattr(optimizer, field) == recipe[field], field
+    for field in ("grad_accum_steps", "ema_decay"):
+        assert getattr(options, field) == recipe[field], field
     for field in ("label_smoothing", "mixup", "cutmix", "mix_switch_prob"):
-        assert getattr(config.augment, field) == recipe.augment[field], field
+        assert getattr(options, field) == recipe.augment[field], field
+    assert options == train_lib.StepOptions.from_config(recipe)
     assert run.DROP_PATH_RATE == recipe.model.drop_path_rate and run.NUM_EPOCHS == recipe.num_epochs
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import main
-import train_lib
+from s2mlp import models
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2
 
@@ -55,16 +55,16 @@ def test_one_field_merges_into_the_configs_own_overrides():
     config = _parse(
         "--config=configs/demo.py", "--config.model.overrides.shift_pattern=eight", "--config.batch_size=32"
     )
-    # configs/demo.py sets hidden_dim, num_blocks, expansion and patch_size: they stay.
+    # configs/demo.py sets hidden_dim, num_blocks, mlp_ratio and patch_size: they stay.
     assert config.model.overrides.to_dict() == {
         "hidden_dim": 64,
         "num_blocks": 4,
-        "expansion": 2,
+        "mlp_ratio": 2,
         "patch_size": 4,
         "shift_pattern": "eight",
     }
     assert config.batch_size == 32  # the other --config.* flags still work
-    model = train_lib.build_model(config, num_classes=10)
+    model = models.from_config(config, num_classes=10)
     assert isinstance(model, S2MLP) and (model.shift_pattern, model.hidden_dim, model.num_blocks) == ("eight", 64, 4)
 
 
@@ -74,7 +74,7 @@ def test_an_existing_field_is_replaced_and_a_whole_dict_merges():
         "--config.model.overrides.hidden_dim=96",
         '--config.model.overrides={"num_blocks": 2}',
     )
-    assert config.model.overrides.to_dict() == {"hidden_dim": 96, "num_blocks": 2, "expansion": 2, "patch_size": 4}
+    assert config.model.overrides.to_dict() == {"hidden_dim": 96, "num_blocks": 2, "mlp_ratio": 2, "patch_size": 4}
 
 
 def test_s2mlpv2_shift_patterns_on_an_empty_overrides():
@@ -84,7 +84,7 @@ def test_s2mlpv2_shift_patterns_on_an_empty_overrides():
         "--config.model.overrides.mlp_ratio=3",
     )
     assert config.model.overrides.to_dict() == {"shift_patterns": ("none", "none"), "mlp_ratio": 3}
-    model = train_lib.build_model(config, num_classes=10)
+    model = models.from_config(config, num_classes=10)
     assert isinstance(model, S2MLPv2) and model.shift_patterns == ("none", "none") and model.mlp_ratio == 3
 
 
@@ -146,3 +146,15 @@ def test_library_warnings_show_once_and_library_info_not_at_all():
     assert quiet.filter(record(lib, logging.WARNING, "another warning"))
     assert not quiet.filter(record(lib, logging.INFO, "saving"))
     assert [quiet.filter(record(str(ROOT / "train_lib.py"), logging.INFO, "step 1")) for _ in range(2)] == [True, True]
+
+
+def test_own_info_lines_show_when_the_package_is_installed_in_site_packages():
+    import logging
+
+    quiet = main._QuietLibraries()
+    quiet._package = "/venv/lib/python3.11/site-packages/s2mlp/"  # as after a non-editable `pip install .`
+    record = lambda path: logging.LogRecord("absl", logging.INFO, path, 7, "msg", (), None)  # noqa: E731
+    assert quiet.filter(record("/venv/lib/python3.11/site-packages/s2mlp/inference.py"))
+    assert quiet.filter(record(str(ROOT / "train_lib.py")))
+    assert not quiet.filter(record("/venv/lib/python3.11/site-packages/orbax/checkpoint_manager.py"))
+    assert not quiet.filter(record(str(ROOT / ".venv/lib/python3.11/site-packages/jax/_src/xla_bridge.py")))

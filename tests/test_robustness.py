@@ -17,6 +17,7 @@ import tensorflow as tf
 
 import train_lib
 from configs import tiny
+from s2mlp import runs
 from tests.test_training import LONG, _losses, _main, _rows, _snapshot, _write_image_folder, ocp_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -345,6 +346,6 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)] + [{"step": 2, "eval_top1": 0.5}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train_lib._drop_rows_after(path, 2)
+    runs.drop_rows_after(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[1], rows[4]]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()

@@ -30,7 +30,7 @@ from s2mlp.models.s2mlp import S2MLPBlock
 CASES = {
     "s2mlp_tiny": (dict(num_blocks=3), 16),
     "s2mlp_tiny_affine": (dict(num_blocks=3, norm="affine"), 16),
-    "s2mlpv2_tiny": (dict(num_blocks=(2, 3)), 24),
+    "s2mlpv2_tiny": (dict(depths=(2, 3)), 24),
 }
 
 
@@ -191,11 +191,11 @@ def test_checkpoints_resume_evaluate_and_fine_tune_across_layouts(tiny_s2mlp_run
 
     config = _config(scan=True, total_steps=1)
     config.init_from = tiny_s2mlp_run
-    model = train_lib.build_model(config, 10)
-    fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))["params"]
-    train_lib._check_init_from(config, fresh)
+    model = models.from_config(config, 10)
+    fresh = models.abstract_params(model, 16)
+    train_lib._check_init_from(config, model, fresh)
     fresh = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), fresh)
-    params = train_lib._fine_tune_params(config, fresh)
+    params = train_lib._fine_tune_params(config, model, fresh)
     saved = ckpt.restore(Path(tiny_s2mlp_run) / "checkpoints" / "6", "ema_params")
     np.testing.assert_array_equal(params["blocks"]["fc2"]["kernel"][1], saved["block_1"]["fc2"]["kernel"])
 

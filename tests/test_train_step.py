@@ -1,12 +1,9 @@
 """The train step, optimizer and config checks of train_lib, without the input pipeline."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import train_lib
@@ -16,19 +13,11 @@ NUM_CLASSES = 10
 
 
 def _setup(config, devices, fsdp=False):
-    model = train_lib.build_model(config, NUM_CLASSES)
-    tx = train_lib.make_optimizer(config, train_lib.learning_rate_schedule(config, 10, 100))
-    mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-    init = functools.partial(train_lib.init_state, model=model, tx=tx, image_size=config.image_size, use_ema=True)
-    shardings = train_lib.state_sharding(mesh, jax.eval_shape(init, jax.random.key(0)), fsdp)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    step = jax.jit(
-        functools.partial(train_lib.train_step, model=model, tx=tx, config=config, num_classes=NUM_CLASSES),
-        in_shardings=(shardings, batch_sharding, replicated),
-        out_shardings=(shardings, replicated),
+    config.fsdp = fsdp
+    trainer = train_lib.setup_from_config(
+        config, NUM_CLASSES, steps_per_epoch=10, total_steps=100, mesh=train_lib.make_mesh(devices)
     )
-    return state, step, batch_sharding
+    return trainer.init(jax.random.key(0)), trainer.train_step, trainer.batch_sharding
 
 
 def _batch(n, size, seed=0):
@@ -105,7 +94,7 @@ def test_non_finite_loss_skips_the_update_and_records_the_step():
 def test_weight_decay_skips_biases_and_norm_scales():
     config = tiny.get_config("s2mlp_tiny")
     config.weight_decay = 0.5
-    tx = train_lib.make_optimizer(config, lambda step: 1.0)
+    tx = train_lib.make_optimizer(train_lib.OptimizerOptions.from_config(config), lambda step: 1.0)
     params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "norm": {"scale": jnp.ones(2)}}
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero, tx.init(params), params)
@@ -117,7 +106,8 @@ def test_weight_decay_skips_biases_and_norm_scales():
 def test_learning_rate_schedule_warmup_then_cosine():
     config = common.get_config()
     config.batch_size, config.base_lr, config.min_lr, config.warmup_epochs = 512, 2e-3, 1e-5, 2
-    schedule = train_lib.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+    options = train_lib.OptimizerOptions.from_config(config)
+    schedule = train_lib.learning_rate_schedule(options, steps_per_epoch=10, total_steps=100)
     peak = 2e-3 * 512 / 1024
     assert float(schedule(0)) == 0.0
     np.testing.assert_allclose(float(schedule(10)), peak / 2, rtol=1e-6)

@@ -1,0 +1,310 @@
+"""What surrounds the train loop: the workdir's lock and files, metric writers, stop signals, the profiler.
+
+TF-free at import (clu, which TensorBoard events need, is imported by `TensorBoardWriter`).
+A workdir holds ``config.json``, ``metrics.jsonl`` (one JSON row per logged step), TensorBoard
+events, ``checkpoints/`` (`s2mlp.checkpoint`) and ``.lock`` (`WorkdirLock`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from s2mlp import checkpoint as ckpt
+
+# Exit status of main.py when SIGTERM/SIGINT stopped training after saving a checkpoint (sysexits' EX_TEMPFAIL:
+# "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
+EXIT_STOPPED = 75
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live trainer holds the workdir's lock."""
+
+
+class JsonlWriter:
+    """A clu MetricWriter that appends ``{"step": s, name: value, ...}`` lines to a file."""
+
+    def __init__(self, path: epath.Path):
+        self._path = path
+
+    def write_scalars(self, step: int, scalars) -> None:
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        with self._path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_texts(self, step: int, texts) -> None:
+        pass
+
+    def write_hparams(self, hparams) -> None:
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class ProfileTrace:
+    """A `jax.profiler` trace of steps first .. first+num-1 into `logdir`; `steps` = (first, num), config.profile_steps.
+
+    Open the trace with TensorBoard's profile plugin (``tensorboard --logdir=WORKDIR/profile``) or load
+    ``WORKDIR/profile/plugins/profile/<run>/*.xplane.pb`` / ``*.trace.json.gz`` in Perfetto (README).
+    """
+
+    def __init__(self, steps: tuple[int, int], logdir: epath.Path):
+        self.first, self.num = tuple(steps or (0, 0))
+        self.logdir, self.active = logdir, False
+
+    def before(self, step: int) -> None:
+        if self.num and step == self.first:
+            jax.profiler.start_trace(str(self.logdir))
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step == self.first + self.num - 1:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            logging.info(
+                "Profiler trace of steps %d-%d written to %s.", self.first, self.first + self.num - 1, self.logdir
+            )
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()  # a run that ends or stops inside the traced steps still writes what it traced
+
+
+def last_eval(path: epath.Path) -> dict[str, float]:
+    """The eval metrics of the last eval row of metrics.jsonl ({} when there is none)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    evals = [r for r in rows if "eval_top1" in r]
+    return {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
+
+
+class TensorBoardWriter:
+    """TensorBoard events with tags grouped per split: ``train/loss``, ``train/lr``, ``<eval_split>/top1``,
+    ``<eval_split>/ema_top1``, ...; the example count is text (once), not a curve. Takes metrics.jsonl's flat keys."""
+
+    def __init__(self, logdir: epath.Path, eval_split: str):
+        from clu import metric_writers
+
+        self._writer = metric_writers.SummaryWriter(str(logdir))
+        self._split = eval_split
+        self._counted = False
+
+    def write_scalars(self, step: int, scalars) -> None:
+        named = {}
+        for key, value in scalars.items():
+            if not key.startswith("eval_"):
+                named[f"train/{key}"] = value
+            elif key.endswith("num_examples"):
+                if not self._counted:
+                    self._writer.write_texts(step, {f"{self._split}/num_examples": f"{int(value):,}"})
+                    self._counted = True
+            else:
+                named[f"{self._split}/{key.removeprefix('eval_')}"] = value
+        self._writer.write_scalars(step, named)
+
+    def write_config(self, config) -> None:
+        """The config as text (JSON) and its scalar fields as hparams (``model.name``, ``base_lr``, ...)."""
+        self._writer.write_texts(0, {"config": "```\n" + config.to_json_best_effort(indent=2) + "\n```"})
+        self._writer.write_hparams(flat_scalars(config.to_dict()))
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def flat_scalars(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'model.name': 's2mlp_tiny', 'base_lr': 0.002, ...}``: every leaf as bool, int, float or str."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flat_scalars(value, name + ".")
+        elif value is not None:
+            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return flat
+
+
+def drop_rows_after(path: epath.Path, step: int) -> None:
+    """Rewrites metrics.jsonl (atomically) without rows after `step`: after a resume each step appears once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+        logging.info("Dropped %d rows after step %d from %s (trained again).", len(lines) - len(kept), step, path)
+
+
+def check_writable(path: epath.Path, flag: str) -> None:
+    """`path` (or, when it does not exist yet, its nearest existing parent) must be a writable folder."""
+    if "://" in str(path):  # a bucket: its permissions show only on the first write
+        return
+    existing = path
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag}={path}: {existing} is not a folder; choose another {flag}.")
+    for p in [existing] + [existing / name for name in ("config.json", "metrics.jsonl", ckpt.CHECKPOINTS, LOCK_FILE)]:
+        if os.path.exists(p) and not os.access(p, os.W_OK):
+            raise ValueError(
+                f"{flag}={path}: {p} is not writable (read-only file system or permissions); choose a writable "
+                f"{flag}{' (or --eval_dir for --mode=eval)' if flag == '--workdir' else ''}."
+            )
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLock:
+    """An exclusive `fcntl.flock` on ``WORKDIR/.lock`` while a trainer runs in WORKDIR.
+
+    Process 0 takes it (creating WORKDIR) and tells the other processes whether it got it. The file names
+    its holder (pid, host, start time) and is emptied when the run ends; it is never deleted while in use
+    (deleting a lock file races with the next taker). The kernel releases the lock when its process dies,
+    so a killed run never blocks its resume. A run that fails before `started()` puts the file (and a
+    workdir it created) back as they were. Workdirs on buckets (``gs://``) are not locked.
+    """
+
+    def __init__(self, workdir: epath.Path):
+        self._path = workdir / LOCK_FILE
+        self._fd: int | None = None
+        self._started = False
+        self._undo: list[Any] = []  # what __exit__ does when the run failed before it started
+
+    def __enter__(self) -> WorkdirLock:
+        from jax.experimental import multihost_utils
+
+        error = ""
+        if jax.process_index() == 0 and "://" not in str(self._path):
+            error = self._take()
+        elif jax.process_index() == 0:
+            logging.warning("%s is not a local path: it is not locked against a second trainer.", self._path.parent)
+        if jax.process_count() > 1:
+            busy = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+            error = error or (f"process 0 found --workdir={self._path.parent} in use by another trainer." * int(busy))
+        if error:
+            self.__exit__()
+            raise WorkdirBusy(error)
+        return self
+
+    def _take(self) -> str:
+        """Locks the file and writes the holder into it; '' when done, else why not."""
+        workdir = self._path.parent
+        if not workdir.exists():
+            workdir.mkdir(parents=True)
+            self._undo.append(lambda: os.rmdir(workdir) if not os.listdir(workdir) else None)
+        existed = self._path.exists()
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "holder not recorded"
+            os.close(fd)
+            return (
+                f"--workdir={workdir} is in use by another trainer ({holder}). Wait for it to end "
+                "(or stop it: SIGTERM saves a checkpoint), or choose another --workdir. Nothing was changed."
+            )
+        self._fd = fd
+        if existed:
+            st, content = os.fstat(fd), os.pread(fd, 1 << 16, 0)
+            self._undo.insert(0, lambda: self._write(content, times=(st.st_atime_ns, st.st_mtime_ns)))
+        else:
+            self._undo.insert(0, lambda: os.unlink(self._path))
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        self._write(f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+        return ""
+
+    def _write(self, content: bytes, times: tuple[int, int] | None = None) -> None:
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, content, 0)
+        if times:
+            os.utime(self._fd, ns=times)
+
+    def started(self) -> None:
+        """The run passed every check and writes into the workdir from here on: no undo on failure."""
+        self._started = True
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None and self._started:
+            os.ftruncate(self._fd, 0)
+        for undo in [] if self._started else self._undo:
+            undo()
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+        self._undo.clear()
+
+
+class Stopped(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; main.py exits with EXIT_STOPPED."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT ask the train loop to stop after the current step (it saves a checkpoint there).
+
+    A second signal ends the process at once (the first restores the default handlers, so the shell sees
+    128 + signum). One process: the handler sets a flag that the loop reads after every step. Several
+    processes must stop at the same step: there SIGTERM is left to JAX's preemption service
+    (`jax.distributed.initialize` starts it; it catches SIGTERM on any process) and the loop asks
+    `multihost_utils.reached_preemption_sync_point(step)` after every step, which turns True on every
+    process at the same step. SIGINT keeps Python's default there (stop at once; rerunning resumes from
+    the last periodic checkpoint).
+    """
+
+    def __init__(self):
+        from jax._src import distributed  # whether jax.distributed started the preemption service
+
+        self.received: str | None = None
+        manager = getattr(getattr(distributed, "global_state", None), "preemption_sync_manager", None)
+        self._synced = jax.process_count() > 1 and manager is not None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        for other in self._previous:
+            signal.signal(other, signal.SIG_DFL)  # the next one ends the process, even inside a long XLA call
+        logging.warning("%s received: stopping after the current step (a second signal ends at once).", self.received)
+
+    def should_stop(self, step: int) -> bool:
+        if self._synced:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.received = self.received or "SIGTERM"
+        return self.received is not None
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
