@@ -77,7 +77,7 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 5000
     config.keep_checkpoints = 3
     config.total_steps = 0  # 0: num_epochs worth of steps; > 0 overrides
-    # JAX's persistent compilation cache, set by main.py (s2mlp/study.py uses its own, WORKDIR/compilation_cache): a
+    # JAX's persistent compilation cache, set by main.py (study.py uses its own, WORKDIR/compilation_cache): a
     # later start of the same program loads the compiled steps. Default $XDG_CACHE_HOME/s2mlp/jax or
     # ~/.cache/s2mlp/jax; '' turns it off.
     config.compilation_cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "s2mlp", "jax")

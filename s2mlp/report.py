@@ -84,7 +84,7 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A config.json dict -> dotted field -> value (lists as tuples); also used by s2mlp.study."""
+    """A config.json dict -> dotted field -> value (lists as tuples); also used by study.py."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
@@ -118,7 +118,7 @@ def _num_classes(run: RunInfo) -> int | None:
         from s2mlp import checkpoint as ckpt
 
         directory, step = ckpt.locate(run.workdir)
-        return int((ckpt.read_json(directory / str(step), "dataset") or {})["num_classes"])
+        return int((ckpt.read_json(directory / str(step), ckpt.DATASET) or {})["num_classes"])
     except Exception:  # no checkpoint yet: known datasets only
         return NUM_CLASSES.get(run.config["data"]["name"])
 
@@ -128,17 +128,12 @@ def model_size(config: dict, num_classes: int | None) -> tuple[int | None, float
     if num_classes is None:
         return None, None
     import jax
-    import jax.numpy as jnp
 
     from s2mlp import flops, models
 
-    fix = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
-    overrides = {k: fix(v) for k, v in (config["model"].get("overrides") or {}).items()}
-    size = config["image_size"]
-    model = models.get_model(config["model"]["name"], image_size=size, num_classes=num_classes, **overrides)
-    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-    n = sum(x.size for x in jax.tree.leaves(params["params"]))
-    return n, flops.count_macs(model, size) / 1e9
+    model = models.from_config(config, num_classes)
+    n = sum(x.size for x in jax.tree.leaves(models.abstract_params(model, config["image_size"])))
+    return n, flops.count_macs(model, config["image_size"]) / 1e9
 
 
 @dataclasses.dataclass
@@ -191,7 +186,7 @@ def _fmt(value) -> str:
 
 
 def hms(seconds: float) -> str:
-    """Seconds as H:MM:SS (rounded); also used by s2mlp.study."""
+    """Seconds as H:MM:SS (rounded); also used by study.py."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 

@@ -132,3 +132,22 @@ def test_extras_are_satisfied_by_the_tested_environment(extra):
             continue
         version = metadata.version(req.name)
         assert req.specifier.contains(version, prereleases=True), f"{spec}: installed {version}"
+
+
+def test_only_the_s2mlp_package_is_installed(tmp_path):
+    """The wheel holds `s2mlp` alone: the app files (main.py, train_lib.py, configs/, ...) stay in the checkout,
+    so no top-level `main`, `configs` or `benchmarks` lands in site-packages."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so building leaves no build/ or egg-info in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "docs"))
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), "."],
+        cwd=source, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob("s2mlp-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"s2mlp", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert {"s2mlp/models/s2mlp.py", "s2mlp/inference.py", "s2mlp/checkpoint.py", "s2mlp/runs.py"} <= set(names)

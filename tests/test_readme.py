@@ -70,7 +70,7 @@ RUN = {
         content=r"^path,label_1,index_1,probability_1,.*probability_3\n.*more/two\.jpg,.*\n.*one\.png,",
     ),
     # --dry_run checks and lists the study's runs without training or writing anything.
-    "python -m s2mlp.study --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation --dry_run": Run(
+    "python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation --dry_run": Run(
         expect=r"run \d+ of \d+"
     ),
 }
@@ -86,7 +86,7 @@ SKIP = {
     "python3 main.py --config=configs/s2mlp_wide.py --workdir=runs/s2mlp_wide ...": "ImageNet, accelerators",
     "python3 main.py --config=configs/mixer_b16.py:deit --workdir=runs/mixer_b16_deit ...": "ImageNet, accelerators",
     "tfds build imagenet2012 --data_dir=<data_dir>": "needs the ImageNet tars (~145 GB) from image-net.org",
-    "python -m s2mlp.study --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation": (
+    "python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation": (
         "trains every run of the study (tens of runs of hundreds of steps); tests/test_study.py runs tiny studies"
     ),
     "python -m s2mlp.report runs/shift_ablation --out=docs/studies/shift_ablation": (

@@ -1,7 +1,7 @@
-"""The study runner (s2mlp/study.py) and the report (s2mlp/report.py) on tiny configs.
+"""The study runner (study.py) and the report (s2mlp/report.py) on tiny configs.
 
 Grid expansion and validation are pure config work; one end-to-end study (2 shift patterns × 2
-seeds of configs/tiny.py) runs through ``python -m s2mlp.study``, is SIGKILLed after the first
+seeds of configs/tiny.py) runs through ``python study.py``, is SIGKILLed after the first
 checkpoint of a run, resumes, reports, and is skipped on a further call; the report is checked
 on hand-written workdirs with known metrics.
 """
@@ -17,8 +17,9 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+import study
 from configs.studies import fields, init_ablation, mixer_vs_s2mlp, shift_ablation
-from s2mlp import report, study
+from s2mlp import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_grid_expands_to_the_product_with_overrides_merged_names_and_commands(tm
     assert runs[1].overrides == {"total_steps": 10, "model.overrides.shift_pattern": "eight", "seed": 1}
     # Merged into configs/demo.py's own model overrides, which stay.
     assert runs[1].config.model.overrides.to_dict() == {
-        "hidden_dim": 64, "num_blocks": 4, "expansion": 2, "patch_size": 4, "shift_pattern": "eight"
+        "hidden_dim": 64, "num_blocks": 4, "mlp_ratio": 2, "patch_size": 4, "shift_pattern": "eight"
     }  # fmt: skip
     assert (runs[1].config.seed, runs[1].config.total_steps, runs[1].workdir) == (1, 10, "runs/x/shift=eight,seed=1")
     assert runs[1].command == (
@@ -64,7 +65,7 @@ def test_explicit_runs_cross_the_grid_with_labels_and_quoted_tuples():
                 "name": "v2",
                 "model.name": "s2mlpv2_tiny",
                 "image_size": 24,
-                "model.overrides": {"hidden_dims": (8, 16), "num_blocks": (1, 1)},
+                "model.overrides": {"hidden_dims": (8, 16), "depths": (1, 1)},
             },
             {"name": "mixer", "model.name": "mixer_tiny", "model.overrides.hidden_dim": 16},
         ],  # fmt: skip
@@ -73,12 +74,12 @@ def test_explicit_runs_cross_the_grid_with_labels_and_quoted_tuples():
     )
     runs = study.expand(s, "w")
     assert [r.name for r in runs] == ["v2,fraction=1.0", "v2,fraction=0.5", "mixer,fraction=1.0", "mixer,fraction=0.5"]
-    assert runs[1].config.model.overrides.to_dict() == {"hidden_dims": (8, 16), "num_blocks": (1, 1)}
+    assert runs[1].config.model.overrides.to_dict() == {"hidden_dims": (8, 16), "depths": (1, 1)}
     assert runs[1].config.data.train_fraction == 0.5 and runs[1].config.image_size == 24
     assert runs[1].command == (
         "python main.py --config=configs/tiny.py:s2mlp_tiny --workdir=w/v2,fraction=0.5 "
-        "--config.model.name=s2mlpv2_tiny --config.image_size=24 '--config.model.overrides.hidden_dims=(8, 16)' "
-        "'--config.model.overrides.num_blocks=(1, 1)' --config.data.train_fraction=0.5"
+        "--config.model.name=s2mlpv2_tiny --config.image_size=24 '--config.model.overrides.depths=(1, 1)' "
+        "'--config.model.overrides.hidden_dims=(8, 16)' --config.data.train_fraction=0.5"
     )
 
 
@@ -135,7 +136,7 @@ NAMES = [f"shift_pattern={p},seed={s}" for p in ("ss1", "none") for s in (0, 1)]
 
 
 def _runner(study_file, workdir, **popen):
-    cmd = [sys.executable, "-m", "s2mlp.study", f"--study={study_file}", f"--workdir={workdir}"]
+    cmd = [sys.executable, "study.py", f"--study={study_file}", f"--workdir={workdir}"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
 

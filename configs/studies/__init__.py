@@ -1,4 +1,4 @@
-"""Study configs for ``python -m s2mlp.study`` (see s2mlp/study.py for the format)."""
+"""Study configs for ``python study.py`` (see study.py for the format)."""
 
 import ml_collections
 

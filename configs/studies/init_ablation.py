@@ -1,6 +1,6 @@
 """Does the weight initialisation matter at small scale? Flax's defaults vs timm's, for Mixer and S²-MLP, × 3 seeds.
 
-    python -m s2mlp.study --study=configs/studies/init_ablation.py --workdir=runs/init_ablation
+    python study.py --study=configs/studies/init_ablation.py --workdir=runs/init_ablation
 
 ``model.overrides.weight_init`` is 'flax' (lecun_normal kernels: this codebase's default, and
 vision_transformer's for Mixer) or 'timm' (truncated normal, std 0.02: the convention of the timm/DeiT

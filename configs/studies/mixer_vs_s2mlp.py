@@ -1,6 +1,6 @@
 """MLP-Mixer vs S²-MLP vs S²-MLPv2 at matched size, on all, 30% and 10% of the training data, × 3 seeds.
 
-    python -m s2mlp.study --study=configs/studies/mixer_vs_s2mlp.py --workdir=runs/mixer_vs_s2mlp
+    python study.py --study=configs/studies/mixer_vs_s2mlp.py --workdir=runs/mixer_vs_s2mlp
 
 The question (S²-MLP paper, §1 and §4.2): with the same parameter and compute budget, does the
 spatial shift (local token mixing, no spatial weights) beat Mixer's dense token-mixing MLP, the
@@ -41,16 +41,16 @@ MODELS = {  # label -> model name and its overrides (merged into the base's, whi
             "mixer_tiny",
             {"patch_size": 2, "hidden_dim": 64, "num_blocks": 4, "tokens_mlp_dim": 64, "channels_mlp_dim": 128},
         ),
-        "s2mlp": ("s2mlp_tiny", {"patch_size": 2, "hidden_dim": 64, "num_blocks": 4, "expansion": 2}),
-        "s2mlpv2": ("s2mlpv2_tiny", {"patch_size": 2, "hidden_dims": (32, 64), "num_blocks": (2, 2), "mlp_ratio": 2}),
+        "s2mlp": ("s2mlp_tiny", {"patch_size": 2, "hidden_dim": 64, "num_blocks": 4, "mlp_ratio": 2}),
+        "s2mlpv2": ("s2mlpv2_tiny", {"patch_size": 2, "hidden_dims": (32, 64), "depths": (2, 2), "mlp_ratio": 2}),
     },  # fmt: skip
     "tfds": {
         "mixer": (
             "mixer_tiny",
             {"patch_size": 4, "hidden_dim": 256, "num_blocks": 8, "tokens_mlp_dim": 128, "channels_mlp_dim": 1024},
         ),
-        "s2mlp": ("s2mlp_tiny", {"patch_size": 4, "hidden_dim": 256, "num_blocks": 8, "expansion": 4}),
-        "s2mlpv2": ("s2mlpv2_tiny", {"patch_size": 4, "hidden_dims": (128, 256), "num_blocks": (2, 6), "mlp_ratio": 3}),
+        "s2mlp": ("s2mlp_tiny", {"patch_size": 4, "hidden_dim": 256, "num_blocks": 8, "mlp_ratio": 4}),
+        "s2mlpv2": ("s2mlpv2_tiny", {"patch_size": 4, "hidden_dims": (128, 256), "depths": (2, 6), "mlp_ratio": 3}),
     },  # fmt: skip
     "imagenet": {"mixer": ("mixer_b16", {}), "s2mlp": ("s2mlp_deep", {}), "s2mlpv2": ("s2mlpv2_medium", {})},
 }

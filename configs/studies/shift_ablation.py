@@ -1,7 +1,7 @@
 """Shift-pattern ablation of S²-MLP (S²-MLP paper, §4.3 and Table 7): every pattern of s2mlp/shift.py × 3 seeds.
 
-    python -m s2mlp.study --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation
-    python -m s2mlp.study --study=configs/studies/shift_ablation.py:cifar10 --workdir=runs/shift_cifar10
+    python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation
+    python study.py --study=configs/studies/shift_ablation.py:cifar10 --workdir=runs/shift_cifar10
 
 The argument picks the data:
 
@@ -44,7 +44,7 @@ DIGITS = {
 }
 TFDS = {  # cifar10 / cifar100 / imagenette: a wider S²-MLP on the studies' tfds recipe
     "model.name": "s2mlp_tiny",
-    "model.overrides": {"hidden_dim": 256, "num_blocks": 8, "expansion": 4, "patch_size": 4},
+    "model.overrides": {"hidden_dim": 256, "num_blocks": 8, "mlp_ratio": 4, "patch_size": 4},
     "compute_dtype": "bfloat16",
     **studies.TFDS,
 }

@@ -1,7 +1,7 @@
 """Runs a set of training configurations as one study, then writes its report.
 
-    python -m s2mlp.study --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation
-    python -m s2mlp.study --study=configs/studies/mixer_vs_s2mlp.py:cifar10 --workdir=runs/mvs --dry_run
+    python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation
+    python study.py --study=configs/studies/mixer_vs_s2mlp.py:cifar10 --workdir=runs/mvs --dry_run
 
 A study config's ``get_config(data)`` returns a ConfigDict with
 
@@ -57,7 +57,7 @@ import ml_collections
 from s2mlp import report as report_lib
 from s2mlp.report import flatten, hms
 
-ROOT = Path(__file__).resolve().parents[1]  # main.py's directory: relative config paths resolve here
+ROOT = Path(__file__).resolve().parent  # main.py's directory: relative config paths resolve here
 STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
 CACHE_DIR = "compilation_cache"
@@ -229,7 +229,7 @@ def validate(run: Run) -> None:
     import train_lib
 
     try:
-        train_lib.validate_config(run.config, num_devices=jax.device_count(), num_processes=jax.process_count())
+        train_lib.validate_config(run.config, num_devices=jax.device_count())
         import input_pipeline
 
         input_pipeline.validate_data_config(run.config, process_count=jax.process_count())
