@@ -469,9 +469,9 @@ def test_input_divisor_and_block_groups_belong_to_the_models():
         ("s2mlpv2_tiny", {"num_blocks": [2, 1]}, {"depths": (2, 1)}),  # a list, as JSON gives it
     ],
 )
-def test_former_field_names_build_the_same_model_with_a_deprecation_warning(name, old, new):
+def test_former_field_names_build_the_same_model_with_a_future_warning(name, old, new):
     (new_field,) = new
-    with pytest.warns(DeprecationWarning, match=f"is now '{new_field}'"):
+    with pytest.warns(FutureWarning, match=f"is now '{new_field}'"):
         model = get_model(name, num_classes=10, **old)
     reference = get_model(name, num_classes=10, **new)
     assert np.array_equal(getattr(model, new_field), new[new_field])
@@ -483,10 +483,10 @@ def test_former_field_names_build_the_same_model_with_a_deprecation_warning(name
 def test_former_field_names_in_a_saved_config_still_load():
     saved = {"model": {"name": "s2mlp_tiny", "overrides": {"hidden_dim": 64, "num_blocks": 4, "expansion": 2}},
              "image_size": 32}  # fmt: skip
-    with pytest.warns(DeprecationWarning, match="mlp_ratio"):
+    with pytest.warns(FutureWarning, match="mlp_ratio"):
         assert from_config(saved, 10).mlp_ratio == 2
     saved = {"model": {"name": "s2mlpv2_tiny", "overrides": {"num_blocks": [1, 2]}}, "image_size": 32}
-    with pytest.warns(DeprecationWarning, match="depths"):
+    with pytest.warns(FutureWarning, match="depths"):
         assert from_config(saved, 10).depths == (1, 2)
 
 

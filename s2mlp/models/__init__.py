@@ -72,7 +72,7 @@ def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
     bad field and the valid choices (the model class's ``check_fields``) before
     anything is compiled. Former field names (S²-MLP's ``expansion``, now ``mlp_ratio``;
     S²-MLPv2's tuple ``num_blocks``, now ``depths``) are still accepted, with a
-    DeprecationWarning (the class's ``upgrade_fields``).
+    FutureWarning (the class's ``upgrade_fields``).
     """
     if name not in _REGISTRY:
         raise ValueError(f"model name {name!r} is unknown; choose one of {model_names()}.")

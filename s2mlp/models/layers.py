@@ -298,7 +298,7 @@ def common_fields(cls: type[nn.Module], fields: Mapping[str, Any], name: str) ->
 
 
 def renamed_field(fields: Mapping[str, Any], old: str, new: str, name: str) -> dict[str, Any]:
-    """`fields` with the field's former name `old` replaced by `new`, warning (DeprecationWarning) that it was used.
+    """`fields` with the field's former name `old` replaced by `new`, warning (FutureWarning) that it was used.
 
     Saved runs and recorded commands keep working. Raises ValueError when both names are given.
     """
@@ -308,7 +308,7 @@ def renamed_field(fields: Mapping[str, Any], old: str, new: str, name: str) -> d
     if new in fields:
         raise ValueError(f"{name}: {old}={fields[old]!r} is the former name of {new}; give only {new}.")
     warnings.warn(
-        f"{name}: model field {old!r} is now {new!r}; write {new}={fields[old]!r}.", DeprecationWarning, stacklevel=4
+        f"{name}: model field {old!r} is now {new!r}; write {new}={fields[old]!r}.", FutureWarning, stacklevel=4
     )
     fields[new] = fields.pop(old)
     return fields

@@ -149,7 +149,7 @@ class S2MLP(nn.Module):
 
     @classmethod
     def upgrade_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
-        """`fields` with the former name ``expansion`` of `mlp_ratio` replaced (DeprecationWarning)."""
+        """`fields` with the former name ``expansion`` of `mlp_ratio` replaced (FutureWarning)."""
         return renamed_field(fields, "expansion", "mlp_ratio", name or cls.__name__)
 
     @classmethod

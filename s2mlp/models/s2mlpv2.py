@@ -177,7 +177,7 @@ class S2MLPv2(nn.Module):
 
     @classmethod
     def upgrade_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
-        """`fields` with ``num_blocks`` (a tuple or list: the former name of `depths`) replaced (DeprecationWarning).
+        """`fields` with ``num_blocks`` (a tuple or list: the former name of `depths`) replaced (FutureWarning).
 
         An integer ``num_blocks`` stays, so that it is refused as a field S²-MLPv2 does not have.
         """
