@@ -63,7 +63,12 @@ def manager(directory: epath.PathLike, *, keep: int = 3) -> ocp.CheckpointManage
         keep_checkpoints_without_metrics=False,
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
+    mngr = ocp.CheckpointManager(epath.Path(directory), options=options)
+    # Orbax deletes them in a background thread that it joins only at the first save; join it here, so the
+    # folder is settled when this returns and no file-system call of that thread overlaps the run's own
+    # (tfds.testing.mock_data, for one, swaps the file system for every thread while a dataset is built).
+    getattr(mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+    return mngr
 
 
 def save_args(*, params, opt_state, ema_params, config: dict, dataset: dict) -> ocp.args.Composite:

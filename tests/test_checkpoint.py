@@ -189,3 +189,12 @@ def test_first_nonfinite_names_the_first_bad_leaf():
     assert ckpt.first_nonfinite(tree) == "b"
     tree["b"][1] = 0.0
     assert ckpt.first_nonfinite(tree) is None
+
+
+def test_opening_the_folder_deletes_unfinished_saves_before_it_returns(tmp_path):
+    """A killed save leaves ``<step>.orbax-checkpoint-tmp-*``; `ckpt.manager` has removed it when it returns."""
+    (tmp_path / "7.orbax-checkpoint-tmp-1795600000").mkdir()
+    (tmp_path / "7.orbax-checkpoint-tmp-1795600000" / "params").mkdir()
+    mngr = ckpt.manager(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert mngr.latest_step() is None
