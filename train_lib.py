@@ -341,6 +341,13 @@ class Trainer:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
+    @property
+    def targets(self) -> TrainState:
+        """The abstract state with each leaf's sharding: where a restore puts it."""
+        return jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract, self.shardings
+        )
+
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return to_global(batch, self.batch_sharding)
 
@@ -541,9 +548,7 @@ def _restore_state(directory, step: int, trainer: Trainer, config, convert: bool
     and optimizer state are read in that layout and converted (`models.convert_params`).
     """
     step_dir = directory / str(step)
-    targets = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), trainer.abstract, trainer.shardings
-    )
+    targets = trainer.targets
     use_ema, saved_ema = config.ema_decay > 0, ckpt.EMA_PARAMS in ckpt.saved_items(step_dir)
     items = ckpt.state_items(targets, ema=use_ema and saved_ema)
     restored = _restore(step_dir, items, trainer.model, convert, trainer.replicated)
@@ -796,13 +801,7 @@ def _check_finite(run: _Run, state: TrainState) -> None:
 def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | None) -> None:
     """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones (the EMA's top-1 when on)."""
     _check_finite(run, state)
-    args = ckpt.save_args(
-        params=state.params,
-        opt_state=state.opt_state,
-        ema_params=state.ema_params,
-        config=run.saved_config,
-        dataset=run.saved_dataset,
-    )
+    args = ckpt.save_args(state, config=run.saved_config, dataset=run.saved_dataset)
     best = {ckpt.BEST_METRIC: metrics.get("eval_ema_top1", metrics["eval_top1"])} if metrics else None
     run.mngr.save(step, args=args, metrics=best)
 
@@ -844,11 +843,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     out_dir = epath.Path(eval_dir or epath.Path(workdir) / "eval") / f"{split.replace('/', '_')}_step{step}"
     runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
     step_dir = directory / str(step)
-    targets = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        trainer.abstract.params,
-        trainer.shardings.params,
-    )
+    targets = trainer.targets.params
     out = {}
     with jax.set_mesh(trainer.mesh):
         for item in ckpt.param_items(step_dir):

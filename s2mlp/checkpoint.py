@@ -71,9 +71,10 @@ def manager(directory: epath.PathLike, *, keep: int = 3) -> ocp.CheckpointManage
     return mngr
 
 
-def save_args(*, params, opt_state, ema_params, config: dict, dataset: dict) -> ocp.args.Composite:
-    """The items of one training step (`ema_params` None: no EMA item), for `manager(...).save`."""
-    arrays = {PARAMS: params, OPT_STATE: opt_state} | ({EMA_PARAMS: ema_params} if ema_params is not None else {})
+def save_args(state: Any, *, config: dict, dataset: dict) -> ocp.args.Composite:
+    """The items of one training step (`state_items`; no EMA item when state.ema_params is None), for
+    `manager(...).save`."""
+    arrays = state_items(state, ema=state.ema_params is not None)
     args = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
     return ocp.args.Composite(**args, **{CONFIG: ocp.args.JsonSave(config), DATASET: ocp.args.JsonSave(dataset)})
 
