@@ -20,7 +20,6 @@ by SIGTERM/SIGINT with a checkpoint saved (rerun the same command to resume).
 
 import ast
 import contextlib
-import logging as std_logging
 import os
 import re
 import sys
@@ -115,39 +114,11 @@ def get_config():
     return apply_model_overrides(FLAGS.config, _model_overrides)
 
 
-class _QuietLibraries(std_logging.Filter):
-    """Keeps INFO lines from this project's files (the checkout and the `s2mlp` package, wherever it is
-    installed); libraries (Orbax, JAX, TF) still show warnings and errors, each distinct one once (Orbax warns
-    at every checkpoint saved without eval metrics, for one)."""
-
-    def __init__(self):
-        super().__init__()
-        import s2mlp
-
-        self._checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
-        self._package = os.path.join(os.path.dirname(os.path.abspath(s2mlp.__file__)), "")
-        self._seen: set[tuple[str, int, str]] = set()
-
-    def _own(self, path: str) -> bool:
-        """The `s2mlp` package (also installed in site-packages), or the checkout less a virtualenv inside it."""
-        path = os.path.abspath(path)
-        return path.startswith(self._package) or (path.startswith(self._checkout) and "site-packages" not in path)
-
-    def filter(self, record) -> bool:
-        if self._own(record.pathname):
-            return True
-        if record.levelno < std_logging.WARNING:
-            return False
-        key = (record.pathname, record.lineno, record.getMessage())
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        return True
-
-
 def main(argv):
     del argv
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from s2mlp.runs import QuietLibraries
+
+    logging.get_absl_handler().addFilter(QuietLibraries(os.path.dirname(os.path.abspath(__file__))))
     import jax
 
     if FLAGS.coordinator_address:

@@ -335,7 +335,9 @@ def main(argv):
     del argv
     from absl import logging
 
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from s2mlp.runs import QuietLibraries
+
+    logging.get_absl_handler().addFilter(QuietLibraries(str(ROOT)))
     logging.set_verbosity(logging.INFO)
     try:
         run_study(
@@ -348,15 +350,6 @@ def main(argv):
     except ValueError as e:
         logging.error("%s", e)
         sys.exit(1)
-
-
-class _QuietLibraries:
-    """Keeps INFO lines from our own files; libraries (Orbax, JAX, TF) still show warnings and errors."""
-
-    def filter(self, record) -> bool:
-        import logging as std_logging
-
-        return record.levelno >= std_logging.WARNING or "site-packages" not in record.pathname
 
 
 if __name__ == "__main__":

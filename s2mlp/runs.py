@@ -1,4 +1,4 @@
-"""What surrounds the train loop: the workdir's lock and files, metric writers, stop signals, the profiler.
+"""What surrounds the train loop: the workdir's lock and files, metric writers, stop signals, profiler, log filter.
 
 TF-free at import (clu, which TensorBoard events need, is imported by `TensorBoardWriter`).
 A workdir holds ``config.json``, ``metrics.jsonl`` (one JSON row per logged step), TensorBoard
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging as std_logging
 import os
 import signal
 import socket
@@ -308,3 +309,32 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class QuietLibraries(std_logging.Filter):
+    """Keeps INFO lines from this project's files (the checkout `checkout`, where main.py and study.py are, and the
+    `s2mlp` package, wherever it is installed); libraries (Orbax, JAX, TF) still show warnings and errors, each
+    distinct one once (Orbax warns at every checkpoint saved without eval metrics, for one). main.py and study.py
+    add it to absl's handler."""
+
+    def __init__(self, checkout: str):
+        super().__init__()
+        self._checkout = os.path.join(os.path.abspath(checkout), "")
+        self._package = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+        self._seen: set[tuple[str, int, str]] = set()
+
+    def _own(self, path: str) -> bool:
+        """The `s2mlp` package (also installed in site-packages), or the checkout less a virtualenv inside it."""
+        path = os.path.abspath(path)
+        return path.startswith(self._package) or (path.startswith(self._checkout) and "site-packages" not in path)
+
+    def filter(self, record) -> bool:
+        if self._own(record.pathname):
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        key = (record.pathname, record.lineno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True

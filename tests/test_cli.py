@@ -12,6 +12,7 @@ import main
 from s2mlp import models
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2
+from s2mlp.runs import QuietLibraries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +140,7 @@ def test_eval_dir_flag():
 def test_library_warnings_show_once_and_library_info_not_at_all():
     import logging
 
-    quiet = main._QuietLibraries()
+    quiet = QuietLibraries(str(ROOT))
     record = lambda path, level, msg: logging.LogRecord("absl", level, path, 7, msg, (), None)  # noqa: E731
     lib = "/usr/lib/python3/site-packages/orbax/checkpoint_manager.py"
     assert [quiet.filter(record(lib, logging.WARNING, "no metrics")) for _ in range(3)] == [True, False, False]
@@ -151,7 +152,7 @@ def test_library_warnings_show_once_and_library_info_not_at_all():
 def test_own_info_lines_show_when_the_package_is_installed_in_site_packages():
     import logging
 
-    quiet = main._QuietLibraries()
+    quiet = QuietLibraries(str(ROOT))
     quiet._package = "/venv/lib/python3.11/site-packages/s2mlp/"  # as after a non-editable `pip install .`
     record = lambda path: logging.LogRecord("absl", logging.INFO, path, 7, "msg", (), None)  # noqa: E731
     assert quiet.filter(record("/venv/lib/python3.11/site-packages/s2mlp/inference.py"))
