@@ -276,14 +276,23 @@ def write_study_json(study, runs: list[Run], workdir: str) -> None:
     tmp.replace(path)
 
 
-def run_study(study, workdir: str, *, only: str = "", dry_run: bool = False, compilation_cache: str | None = None,
-              report: bool = True, out=print) -> list[Run]:  # fmt: skip
-    """Expands and checks `study`, then trains each run not yet done; returns the runs."""
-    runs = expand(study, workdir)
-    if only:
-        runs = [r for r in runs if fnmatch.fnmatch(r.name, only)]
-        if not runs:
-            raise ValueError(f"--only={only!r} matches no run of this study.")
+def select(runs: list[Run], only: list[str]) -> list[Run]:
+    """The runs whose name matches any of the globs `only` (all runs for none); ValueError naming some if none match."""
+    if not only:
+        return runs
+    chosen = [r for r in runs if any(fnmatch.fnmatch(r.name, p) for p in only)]
+    if not chosen:
+        given = " ".join(f"--only={p!r}" for p in only)
+        names = ", ".join(r.name for r in runs[:5]) + (", ..." if len(runs) > 5 else "")
+        raise ValueError(f"{given} matches no run of this study; its {len(runs)} runs are named {names}")
+    return chosen
+
+
+def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dry_run: bool = False,
+              compilation_cache: str | None = None, report: bool = True, out=print) -> list[Run]:  # fmt: skip
+    """Expands and checks `study`, then trains each run not yet done (those matching a glob of `only`, if any);
+    returns the runs."""
+    runs = select(expand(study, workdir), list(only))
     n = len(runs)
     if dry_run:
         for k, run in enumerate(runs, 1):
@@ -360,7 +369,13 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("study", None, "A study config file (path.py or path.py:arg).", lock_config=False)
     flags.DEFINE_string("workdir", None, "The study directory: one subdirectory per run, study.json, the report.")
     flags.DEFINE_bool("dry_run", False, "List the runs and their main.py commands; train nothing.")
-    flags.DEFINE_string("only", "", "Run only the runs whose name matches this glob, e.g. 'shift_pattern=ss1,*'.")
+    flags.DEFINE_multi_string(
+        "only",
+        [],
+        "Run only the runs whose name matches this glob; repeat the flag for several (a run matching any of them "
+        "runs), e.g. --only='shift=ss1,*' --only='shift=none,*'. Run names contain commas, so a comma-separated list "
+        "cannot work.",
+    )
     flags.DEFINE_string(
         "compilation_cache", None, "JAX compilation cache directory (default WORKDIR/compilation_cache; '': off)."
     )

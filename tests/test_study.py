@@ -119,6 +119,32 @@ def test_bad_study_fails_before_anything_is_created(tmp_path, change, message):
     assert not (tmp_path / "w").exists()
 
 
+def _shift_study():
+    return _study(
+        base="configs/tiny.py:s2mlp_tiny",
+        grid={"model.overrides.shift_pattern": ["ss1", "eight", "none"], "seed": [0, 1]},
+        name_fields={"model.overrides.shift_pattern": "shift"},
+    )
+
+
+def test_only_takes_several_globs(tmp_path):
+    lines = []
+    only = ["shift=ss1,*", "shift=none,seed=1"]
+    runs = study.run_study(_shift_study(), str(tmp_path / "w"), only=only, dry_run=True, out=lines.append)
+    assert [r.name for r in runs] == ["shift=ss1,seed=0", "shift=ss1,seed=1", "shift=none,seed=1"]
+    assert [line.splitlines()[0] for line in lines] == [f"run {k} of 3: {r.name}" for k, r in enumerate(runs, 1)]
+    assert not (tmp_path / "w").exists()
+
+
+def test_only_matching_nothing_names_the_runs(tmp_path):
+    with pytest.raises(ValueError) as e:
+        study.run_study(_shift_study(), str(tmp_path / "w"), only=["shift_pattern=ss1,*", "x"], dry_run=True)
+    assert str(e.value) == (
+        "--only='shift_pattern=ss1,*' --only='x' matches no run of this study; its 6 runs are named "
+        "shift=ss1,seed=0, shift=ss1,seed=1, shift=eight,seed=0, shift=eight,seed=1, shift=none,seed=0, ..."
+    )
+
+
 STUDY_FILE = """
 from ml_collections import ConfigDict
 
