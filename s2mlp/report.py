@@ -8,8 +8,13 @@ seeds: one table row per configuration with the fields that vary (short names), 
 best held-out top-1 (mean ± sample std over seeds, and n), parameters and forward GMACs (from the
 model code, no compile), the median logged train images/s, steps done / total, and the mean wall
 time per run (from the study runner's ``result.json``). The EMA top-1 (``eval_ema_top1``) is used
-where a run logs it. Writes ``report.md``, ``top1_vs_step.png`` and ``top1_vs_gmacs.png`` into
-the output directory (default: the study dir) and prints the table. Needs matplotlib (Agg).
+where a run logs it. A study's runs that have no workdir yet are listed on one "not started" line.
+Writes ``report.md``, ``top1_vs_step.png`` and, where configurations differ in MACs,
+``top1_vs_gmacs.png`` (final top-1 against forward MACs), else ``top1_by_config.png`` (final
+top-1 per configuration with its spread over seeds) into the output directory (default: the study
+dir) and prints the table. ``report.md``'s title names the study (its directory's name, or the
+workdirs'); ``--out`` refuses a folder holding another study's report unless ``--force``. Needs
+matplotlib (Agg).
 """
 
 from __future__ import annotations
@@ -256,6 +261,26 @@ def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> No
     _finish(fig, ax, path, "step", f"held-out top-1 % ({key})", "top-1 vs step: mean over seeds, min–max band")
 
 
+def plot_by_config(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
+    """Final top-1 per configuration, one line each in study order: mean over seeds, min–max bar, each seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [(color, row) for color, row in zip(_colors(len(rows)), rows) if row.final]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * len(shown)), dpi=100)
+    for y, (color, row) in enumerate(shown):
+        values = [100 * v for v in row.final]
+        mean = statistics.fmean(values)
+        ax.errorbar(mean, y, xerr=[[mean - min(values)], [max(values) - mean]], fmt="o", ms=5, color=color)
+        ax.plot(values, [y] * len(values), "|", ms=9, color=color)
+    ax.set_yticks(range(len(shown)), [_label(row, varying) for _, row in shown], fontsize=8)
+    ax.invert_yaxis()
+    _finish(fig, ax, path, f"final top-1 % ({key})", "configuration",
+            "final top-1 per configuration: mean over seeds (dot), min–max (bar), each seed (|)")  # fmt: skip
+
+
 def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
     import matplotlib
 
@@ -282,7 +307,8 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
 
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
@@ -311,9 +337,34 @@ def _macs_unit(rows: list[Row]) -> tuple[str, float]:
     return ("MMACs", 1e3) if gmacs and max(gmacs) < 0.1 else ("GMACs", 1.0)
 
 
-def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
-    """Builds the report of `paths`; writes report.md and the PNGs into `out_dir` (if given); returns the table."""
-    runs = find_runs(paths)
+def study_name(paths: list[str]) -> str:
+    """What report.md's title names: the study directory's name, or the workdirs' names."""
+    return ", ".join(Path(p).resolve().name for p in paths)
+
+
+def check_out_dir(out_dir: Path, paths: list[str]) -> None:
+    """ValueError if `out_dir` holds a report.md whose title names another study than `paths` (or none); a study
+    directory's own report is always its own."""
+    old = out_dir / "report.md"
+    if not old.is_file() or [out_dir.resolve()] == [Path(p).resolve() for p in paths]:
+        return
+    title = re.fullmatch(r"# Study report: (.+)", old.read_text().partition("\n")[0])
+    if not title or title[1] != study_name(paths):
+        held = f"the report of {title[1]!r}" if title else "a report.md that names no study"
+        raise ValueError(
+            f"--out={out_dir} holds {held}, not of {study_name(paths)!r}; choose another --out, or pass --force to "
+            "overwrite it."
+        )
+
+
+def main_report(paths: list[str], out_dir: str | None = None, out=print, force: bool = False) -> str:
+    """Builds the report of `paths`; writes report.md and the PNGs into `out_dir` (if given; not over another
+    study's report unless `force`); returns the table and the line of runs not started."""
+    if out_dir is not None and not force:
+        check_out_dir(Path(out_dir), paths)
+    found = find_runs(paths)
+    runs = [r for r in found if _is_workdir(r.workdir)]  # a study's runs not started have no workdir yet
+    not_started = [r.name for r in found if not _is_workdir(r.workdir)]
     key = _top1_key(runs)
     rows, varying, common = group(runs, key)
     for row in rows:
@@ -321,6 +372,8 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
         if first.config is not None:
             row.params, row.gmacs = model_size(first.config, _num_classes(first))
     text = table(rows, varying, key)
+    if not_started:
+        text += f"\n\nNot started ({len(not_started)}): " + ", ".join(not_started)
     walls = [r.result["wall_s"] for r in runs if r.result]
     unfinished = sum(1 for r in runs if not (r.result or _finished(r)))
     shown = [k for k in CAPTION_FIELDS if k in common and not (k == "num_epochs" and common.get("total_steps"))]
@@ -351,11 +404,16 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print) -> str:
     if out_dir is not None:
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        figures = "![top-1 vs step](top1_vs_step.png)\n![top-1 vs GMACs](top1_vs_gmacs.png)\n"
-        (d / "report.md").write_text(f"# Study report\n\n{text}\n\n{caption}\n\n{figures}")
+        # Final top-1 against MACs where they differ; else (one column of dots) per configuration.
+        by_macs = len({row.gmacs for row in rows if row.final}) > 1
+        png, alt = ("top1_vs_gmacs.png", "top-1 vs MACs") if by_macs else ("top1_by_config.png", "top-1 per config")
+        stale = "top1_by_config.png" if by_macs else "top1_vs_gmacs.png"
+        (d / stale).unlink(missing_ok=True)  # from an earlier report of this study
+        figures = f"![top-1 vs step](top1_vs_step.png)\n![{alt}]({png})\n"
+        (d / "report.md").write_text(f"# Study report: {study_name(paths)}\n\n{text}\n\n{caption}\n\n{figures}")
         plot_curves(rows, varying, key, d / "top1_vs_step.png")
-        plot_gmacs(rows, varying, key, d / "top1_vs_gmacs.png")
-        out(f"\nWrote {d / 'report.md'}, top1_vs_step.png, top1_vs_gmacs.png")
+        (plot_gmacs if by_macs else plot_by_config)(rows, varying, key, d / png)
+        out(f"\nWrote {d / 'report.md'}, top1_vs_step.png, {png}")
     return text
 
 
@@ -363,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m s2mlp.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="a study directory, or training workdirs")
     parser.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the study dir)")
+    parser.add_argument("--force", action="store_true", help="write into --out even if it holds another study's report")
     args = parser.parse_args(argv)
     out_dir = args.out
     if out_dir is None and len(args.paths) == 1 and not _is_workdir(Path(args.paths[0])):
         out_dir = args.paths[0]
     try:
-        main_report(args.paths, out_dir)
+        main_report(args.paths, out_dir, force=args.force)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

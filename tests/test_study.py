@@ -196,7 +196,9 @@ def test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs(tmp
     table = (workdir / "report.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith(("| shift_pattern=ss1 |", "| shift_pattern=none |"))]
     assert len(rows) == 2 and all("(2)" in r and "| 24/24 |" in r for r in rows), table
-    assert (workdir / "top1_vs_step.png").stat().st_size > 0 and (workdir / "top1_vs_gmacs.png").stat().st_size > 0
+    # ss1 and none have the same MACs: final top-1 per configuration instead of against MACs.
+    assert (workdir / "top1_vs_step.png").stat().st_size > 0 and (workdir / "top1_by_config.png").stat().st_size > 0
+    assert not (workdir / "top1_vs_gmacs.png").exists()
 
     # A further call trains nothing.
     before = {n: (workdir / n / "metrics.jsonl").read_bytes() for n in NAMES}
@@ -207,9 +209,9 @@ def test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs(tmp
     assert {n: (workdir / n / "metrics.jsonl").read_bytes() for n in NAMES} == before
 
 
-def _workdir(path: Path, seed: int, pattern: str, top1: list[float], *, ema=False, result=None):
+def _workdir(path: Path, seed: int, pattern: str, top1: list[float], *, ema=False, result=None, **overrides):
     path.mkdir(parents=True)
-    config = {"model": {"name": "s2mlp_tiny", "overrides": {"shift_pattern": pattern}}, "seed": seed,
+    config = {"model": {"name": "s2mlp_tiny", "overrides": {"shift_pattern": pattern, **overrides}}, "seed": seed,
               "image_size": 16, "data": {"name": "digits"}, "total_steps": 20}  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))
     key = "eval_ema_top1" if ema else "eval_top1"
@@ -245,8 +247,73 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
     assert "| configuration | model | final top-1 % (n) | best top-1 % (n) | params | MMACs |" in lines[2]
     assert "`eval_top1`" in "\n".join(lines) and "finished runs: 0:03:00; 1 run(s) not finished" in "\n".join(lines)
     assert "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 (2)" in capsys.readouterr().out
-    for png in ("top1_vs_step.png", "top1_vs_gmacs.png"):
+    # The title names the workdirs; every configuration has the same MACs: top-1 per configuration, not vs MACs.
+    assert lines[0] == "# Study report: a0, a1, b0, c0"
+    assert lines[-2:] == ["![top-1 vs step](top1_vs_step.png)", "![top-1 per config](top1_by_config.png)"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "top1_by_config.png", "top1_vs_step.png"]
+    for png in ("top1_vs_step.png", "top1_by_config.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_on_a_partly_run_study_lists_the_runs_not_started_on_one_line(tmp_path):
+    s = tmp_path / "s"
+    names = [f"shift={p},seed={k}" for p in ("ss1", "none", "up") for k in (0, 1)]
+    s.mkdir()
+    (s / "study.json").write_text(json.dumps({"base": "configs/tiny.py", "runs": [{"name": n} for n in names]}))
+    _workdir(s / names[0], 0, "ss1", [0.5, 0.7])
+    _workdir(s / names[1], 1, "ss1", [0.6, 0.9])
+    (s / names[2]).mkdir()  # started: its config is written, no metrics yet
+    (s / names[2] / "config.json").write_text((s / names[0] / "config.json").read_text().replace("ss1", "none"))
+    (s / names[4] / "checkpoints").mkdir(parents=True)  # started, no config yet
+    assert report.main([str(s)]) == 0
+    text = (s / "report.md").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "# Study report: s"
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| configuration")]
+    assert rows == [
+        "| shift=ss1 | s2mlp_tiny | 80.00 ± 14.14 (2) | 80.00 ± 14.14 (2) | 14,826 | 0.222 | 150 | 10/20 | — |",
+        "| shift=none | s2mlp_tiny | no metrics yet | — | — | — | — | — | — |",
+        "| shift=up | — | no metrics yet | — | — | — | — | — | — |",
+    ]
+    assert "Not started (2): shift=none,seed=1, shift=up,seed=1" in lines
+    assert "3 configurations, 4 runs." in text
+    assert (s / "top1_by_config.png").is_file() and not (s / "top1_vs_gmacs.png").exists()
+
+
+def test_report_plots_top1_against_macs_only_where_configurations_differ_in_macs(tmp_path):
+    _workdir(tmp_path / "s" / "x", 0, "ss1", [0.5, 0.9])
+    _workdir(tmp_path / "s" / "y", 0, "none", [0.5, 0.7])
+    assert report.main([str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "top1_by_config.png").is_file() and not (tmp_path / "s" / "top1_vs_gmacs.png").exists()
+    config = json.loads((tmp_path / "s" / "y" / "config.json").read_text())
+    config["model"]["overrides"]["hidden_dim"] = 16
+    (tmp_path / "s" / "y" / "config.json").write_text(json.dumps(config))
+    assert report.main([str(tmp_path / "s")]) == 0
+    # c=16: 16·48·16 + 2·16·(2·16² + 2·2·16²) + 16·10 = 61,600 MACs (s2mlp_tiny's c=32 at 0.222 MMACs).
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "![top-1 vs MACs](top1_vs_gmacs.png)" in text and "| 0.222 |" in text and "| 0.0616 |" in text
+    # The figure of the earlier report is gone.
+    assert (tmp_path / "s" / "top1_vs_gmacs.png").is_file() and not (tmp_path / "s" / "top1_by_config.png").exists()
+
+
+def test_report_out_refuses_another_studys_report_unless_forced(tmp_path, capsys):
+    _workdir(tmp_path / "a", 0, "ss1", [0.5])
+    _workdir(tmp_path / "b", 0, "none", [0.3])
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "a"), f"--out={out}"]) == 0
+    assert report.main([str(tmp_path / "a"), f"--out={out}"]) == 0  # the same study's report: overwritten
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "b"), f"--out={out}"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out={out} holds the report of 'a', not of 'b'; choose another --out, or pass --force to "
+        "overwrite it.\n"
+    )
+    assert (out / "report.md").read_text().startswith("# Study report: a\n")
+    assert report.main([str(tmp_path / "b"), f"--out={out}", "--force"]) == 0
+    assert (out / "report.md").read_text().startswith("# Study report: b\n")
+    (out / "report.md").write_text("# Study report\n")  # a report.md from before reports named their study
+    assert report.main([str(tmp_path / "b"), f"--out={out}"]) == 2
+    assert "holds a report.md that names no study, not of 'b'" in capsys.readouterr().err
 
 
 def test_report_uses_the_ema_metric_and_a_study_dir(tmp_path):
