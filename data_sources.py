@@ -1,4 +1,5 @@
-"""Where the examples come from: tfds datasets, image folders ('directory') and scikit-learn's digits.
+"""Where the examples come from: tfds datasets, image folders ('directory'), IDX files ('idx': MNIST, Fashion-MNIST,
+KMNIST, EMNIST) and scikit-learn's digits.
 
 `source(config)` opens one of them as a `Source`: the class names, the split sizes and, per process, a finite
 tf.data.Dataset of (image, int32 label) records in a fixed order. The train split may be cut to a class-balanced
@@ -11,7 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import glob
+import gzip
+import hashlib
 import logging
+import math
 import operator
 import os
 import time
@@ -99,7 +104,7 @@ def tfds_builder(config):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
-        raise ValueError(f"config.data.name={name!r} is not a tfds dataset, 'directory' or 'digits'.") from e
+        raise ValueError(f"config.data.name={name!r} is not a tfds dataset, 'directory', 'idx' or 'digits'.") from e
     if not builder.is_prepared():
         root = str(builder.data_dir_root)
         if not config.data.download:
@@ -365,28 +370,168 @@ def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (images[i], digits.target[i].astype(np.int32)) for k, i in idx.items()}
 
 
-def _digits_source(config) -> Source:
-    data = _digits()
+def _in_memory_source(splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], config) -> Source:
+    """A 'raw' Source over split -> (uint8 images (N, H, W, 3), int32 labels (N,)) held in memory."""
 
     def shard(split, index, count, keep=None):
-        arrays = data[split] if keep is None else tuple(a[keep] for a in data[split])
+        arrays = splits[split] if keep is None else tuple(a[keep] for a in splits[split])
         return tf.data.Dataset.from_tensor_slices(tuple(np.array_split(a, count)[index] for a in arrays))
 
-    train, names = config.data.train_split, [str(i) for i in range(10)]
-    keep = _select_subset(data[train][1], names, config)
-    num_train = len(data[train][1]) if keep is None else len(keep)
-    return Source("raw", DatasetInfo(10, num_train, len(data[config.data.eval_split][1]), names), shard, train, keep)
+    train = config.data.train_split
+    keep = _select_subset(splits[train][1], names, config)
+    num_train = len(splits[train][1]) if keep is None else len(keep)
+    return Source("raw", DatasetInfo(len(names), num_train, len(splits[config.data.eval_split][1]), names), shard,
+                  train, keep)  # fmt: skip
+
+
+def _digits_source(config) -> Source:
+    return _in_memory_source(_digits(), [str(i) for i in range(10)], config)
+
+
+# ---------------------------------------------------------------- IDX files (MNIST's format)
+# The IDX format (LeCun et al.'s MNIST page; Fashion-MNIST, KMNIST and EMNIST use it too): two zero bytes, the
+# element type, the number of dimensions, each dimension as a big-endian uint32, then the elements, row-major.
+IDX_TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+             0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}  # fmt: skip
+IDX_SPLITS = {"train": ("train",), "test": ("t10k", "test")}  # split -> file-name stems, e.g. t10k-images-idx3-ubyte
+IDX_CLASS_NAMES_FILE = "class_names.txt"  # optional, in config.data.data_dir: one class name per line
+# Zalando's Fashion-MNIST, recognised by the SHA-256 of the labels (the label file less its 8-byte header).
+FASHION_MNIST_LABELS_SHA256 = (
+    "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7",  # train-labels-idx1-ubyte
+    "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9",  # t10k-labels-idx1-ubyte
+)
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]  # fmt: skip
+
+
+def idx_files(data_dir: str, split: str) -> tuple[str, str]:
+    """The (images, labels) files of `split` in `data_dir`: ``[prefix]<stem>-images-idx3-ubyte[.gz]`` and
+    ``...-labels-idx1-ubyte[.gz]`` ('-' or '.' before 'idx'), stem 'train' for 'train', 't10k' or 'test' for
+    'test'. ValueError naming what was looked for when there is not exactly one of each."""
+    found = []
+    for kind, ndim in (("images", 3), ("labels", 1)):
+        paths = sorted(
+            {
+                p
+                for stem in IDX_SPLITS[split]
+                for sep in "-."
+                for ext in ("", ".gz")
+                for p in glob.glob(os.path.join(glob.escape(data_dir), f"*{stem}-{kind}{sep}idx{ndim}-ubyte{ext}"))
+            }
+        )
+        want = f"{IDX_SPLITS[split][0]}-{kind}-idx{ndim}-ubyte[.gz]"
+        if not paths:
+            raise ValueError(
+                f"config.data.data_dir={data_dir!r} has no IDX file {want} for split {split!r}; 'idx' datasets are "
+                "a folder with train-{images-idx3,labels-idx1}-ubyte[.gz] and t10k-{...} (MNIST's file names)."
+            )
+        if len(paths) > 1:
+            raise ValueError(
+                f"config.data.data_dir={data_dir!r} has {len(paths)} files that could be {want}: "
+                f"{[os.path.basename(p) for p in paths]}; keep one set of IDX files per folder."
+            )
+        found.append(paths[0])
+    return found[0], found[1]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """The array an IDX file (raw or gzip) holds; ValueError naming the file and what is wrong with it."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut gzip stream raises EOFError
+        raise ValueError(f"IDX file {path} cannot be read: {type(e).__name__}: {e}") from None
+    if len(data) < 4 or data[0] or data[1] or data[2] not in IDX_TYPES:
+        raise ValueError(
+            f"IDX file {path} has magic number 0x{data[:4].hex() or '(empty)'}; an IDX file starts with two zero "
+            f"bytes, an element type ({', '.join(f'0x{t:02x}' for t in IDX_TYPES)}) and the number of dimensions."
+        )
+    dtype, ndim = IDX_TYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"IDX file {path} is truncated: its header declares {ndim} dimensions but ends first.")
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size = header + math.prod(dims) * dtype.itemsize
+    if len(data) != size:
+        what = "truncated" if len(data) < size else "longer than its header says"
+        raise ValueError(
+            f"IDX file {path} is {what}: dimensions {dims} of {dtype.itemsize}-byte elements need {size:,} bytes, "
+            f"it has {len(data):,}."
+        )
+    return np.frombuffer(data, dtype, offset=header).reshape(dims)
+
+
+@functools.lru_cache(maxsize=4)
+def _idx_split(images_path: str, labels_path: str, _mtimes: tuple) -> tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 images (N, H, W, 3), int32 labels (N,), SHA-256 of the labels as bytes) of one split."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))):
+        raise ValueError(
+            f"IDX file {images_path} holds {images.dtype} of shape {images.shape}; images must be unsigned bytes "
+            "(type 0x08) of shape (N, H, W), (N, H, W, 1) or (N, H, W, 3)."
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"IDX file {labels_path} holds {labels.dtype} of shape {labels.shape}; labels must be integers, shape (N,)."
+        )
+    if len(images) != len(labels):
+        raise ValueError(
+            f"IDX files {images_path} ({len(images):,} images) and {labels_path} ({len(labels):,} labels) must "
+            "hold as many images as labels."
+        )
+    if len(labels) and labels.min() < 0:
+        raise ValueError(f"IDX file {labels_path} has a negative label ({labels.min()}); labels are 0..K-1.")
+    if images.ndim == 3:
+        images = images[..., None]
+    images = np.ascontiguousarray(np.broadcast_to(images, (*images.shape[:3], 3)))  # grey -> the models' RGB
+    return images, labels.astype(np.int32), hashlib.sha256(labels.astype(">u1").tobytes()).hexdigest()
+
+
+def idx_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, label-file SHA-256) of `split` of the IDX files in `data_dir`, read once per process
+    (again when a file changes)."""
+    paths = idx_files(data_dir, split)
+    return _idx_split(*paths, tuple(os.stat(p).st_mtime_ns for p in paths))
+
+
+def idx_class_names(data_dir: str, num_classes: int, label_digests: list[str]) -> list[str]:
+    """data_dir/class_names.txt when present (one name a line), Fashion-MNIST's ten when its label files are
+    recognised, else '0', '1', ..."""
+    names_file = os.path.join(data_dir, IDX_CLASS_NAMES_FILE)
+    if os.path.exists(names_file):
+        with open(names_file, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) < num_classes:
+            raise ValueError(
+                f"{names_file} names {len(names)} classes but the labels go up to {num_classes - 1}; "
+                f"give one name per line for each of the {num_classes} classes."
+            )
+        return names
+    if num_classes == 10 and any(d in FASHION_MNIST_LABELS_SHA256 for d in label_digests):
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(num_classes)]
+
+
+def _idx_source(config) -> Source:
+    data_dir = config.data.data_dir
+    splits = {s: idx_split(data_dir, s) for s in dict.fromkeys((config.data.train_split, config.data.eval_split))}
+    num_classes = int(max(int(labels.max()) + 1 if len(labels) else 0 for _, labels, _ in splits.values()))
+    names = idx_class_names(data_dir, num_classes, [digest for _, _, digest in splits.values()])
+    return _in_memory_source({s: (images, labels) for s, (images, labels, _) in splits.items()}, names, config)
 
 
 def source(config, *, builder=None) -> Source:
-    """Opens config.data.name ('digits', 'directory' or a tfds dataset): scans and verifies an image folder, reads
-    a tfds split's labels when a train subset is asked for, counts the splits. Expects a config that passed
-    `input_pipeline.validate_data_config`; builder: the tfds dataset's builder (`tfds_builder`), if already made."""
+    """Opens config.data.name ('digits', 'directory', 'idx' or a tfds dataset): scans and verifies an image folder,
+    reads IDX files, reads a tfds split's labels when a train subset is asked for, counts the splits. Expects a
+    config that passed `input_pipeline.validate_data_config`; builder: the tfds dataset's builder (`tfds_builder`),
+    if already made."""
     name = config.data.name
     if name == "digits":
         return _digits_source(config)
     if name == "directory":
         return _directory_source(config)
+    if name == "idx":
+        return _idx_source(config)
     return _tfds_source(config, builder)
 
 

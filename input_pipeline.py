@@ -50,7 +50,7 @@ def _validate(config, process_count: int):
     need(
         isinstance(config.data.name, str) and config.data.name,
         "data.name",
-        "give a tfds dataset name, 'directory' or 'digits'.",
+        "give a tfds dataset name, 'directory', 'idx' or 'digits'.",
     )
     for field in ("batch_size", "eval_batch_size"):
         need(
@@ -100,6 +100,18 @@ def _validate(config, process_count: int):
     if config.data.name == "digits":
         for field in splits:
             need(_get(config, field) in ("train", "test"), field, "digits has splits 'train' and 'test'.")
+        return None
+    if config.data.name == "idx":
+        root = config.data.data_dir
+        need(
+            root and os.path.isdir(root),
+            "data.data_dir",
+            "must be a folder holding IDX files (e.g. /usr/share/datasets/fashion-mnist from Debian's "
+            "dataset-fashion-mnist package).",
+        )
+        for field in splits:
+            need(_get(config, field) in data_sources.IDX_SPLITS, field, "'idx' datasets have splits 'train', 'test'.")
+            data_sources.idx_files(root, _get(config, field))
         return None
     if config.data.name == "directory":
         root = config.data.data_dir
