@@ -20,6 +20,8 @@ by SIGTERM/SIGINT with a checkpoint saved (rerun the same command to resume).
 
 import ast
 import contextlib
+import difflib
+import importlib.util
 import os
 import re
 import sys
@@ -30,6 +32,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", None, "Path to a config file (path.py or path.py:arg).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (with auto-resume) or evaluate a checkpoint.")
@@ -102,11 +105,73 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"FATAL Flags parsing error: {e}")
     _model_overrides.clear()
     _model_overrides.update(fields)
+    config_file = _missing_config_file(rest)
+    if config_file:
+        sys.exit(f"ERROR {config_file}")
     saved, sys.argv = sys.argv, rest  # config_flags reads its --config.* overrides from sys.argv
     try:
         return app.parse_flags_with_usage(rest)
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.FIELD the config does not have
+        sys.exit(f"ERROR {_unknown_field(rest) or e}")
     finally:
         sys.argv = saved
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of --config (``path.py`` or ``path.py:arg``) in `argv`."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=")
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _missing_config_file(argv: list[str]) -> str | None:
+    """'--config=PATH: no such file; ...' with the nearest config files' names, or None when the file exists."""
+    spec = _config_spec(argv)
+    path = (spec or "").partition(":")[0]
+    if not path or os.path.isfile(path):
+        return None
+    folder = os.path.dirname(path)
+    names = sorted(f for f in os.listdir(folder or ".") if f.endswith(".py")) if os.path.isdir(folder or ".") else []
+    near = [os.path.join(folder, n) for n in difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)]
+    hint = f"did you mean {', '.join(near)}?" if near else f"the configs are in {os.path.join(ROOT, 'configs')}."
+    return f"--config={spec}: no such file (relative paths start at the working directory {os.getcwd()}); {hint}"
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+    """'--config.FIELD=VALUE: the config has no field FIELD; nearest: ...' for the first such flag in `argv`."""
+    config = _load_config_file(_config_spec(argv) or "")
+    fields = _dotted_fields(config)
+    for arg in argv:
+        if arg.startswith("--config.") and not arg.startswith(OVERRIDES_FLAG):
+            field = arg.removeprefix("--config.").partition("=")[0]
+            if field not in fields and not any(f.startswith(field + ".") for f in fields):
+                near = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.5)
+                return f"{arg}: the config has no field {field!r}" + (
+                    f"; did you mean {', '.join(near)}?" if near else "; see the config file for its fields."
+                )
+    return None
+
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_main_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _dotted_fields(config, prefix: str = "") -> set[str]:
+    """Every leaf field of `config` as a dotted name ('batch_size', 'data.name', ...)."""
+    fields = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            fields |= _dotted_fields(value, f"{prefix}{key}.")
+        else:
+            fields.add(prefix + key)
+    return fields
 
 
 def get_config():
@@ -144,11 +209,28 @@ def main(argv):
         else:
             train_lib.evaluate(config, FLAGS.workdir, FLAGS.checkpoint, eval_dir=FLAGS.eval_dir)
     except train_lib.Stopped:
-        sys.exit(train_lib.EXIT_STOPPED)  # the message is logged; the checkpoint is written
+        # The message is logged, the checkpoint complete and the metrics flushed: exit now. The interpreter's
+        # teardown (TensorFlow's and XLA's threads and destructors) would take seconds of a preemption notice.
+        _exit_now(train_lib.EXIT_STOPPED)
     except train_lib.CLEAR_ERRORS as e:
         # A checked failure: its message says what is wrong and the fix; a traceback would only bury it.
         logging.error("%s: %s", type(e).__name__, e)
+        if isinstance(e, train_lib.ckpt.SaveFailed):  # Orbax's save threads may wait for ever: do not join them
+            _exit_now(1)
         sys.exit(1)
+
+
+def _exit_now(status: int):
+    """Exits with `status` once the logs are flushed, without the interpreter's teardown (joining library threads,
+    TensorFlow's and XLA's destructors: seconds, or for ever after a failed save)."""
+    import jax
+
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ from typing import Any
 
 import ml_collections
 
+from s2mlp import checkpoint as ckpt
 from s2mlp import report as report_lib
 from s2mlp.report import flatten, hms
 
@@ -292,6 +293,7 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
               compilation_cache: str | None = None, report: bool = True, out=print) -> list[Run]:  # fmt: skip
     """Expands and checks `study`, then trains each run not yet done (those matching a glob of `only`, if any);
     returns the runs."""
+    workdir = str(ckpt.absolute(workdir))  # relative, ~, trailing '/': the runs' commands work from any directory
     runs = select(expand(study, workdir), list(only))
     n = len(runs)
     if dry_run:

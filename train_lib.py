@@ -30,7 +30,6 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -47,7 +46,7 @@ from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.p
 jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
 
 # Errors whose message says what is wrong and how to fix it: main.py prints them without a traceback.
-CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy)
+CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy, ckpt.SaveFailed)
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -118,7 +117,7 @@ def _get(config, dotted: str):
 def _check_finite_floats(config, prefix: str = "config") -> None:
     """Every float field of `config` must be finite: ``--config.base_lr=inf`` is refused here."""
     for key, value in config.items():
-        if isinstance(value, dict | ml_collections.ConfigDict):
+        if hasattr(value, "items"):  # a nested ConfigDict or dict
             _check_finite_floats(value, f"{prefix}.{key}")
         elif isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{prefix}.{key}={value} must be a finite number.")
@@ -607,10 +606,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     Every check runs before anything is compiled or written into `workdir`. Raises `WorkdirBusy` when
     another trainer holds the workdir, and `Stopped` when SIGTERM/SIGINT stopped training (after a checkpoint).
     """
+    workdir = ckpt.absolute(workdir)  # relative, ~, trailing '/': resolved once, here
     with contextlib.ExitStack() as cleanup:  # the workdir lock and the signal handlers, released on any exit
-        prepared = _prepare(config, epath.Path(workdir), cleanup)
+        prepared = _prepare(config, workdir, cleanup)
         if prepared is None:
-            return runs.last_eval(epath.Path(workdir) / METRICS_FILE)
+            return runs.last_eval(workdir / METRICS_FILE)
         return _train(*prepared)
 
 
@@ -621,6 +621,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     import input_pipeline  # TensorFlow lives behind this import.
 
     validate_config(config, num_devices=jax.device_count())
+    logging.info("Workdir: %s", workdir)
     data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
     info = data.info
     logging.info(
@@ -662,8 +663,9 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     lock.started()  # the first writes into the workdir follow
     writers = []
     if jax.process_index() == 0:
-        if latest is not None:
-            runs.drop_rows_after(workdir / METRICS_FILE, latest)
+        # What an earlier attempt logged after its last checkpoint (all of it when it saved none) is trained again.
+        runs.drop_rows_after(workdir / METRICS_FILE, latest or 0)
+        runs.drop_events_after(workdir, latest or 0)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split)
         tensorboard.write_config(config)
@@ -689,10 +691,12 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     """Steps from `run.start_step` to `run.total_steps`, with metrics, evals and checkpoints on their schedules."""
     config, trainer = run.config, run.trainer
     train_iter = run.data.train_iterator(run.start_step)
+    changed = models.changed_fields(trainer.model, config.model.name)
     logging.info(
-        "Training %s (%s params) for %d steps from step %d; %d images/step over %d devices.",
-        config.model.name, f"{sum(x.size for x in jax.tree.leaves(trainer.abstract.params)):,}", run.total_steps,
-        run.start_step, config.batch_size, jax.device_count(),
+        "Training %s (%s%s params) for %d steps from step %d; %d images/step over %d devices.",
+        config.model.name, "".join(f"{k}={v!r}, " for k, v in changed.items()),
+        f"{sum(x.size for x in jax.tree.leaves(trainer.abstract.params)):,}", run.total_steps, run.start_step,
+        config.batch_size, jax.device_count(),
     )  # fmt: skip
     logging.info("Compiling the train step…")
     t_compile = time.time()
@@ -702,14 +706,16 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     meter = _Throughput(run.start_step, run.total_steps, config.batch_size)
     eval_metrics: dict[str, float] = {}
     pending: list[dict[str, jax.Array]] = []  # train metrics of the steps since the last logged one
-    step = run.start_step
+    step = saved = run.start_step  # saved: the step of the latest save started (Orbax completes it in the background)
     trace = runs.ProfileTrace(config.get("profile_steps"), run.workdir / "profile")
-    with jax.set_mesh(trainer.mesh), _finish_writes(run.mngr, run.writer), trace:
+    with jax.set_mesh(trainer.mesh), _finish_writes(run, lambda: saved), trace:
         for step in range(run.start_step + 1, run.total_steps + 1):
             batch = trainer.to_global(next(train_iter))
             trace.before(step)
             state, metrics = step_fn(state, batch, run.step_rng)
             trace.after(step, state)
+            with ckpt.save_errors(run.ckpt_dir, saved):  # a failed background save stops the run at once
+                run.mngr.check_for_errors()
             pending.append(metrics)
             last = step == run.total_steps
             if step % config.log_every_steps == 0 or last:
@@ -718,12 +724,12 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
             if evaluated:
                 eval_metrics = _evaluate_now(run, state, step)
             if step % config.checkpoint_every_steps == 0 or last:
-                _save(run, state, step, eval_metrics if evaluated else None)
+                saved = _save(run, state, step, eval_metrics if evaluated else None)
             if run.stop.should_stop(step) and not last:
                 if pending:
                     _write_train_metrics(run, state, step, pending, meter)
                 if step % config.checkpoint_every_steps:
-                    _save(run, state, step, None)
+                    saved = _save(run, state, step, None)
                 break
     if run.stop.received and step < run.total_steps:
         message = (
@@ -798,22 +804,27 @@ def _check_finite(run: _Run, state: TrainState) -> None:
         )
 
 
-def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | None) -> None:
-    """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones (the EMA's top-1 when on)."""
+def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | None) -> int:
+    """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones (the EMA's top-1 when on).
+    Returns `step`."""
     _check_finite(run, state)
     args = ckpt.save_args(state, config=run.saved_config, dataset=run.saved_dataset)
     best = {ckpt.BEST_METRIC: metrics.get("eval_ema_top1", metrics["eval_top1"])} if metrics else None
-    run.mngr.save(step, args=args, metrics=best)
+    with ckpt.save_errors(run.ckpt_dir, step):
+        run.mngr.save(step, args=args, metrics=best)
+    return step
 
 
 @contextlib.contextmanager
-def _finish_writes(mngr, writer):
-    """Completes the checkpoints and metrics already started, also when training stops with an error."""
+def _finish_writes(run: _Run, last_saved: Callable[[], int]):
+    """Completes the metrics and the checkpoint already started, also when training stops with an error; a
+    checkpoint that fails to complete raises `ckpt.SaveFailed` naming its step (`last_saved()`)."""
     try:
         yield
     finally:
-        mngr.wait_until_finished()
-        writer.flush()
+        run.writer.flush()
+        with ckpt.save_errors(run.ckpt_dir, last_saved()):
+            run.mngr.wait_until_finished()
 
 
 def _hms(seconds: float) -> str:
@@ -834,14 +845,16 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     """
     import input_pipeline
 
+    workdir = ckpt.absolute(workdir)
+    eval_dir = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval"
     validate_config(config, num_devices=jax.device_count())
     data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
     convert = _check_compatible(directory, step, trainer, config)
     split = config.data.eval_split
-    out_dir = epath.Path(eval_dir or epath.Path(workdir) / "eval") / f"{split.replace('/', '_')}_step{step}"
-    runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
+    out_dir = eval_dir / f"{split.replace('/', '_')}_step{step}"
+    runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")
     step_dir = directory / str(step)
     targets = trainer.targets.params
     out = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -36,6 +37,17 @@ CHECKPOINTS = "checkpoints"
 # The items of one step.
 PARAMS, EMA_PARAMS, OPT_STATE, CONFIG, DATASET = "params", "ema_params", "opt_state", "config", "dataset"
 BEST_METRIC = "eval_top1"  # the key of the metrics saved with an evaluated step; higher is better
+
+
+def absolute(path: epath.PathLike) -> epath.Path:
+    """`path` as the run uses it: ``~`` expanded and made absolute against the working directory (Orbax
+    refuses relative paths), a trailing ``/`` dropped; links are kept as given. URLs (``gs://...``) as they are.
+    Every entry point that takes a run's path (main.py's flags through `train_lib`, study.py, the report, the
+    predictor, `inference.load`) resolves it here, once, before anything is read or written."""
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def _rank(metrics: dict[str, float]) -> float:
@@ -62,13 +74,44 @@ def manager(directory: epath.PathLike, *, keep: int = 3) -> ocp.CheckpointManage
         best_mode="max",
         keep_checkpoints_without_metrics=False,
         cleanup_tmp_directories=True,
+        # The step's folder is made in `save` itself, so a folder that cannot be made (permissions, a full disk)
+        # fails there; made in the background, the failure leaves Orbax's threads waiting, unreported, for ever.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _UnrankedSaves) for f in absl_logger.filters):
+        absl_logger.addFilter(_UnrankedSaves())
     mngr = ocp.CheckpointManager(epath.Path(directory), options=options)
     # Orbax deletes them in a background thread that it joins only at the first save; join it here, so the
     # folder is settled when this returns and no file-system call of that thread overlaps the run's own
     # (tfds.testing.mock_data, for one, swaps the file system for every thread while a dataset is built).
     getattr(mngr, "_maybe_await_cleanup_tmp_directory", lambda: None)()
     return mngr
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint save failed (a path Orbax refuses, permissions, a full disk, a bucket error): training stops."""
+
+
+@contextlib.contextmanager
+def save_errors(directory: epath.Path, step: int | None):
+    """Turns any error of Orbax's save of `step` (raised by ``save``, ``check_for_errors`` or
+    ``wait_until_finished``, whichever sees it first) into one `SaveFailed` line: the step, the cause and the
+    last complete step, which Orbax leaves loadable (a save is renamed into place only when complete)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - whatever broke the save, the run must stop here
+        root = e
+        while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+            root = root.__cause__ or root.__context__
+        cause = (str(root).strip().splitlines() or ["(no message)"])[0][:300]
+        kept = latest_step(directory)
+        where = f"step {kept} is complete and loadable" if kept is not None else "no complete step was written yet"
+        raise SaveFailed(
+            f"saving the checkpoint of step {step} in {directory} failed ({type(root).__name__}: {cause}); training "
+            f"stopped there, {where}. Fix the cause (disk space, permissions, the path) and rerun the same command "
+            "to resume."
+        ) from None
 
 
 def save_args(state: Any, *, config: dict, dataset: dict) -> ocp.args.Composite:
@@ -109,10 +152,10 @@ def restore_state(step_dir: epath.PathLike, targets: dict[str, Any]) -> dict[str
 def locate(path: epath.PathLike) -> tuple[epath.Path, int]:
     """Resolves a workdir, its ``checkpoints/`` folder or one step folder to (checkpoints dir, step).
 
-    A workdir or checkpoints folder resolves to its latest complete step.
-    Raises FileNotFoundError when `path` holds no complete checkpoint.
+    A workdir or checkpoints folder resolves to its latest complete step; relative paths and ``~`` resolve
+    as `absolute` does. Raises FileNotFoundError when `path` holds no complete checkpoint.
     """
-    path = epath.Path(path)
+    path = absolute(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {path} does not exist.")
     if path.name.isdigit() and (path / PARAMS).exists():
@@ -161,6 +204,14 @@ def corrupt(step_dir: epath.Path, e: BaseException) -> BadCheckpoint:
     text = str(e).strip().split(" See full TensorStore details")[0]
     reason = text.splitlines()[0][:300] if text else "(no message)"
     return BadCheckpoint(step_dir, f"is incomplete or corrupt ({type(e).__name__}: {reason})")
+
+
+class _UnrankedSaves(logging.Filter):
+    """Drops Orbax's "Requested `tracked_metric`; did not provide metrics." warning: steps saved between evals
+    (and the step saved on SIGTERM) have no eval metrics by design; they are kept while among the last `keep`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
 
 
 class _QuietOrbax(logging.Filter):

@@ -123,6 +123,7 @@ class Classifier:
     class_names: list[str]
     checkpoint_dir: epath.Path | None = None
     step: int | None = None
+    params_item: str | None = None  # the checkpoint item the parameters came from: 'params' or 'ema_params'
     _apply: Any = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -242,7 +243,8 @@ def load(path: epath.PathLike, *, ema: bool = True, dtype: str | None = None) ->
     names = [str(n) for n in dataset.get("class_names") or []]
     if len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
-    return Classifier(model=model, params=params, config=config, class_names=names, checkpoint_dir=directory, step=step)
+    return Classifier(model=model, params=params, config=config, class_names=names, checkpoint_dir=directory, step=step,
+                      params_item=item)  # fmt: skip
 
 
 def from_params(model, params, *, image_size: int, normalization: str, eval_crop_pct: float,

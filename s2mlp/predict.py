@@ -193,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    if clf.step is not None:  # a training run's checkpoint (not a Mixer .npz)
+        which = "EMA" if clf.params_item == "ema_params" else "raw"
+        why = " (--no_ema)" if args.no_ema else "" if which == "EMA" else " (the run kept no EMA)"
+        print(f"note: {clf.checkpoint_dir} step {clf.step}, {which} parameters{why}.", file=sys.stderr)
     names = clf.class_names
     if args.class_names:
         with open(args.class_names) as f:

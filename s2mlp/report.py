@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -423,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where report.md and the PNGs go (default: the study dir)")
     parser.add_argument("--force", action="store_true", help="write into --out even if it holds another study's report")
     args = parser.parse_args(argv)
-    out_dir = args.out
+    args.paths = [os.path.expanduser(p) for p in args.paths]  # relative paths read from the working directory
+    out_dir = os.path.expanduser(args.out) if args.out else None
     if out_dir is None and len(args.paths) == 1 and not _is_workdir(Path(args.paths[0])):
         out_dir = args.paths[0]
     try:

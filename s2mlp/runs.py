@@ -161,6 +161,39 @@ def drop_rows_after(path: epath.Path, step: int) -> None:
         logging.info("Dropped %d rows after step %d from %s (trained again).", len(lines) - len(kept), step, path)
 
 
+EVENTS_GLOB = "events.out.tfevents.*"
+
+
+def drop_events_after(logdir: epath.Path, step: int) -> None:
+    """Rewrites the TensorBoard event files of `logdir` (its eval/ and profile/ folders aside) without the points
+    after `step`, nor the step-0 config text and hparams (each start writes them anew); a file left without any
+    point is removed. With `drop_rows_after`, a restarted run shows each step once, also when the attempt before
+    ended ahead of its first checkpoint (`step` 0). A file cut short by a kill keeps its readable events."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    dropped = 0
+    for path in sorted(logdir.glob(EVENTS_GLOB)):
+        events, records = [], iter(tf.data.TFRecordDataset(str(path)))
+        while True:
+            try:
+                events.append(event_pb2.Event.FromString(next(records).numpy()))
+            except (StopIteration, tf.errors.DataLossError):  # the end, or a record cut by a kill
+                break
+        keep = [e for e in events if not e.HasField("summary") or 0 < e.step <= step]
+        dropped += sum(len(e.summary.value) for e in events) - sum(len(e.summary.value) for e in keep)
+        if not any(e.HasField("summary") for e in keep):
+            path.unlink()
+        elif len(keep) < len(events):
+            tmp = path.parent / (path.name + ".tmp")
+            with tf.io.TFRecordWriter(str(tmp)) as writer:
+                for event in keep:
+                    writer.write(event.SerializeToString())
+            tmp.replace(path)
+    if dropped:
+        logging.info("Dropped %d TensorBoard points after step %d from %s (trained again).", dropped, step, logdir)
+
+
 def check_writable(path: epath.Path, flag: str) -> None:
     """`path` (or, when it does not exist yet, its nearest existing parent) must be a writable folder."""
     if "://" in str(path):  # a bucket: its permissions show only on the first write
@@ -332,6 +365,10 @@ class QuietLibraries(std_logging.Filter):
         if self._own(record.pathname):
             return True
         if record.levelno < std_logging.WARNING:
+            return False
+        if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+            # A failed save: a traceback from each of Orbax's save threads. The trainer stops with one line naming
+            # the step and the cause (checkpoint.SaveFailed); a failed read raises checkpoint.BadCheckpoint.
             return False
         key = (record.pathname, record.lineno, record.getMessage())
         if key in self._seen:

@@ -86,6 +86,82 @@ def test_sigterm_saves_the_step_and_the_resume_gives_the_uninterrupted_losses(re
     assert "Compiling the train step…" in text and "compiled in " in text
     assert text.count("All log messages before absl::InitializeLog() is called") <= 1
     assert text.count("oneDNN custom operations are on") <= 1
+    # Orbax's warning about the stop step's checkpoint having no eval metrics is not shown (it is by design).
+    assert "did not provide metrics" not in log.read_text() + text
+    # TensorBoard shows each step once: the first attempt's points after its stop step were dropped.
+    points = _scalar_points(workdir)
+    assert len(points) == len(set(points)) and ("train/loss", 30) in points
+
+
+def test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once(reference, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    proc = _start(workdir, log, "--config.checkpoint_every_steps=30")  # the first checkpoint is the last step
+    _wait(proc, lambda: _logged(workdir) >= 3, "step 3")
+    proc.kill()
+    proc.wait(timeout=60)
+    killed_at = _logged(workdir)
+    assert 3 <= killed_at < 30 and ocp_steps(workdir) == []
+    assert len([p for p in workdir.glob("events.out.tfevents.*")]) == 1
+    rerun_log = tmp_path / "rerun.log"
+    assert _start(workdir, rerun_log).wait(timeout=600) == 0
+    assert _train_steps(workdir) == list(range(1, 31))  # each step once, the killed attempt's rows dropped
+    assert _losses(workdir) == _losses(reference[0])
+    points = _scalar_points(workdir)
+    assert len(points) == len(set(points)) and {s for t, s in points if t == "train/loss"} == set(range(1, 31))
+    text = rerun_log.read_text()
+    assert f"Dropped {killed_at} rows after step 0 from {workdir / 'metrics.jsonl'} (trained again)." in text
+    assert "TensorBoard points after step 0 from" in text
+
+
+def test_a_failed_checkpoint_save_stops_the_run_at_that_step_in_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    # root ignores permissions: run without CAP_DAC_OVERRIDE so a read-only folder is read-only for the trainer.
+    prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+    flags = ["--config.total_steps=300", "--config.checkpoint_every_steps=100", "--config.eval_every_steps=300",
+             "--config.log_every_steps=1"]  # fmt: skip
+    cmd = [*prefix, sys.executable, "main.py", "--config=configs/tiny.py:s2mlp_tiny", f"--workdir={workdir}", *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait(proc, lambda: (workdir / "checkpoints" / "100").is_dir(), "the checkpoint of step 100")
+    proc.send_signal(signal.SIGSTOP)  # the checkpoints folder turns read-only between two saves
+    (workdir / "checkpoints").chmod(0o555)
+    proc.send_signal(signal.SIGCONT)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        (workdir / "checkpoints").chmod(0o755)
+    assert proc.returncode == 1, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("E")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert (
+        errors[0]
+        .split("] ", 1)[1]
+        .startswith(f"SaveFailed: saving the checkpoint of step 200 in {workdir / 'checkpoints'} failed (")
+    ), errors[0]
+    assert errors[0].endswith(
+        "training stopped there, step 100 is complete and loadable. Fix the cause (disk space, permissions, the "
+        "path) and rerun the same command to resume."
+    ), errors[0]
+    assert max(_train_steps(workdir)) <= 201  # stopped at once, not a checkpoint interval later
+    assert ocp_steps(workdir) == [100]
+    from s2mlp import inference
+
+    assert inference.load(workdir).step == 100  # the previous complete step is loadable
+
+
+def test_dropping_tensorboard_points_after_a_step(tmp_path):
+    first = runs.TensorBoardWriter(tmp_path, "test")
+    first.write_config(tiny.get_config())
+    for step in range(1, 7):
+        first.write_scalars(step, {"loss": float(step), **({"eval_top1": 0.5} if step % 3 == 0 else {})})
+    first.close()
+    runs.drop_events_after(tmp_path, 4)
+    assert sorted(_scalar_points(tmp_path)) == sorted(
+        [("train/loss", s) for s in range(1, 5)] + [("test/top1", 3)]
+    )  # the config text and hparams of step 0 go too: every start writes them anew
+    assert _tags(tmp_path).keys() == {"scalars"}
+    runs.drop_events_after(tmp_path, 0)  # an attempt that saved no checkpoint: nothing of it is kept
+    assert list(tmp_path.glob("events.out.tfevents.*")) == []
 
 
 def test_a_second_signal_ends_the_run_at_once(tmp_path):

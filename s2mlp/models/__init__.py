@@ -103,6 +103,18 @@ def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
     return model
 
 
+def changed_fields(model, name: str) -> dict[str, Any]:
+    """The fields of `model` whose values differ from the registered model `name`'s (the class count aside):
+    what the config's overrides, DropPath rate and dtype changed, for the trainer's start-up line."""
+    reference = get_model(name)
+    changed = {}
+    for field in dataclasses.fields(model):
+        value = getattr(model, field.name)
+        if field.name not in ("parent", "name", "num_classes") and value != getattr(reference, field.name):
+            changed[field.name] = jnp.dtype(value).name if field.name == "dtype" else value
+    return changed
+
+
 def from_config(config, num_classes: int, *, dtype: str | None = None):
     """The model of a training config: the one "config -> model" of the trainer, inference, benchmarks and tools.
 
