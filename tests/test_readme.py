@@ -9,19 +9,20 @@ Each command must be a key of RUN or of SKIP, exactly as `readme_commands` print
 and an entry that is no longer in the README, fail `test_every_readme_command_is_covered`, so a new README
 command must be added to one of them:
 
-- RUN: executed in README order by `test_readme_commands_run`, from the repository root, in one scratch world.
-  The rules, applied to every command (nothing is downloaded, nothing outside the scratch folder is written):
+- RUN: executed as written, in README order, by `test_readme_commands_run`, in a scratch copy of the checkout
+  (its tracked and untracked-not-ignored files) as the working directory, so relative paths (``runs/demo``,
+  ``top3.csv``) land in the copy and nothing outside it is written. The rules (nothing is downloaded):
   * ``python``/``python3`` is this interpreter and ``ruff`` is ``python -m ruff``; the environment is the
     test's minus ``XLA_FLAGS`` (the fake devices of tests/conftest.py), as on a one-CPU machine;
   * ``pip install ...`` gets ``--dry-run --no-index --no-build-isolation``: pip resolves the requested extras
     against the installed packages and reports what it would install, without downloading or installing;
-  * the paths in `SCRATCH` (``/tmp/s2mlp_demo``, the example images ``digit.png``, ``photo.jpg``, the folder
-    ``photos/``, output files) are replaced by files under the test's scratch folder, whole or as a
-    ``--flag=PATH`` value; ``> FILE`` redirects stdout there too;
+  * the input files a user brings (`INPUTS`: ``digit.png``, ``photo.jpg``, the folder ``photos/``) are written
+    into the copy first; ``> FILE`` redirects stdout to FILE there;
   * a RUN entry's ``append`` is added to the command: training commands get ``--config.total_steps=2`` (two
     steps instead of minutes; the last step still evaluates and writes a checkpoint).
-  Each command must exit 0; ``expect`` (a regex over stdout + stderr) and ``creates`` (a path in the scratch
-  folder that must then exist and be non-empty) check what it did.
+  Each command must exit 0; ``expect`` (a regex over stdout + stderr) and ``creates`` (a path in the copy that
+  must then exist and be non-empty) check what it did. Then each ``python`` block runs as written, in the copy,
+  unless `PYTHON_SKIP` names its first line with the reason.
 - SKIP: commands that need data that is not here (ImageNet), an accelerator, the network, or that would recurse
   (the test suite itself), each with the reason.
 """
@@ -55,22 +56,22 @@ class Run:
 # README command (as `readme_commands` prints it) -> how it is run.
 RUN = {
     'python3 -m pip install -e ".[train]"': Run(expect=r"Would install s2mlp-"),
-    "python3 main.py --config=configs/demo.py --workdir=/tmp/s2mlp_demo": Run(
-        append=SHORT_TRAINING, creates="s2mlp_demo/checkpoints/2/params"
+    "python3 main.py --config=configs/demo.py --workdir=runs/demo": Run(
+        append=SHORT_TRAINING, expect=r"Workdir: /\S+/runs/demo\n", creates="runs/demo/checkpoints/2/params"
     ),
     'python3 -m pip install -e ".[test]"': Run(expect=r"Would install s2mlp-"),
     "ruff check .": Run(expect=r"All checks passed"),
     "ruff format --check .": Run(expect=r"files? already formatted"),
     "python3 -m pip install -e .": Run(expect=r"Would install s2mlp-"),
-    "python3 -m s2mlp.predict --checkpoint=/tmp/s2mlp_demo digit.png photo.jpg": Run(
+    "python3 -m s2mlp.predict --checkpoint=runs/demo digit.png photo.jpg": Run(
         expect=r"digit\.png\n\s+1\. .*\n(.*\n){4}.*photo\.jpg\n\s+1\. "
     ),
-    "python3 -m s2mlp.predict --checkpoint=/tmp/s2mlp_demo --output=csv --top_k=3 photos/ > top3.csv": Run(
+    "python3 -m s2mlp.predict --checkpoint=runs/demo --output=csv --top_k=3 photos/ > top3.csv": Run(
         creates="top3.csv",
         content=r"^path,label_1,index_1,probability_1,.*probability_3\n.*more/two\.jpg,.*\n.*one\.png,",
     ),
     # --dry_run checks and lists the study's runs without training or writing anything.
-    "python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation --dry_run": Run(
+    "python3 study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation --dry_run": Run(
         expect=r"run \d+ of \d+"
     ),
 }
@@ -85,24 +86,26 @@ SKIP = {
     "python3 main.py --config=configs/mixer_b16.py --workdir=runs/mixer_b16 ...": "ImageNet, accelerators",
     "python3 main.py --config=configs/s2mlp_wide.py --workdir=runs/s2mlp_wide ...": "ImageNet, accelerators",
     "python3 main.py --config=configs/mixer_b16.py:deit --workdir=runs/mixer_b16_deit ...": "ImageNet, accelerators",
+    "jupyter execute notebooks/s2mlp_colab.ipynb": (
+        "tests/test_notebook.py executes the notebook on a tiny run, figure by figure"
+    ),
     "tfds build imagenet2012 --data_dir=<data_dir>": "needs the ImageNet tars (~145 GB) from image-net.org",
-    "python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation": (
+    "python3 study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation": (
         "trains every run of the study (tens of runs of hundreds of steps); tests/test_study.py runs tiny studies"
     ),
-    "python -m s2mlp.report runs/shift_ablation --out=/tmp/shift_ablation_report": (
+    "python3 -m s2mlp.report runs/shift_ablation --out=/tmp/shift_ablation_report": (
         "needs the finished study of the command above"
     ),
 }
 
-# README path -> (kind, name under the scratch folder). 'digit'/'photo': an image written there; 'photos': a
-# folder of images; 'dir': a fresh folder name; 'file': an output file name.
-SCRATCH = {
-    "/tmp/s2mlp_demo": ("dir", "s2mlp_demo"),
-    "digit.png": ("digit", "digit.png"),
-    "photo.jpg": ("photo", "photo.jpg"),
-    "photos/": ("photos", "photos"),
-    "top3.csv": ("file", "top3.csv"),
-    "runs/shift_ablation": ("dir", "runs/shift_ablation"),
+# README input file -> what is written there before the commands run: 'digit' and 'photo' an image, 'photos' a
+# folder of two images.
+INPUTS = {"digit.png": "digit", "photo.jpg": "photo", "photos/": "photos"}
+
+# First line of a README ``python`` block -> why it is not run here.
+PYTHON_SKIP = {
+    "from s2mlp import mixer_npz": "needs a Mixer .npz downloaded from gs://mixer_models (tests/test_inference.py "
+    "imports a written one)",
 }
 
 _FENCE = re.compile(r"^\s*```\s*([\w+-]*)\s*$")
@@ -125,6 +128,22 @@ def readme_commands(text: str) -> list[str]:
         if block is not None:
             block.append(line)
     return commands
+
+
+def readme_python_blocks(text: str) -> list[str]:
+    """The code of `text`'s fenced ``python`` blocks, in order."""
+    blocks, block, tag = [], None, ""
+    for line in text.splitlines():
+        fence = _FENCE.match(line)
+        if fence and block is None:
+            block, tag = [], fence.group(1).lower()
+        elif fence:
+            if tag == "python":
+                blocks.append("\n".join(block) + "\n")
+            block = None
+        elif block is not None:
+            block.append(line)
+    return blocks
 
 
 def _block_commands(lines: list[str]) -> list[str]:
@@ -193,44 +212,55 @@ def test_every_readme_command_is_covered():
     assert not stale, "entries of tests/test_readme.py no longer in README.md; remove them:\n" + "\n".join(stale)
 
 
-def _make_scratch(root) -> dict[str, str]:
+def test_every_readme_python_block_runs_or_is_skipped():
+    with open(README, encoding="utf-8") as f:
+        first_lines = [block.splitlines()[0] for block in readme_python_blocks(f.read())]
+    assert "import numpy as np" in first_lines  # the inference example
+    stale = [line for line in PYTHON_SKIP if line not in first_lines]
+    assert not stale, "PYTHON_SKIP entries no longer first lines of README python blocks:\n" + "\n".join(stale)
+
+
+def _copy_checkout(root: str) -> None:
+    """The checkout's tracked and untracked-not-ignored files (what a fresh clone plus the user's edits has)."""
+    import shutil
+
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode()  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        source = os.path.join(REPO, name)
+        if os.path.isfile(source):  # a tracked file deleted in the working tree is left out
+            os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+            shutil.copy2(source, os.path.join(root, name))
+
+
+def _write_inputs(root: str) -> None:
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    digit = np.round(digits.images[-1] * 255 / 16).astype(np.uint8)
+    digit = np.round(load_digits().images[-1] * 255 / 16).astype(np.uint8)
     photo = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    paths = {}
-    for readme_path, (kind, name) in SCRATCH.items():
+    for name, kind in INPUTS.items():
         path = os.path.join(root, name)
-        paths[readme_path] = path
         if kind == "digit":
             Image.fromarray(digit).save(path)
         elif kind == "photo":
             Image.fromarray(photo).save(path)
-        elif kind == "photos":
+        else:
             os.makedirs(os.path.join(path, "more"))
             Image.fromarray(digit).save(os.path.join(path, "one.png"))
             Image.fromarray(photo).save(os.path.join(path, "more", "two.jpg"))
-    return paths
 
 
-def _argv(command: str, run: Run, paths: dict[str, str]) -> tuple[list[str], str | None]:
+def _argv(command: str, run: Run) -> tuple[list[str], str | None]:
     """The argv to execute for `command` by the module docstring's rules, and the file stdout goes to (or None)."""
     tokens = shlex.split(command)
     stdout = None
     if ">" in tokens:
         i = tokens.index(">")
         tokens, stdout = tokens[:i] + tokens[i + 2 :], tokens[i + 1]
-
-    def swap(token: str) -> str:
-        if token in paths:
-            return paths[token]
-        flag, eq, value = token.partition("=")
-        return f"{flag}={paths[value]}" if eq and value in paths else token
-
-    tokens = [swap(t) for t in tokens] + list(run.append)
-    stdout = swap(stdout) if stdout else None
+    tokens += list(run.append)
     if tokens[0] in ("python", "python3"):
         tokens[0] = sys.executable
     elif tokens[0] == "ruff":
@@ -251,19 +281,21 @@ def _created(path, content: str) -> bool:
 def test_readme_commands_run(tmp_path):
     commands = [c for c in _readme() if c in RUN]
     assert commands, "no README command is run"
-    paths = _make_scratch(tmp_path)
-    # As a user runs them: without the 8 fake CPU devices tests/conftest.py gives the test processes.
+    checkout = tmp_path / "checkout"
+    _copy_checkout(str(checkout))
+    _write_inputs(str(checkout))
+    # As a user runs them: without the 8 fake CPU devices tests/conftest.py gives the test processes, and with
+    # the copy's own modules (the working directory comes first on sys.path).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
     failures = []
     for command in commands:
         run = RUN[command]
-        argv, stdout_file = _argv(command, run, paths)
+        argv, stdout_file = _argv(command, run)
         start = time.time()
-        with open(stdout_file, "w") if stdout_file else open(os.devnull, "w") as sink:
+        with open(checkout / stdout_file, "w") if stdout_file else open(os.devnull, "w") as sink:
             out = subprocess.run(
                 argv,
-                cwd=REPO,
+                cwd=checkout,
                 env=env,
                 stdout=sink if stdout_file else subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -276,6 +308,13 @@ def test_readme_commands_run(tmp_path):
             failures.append(f"{command}\n  -> exit {out.returncode}:\n{text[-2000:]}")
         elif run.expect and not re.search(run.expect, text):
             failures.append(f"{command}\n  -> output does not match {run.expect!r}:\n{text[-2000:]}")
-        elif run.creates and not _created(tmp_path / run.creates, run.content):
+        elif run.creates and not _created(checkout / run.creates, run.content):
             failures.append(f"{command}\n  -> {run.creates} missing, empty or not matching {run.content!r}")
+    with open(README, encoding="utf-8") as f:
+        blocks = [b for b in readme_python_blocks(f.read()) if b.splitlines()[0] not in PYTHON_SKIP]
+    for block in blocks:
+        out = subprocess.run([sys.executable, "-c", block], cwd=checkout, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+        if out.returncode != 0:
+            failures.append(f"README python block:\n{block}\n  -> exit {out.returncode}:\n{out.stderr[-2000:]}")
     assert not failures, "\n\n".join(failures)
