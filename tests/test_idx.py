@@ -225,19 +225,24 @@ def _damage(written, damage):
         _rewrite(images_file, idx_bytes(images)[:-10])
         return images_file, re.escape(f"is truncated: {need}, it has 2,566.")
     if damage == "gzip_cut":  # the compressed stream itself cut short
-        if not images_file.endswith(".gz"):
-            pytest.skip("a gzip stream cut short: gzip files only")
         with open(images_file, "rb") as f:
             data = f.read()
         with open(images_file, "wb") as f:
             f.write(data[: len(data) // 2])
         return images_file, r"is truncated: its gzip stream ends early \(EOFError: "
     if damage == "not_gzip":  # a .gz name on uncompressed IDX bytes
-        if not images_file.endswith(".gz"):
-            pytest.skip("a .gz file that is not gzip: gzip files only")
         with open(images_file, "wb") as f:
             f.write(idx_bytes(images))
         return images_file, re.escape("cannot be read: BadGzipFile: Not a gzipped file (b'\\x00\\x00')")
+    if damage == "gzip_corrupt":  # compressed bytes flipped: the deflate stream is invalid
+        with open(images_file, "rb") as f:
+            data = bytearray(f.read())
+        data[20:40] = bytes(b ^ 0xFF for b in data[20:40])
+        with open(images_file, "wb") as f:
+            f.write(data)
+        return images_file, re.escape(
+            "is corrupt: its gzip data does not decompress (zlib.error: Error -3 while decompressing"
+        )
     if damage == "longer":
         _rewrite(images_file, idx_bytes(images) + bytes(7))
         return images_file, re.escape(f"is longer than its header says: {need}, it has 2,583.")
@@ -268,13 +273,17 @@ def _damage(written, damage):
     )
 
 
-DAMAGES = ["magic", "empty", "header_cut", "truncated", "gzip_cut", "not_gzip", "longer", "count", "labels_2d",
-           "labels_float", "negative_label", "images_float", "images_2d", "images_2_channels"]  # fmt: skip
+DAMAGES = ["magic", "empty", "header_cut", "truncated", "longer", "count", "labels_2d", "labels_float",
+           "negative_label", "images_float", "images_2d", "images_2_channels"]  # fmt: skip
+GZIP_DAMAGES = ["gzip_cut", "gzip_corrupt", "not_gzip"]
 
 
-@pytest.mark.parametrize("damage", DAMAGES)
-def test_damaged_file_is_refused_naming_it(idx_data, damage):
-    root, written = idx_data
+@pytest.mark.parametrize(
+    "kind, damage", [(k, d) for k in ("gzip", "raw") for d in DAMAGES] + [("gzip", d) for d in GZIP_DAMAGES]
+)
+def test_damaged_file_is_refused_naming_it(tmp_path, kind, damage):
+    root = tmp_path / "idx"
+    written = write_dataset(root, compress=kind == "gzip")
     path, pattern = _damage(written, damage)
     config = make_config(root)
     ip.validate_data_config(config)  # the cheap checks find the files; reading them finds the damage
