@@ -21,7 +21,6 @@ import pytest
 import study
 from configs.studies import fields, init_ablation, mixer_vs_s2mlp, shift_ablation
 from s2mlp import report
-from tests.test_idx import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +95,8 @@ def test_shipped_study_configs_expand(tmp_path):
     for data in ("cifar10", "imagenette", "imagenet"):
         assert len(study.expand(shift_ablation.get_config(data), "w", check=False)) in (11, 33)
         assert len(study.expand(mixer_vs_s2mlp.get_config(data), "w", check=False)) in (9, 27)
+    from tests.test_idx import write_dataset
+
     write_dataset(tmp_path / "fmnist", num_classes=10, sizes={"train": 20, "test": 10})
     for module, count, last in (
         (shift_ablation, 33, "shift=none,seed=2"),
