@@ -8,7 +8,7 @@ smaller models a step takes ``CPU_STEP_S + batch × MACs / CPU_MACS_PER_S``: an 
 50 ms per step (dispatch, the input batch, the update) that bounds the speed-up of small models;
 an eval image costs a third of a train image. Runs add ~10 s of set-up (compiles, mostly cached
 after a study's first run of each program; reading the data). With the floor at 20-80 ms
-instead, a ~2 h estimate reads 1.3-2.6 h.
+instead, the ~2 h estimates read 1.3-2.4 h.
 """
 
 import ml_collections
