@@ -20,6 +20,7 @@ import math
 import operator
 import os
 import time
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -439,7 +440,11 @@ def read_idx(path: str) -> np.ndarray:
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut gzip stream raises EOFError
+    except EOFError as e:  # a gzip stream cut short (an interrupted download or copy)
+        raise ValueError(f"IDX file {path} is truncated: its gzip stream ends early (EOFError: {e}).") from None
+    except zlib.error as e:  # damaged compressed data
+        raise ValueError(f"IDX file {path} is corrupt: its gzip data does not decompress (zlib.error: {e}).") from None
+    except OSError as e:  # gzip.BadGzipFile (not gzip, or a CRC mismatch) is an OSError
         raise ValueError(f"IDX file {path} cannot be read: {type(e).__name__}: {e}") from None
     if len(data) < 4 or data[0] or data[1] or data[2] not in IDX_TYPES:
         raise ValueError(

@@ -12,7 +12,13 @@ A study config's ``get_config(data)`` returns a ConfigDict with
   grid (for settings a product does not fit, e.g. per-model sizes); an optional ``"name"`` key
   labels the run;
 - ``name_fields`` (optional): dotted field -> short name used in run-directory names (default:
-  the last part of the field).
+  the last part of the field);
+- ``tied`` (optional): dotted field -> a grid axis whose value the field copies in each run, e.g.
+  ``{"data.subset_seed": "seed"}``: each seed trains on its own draw of the train subset, so the
+  spread over seeds covers the data as well as the training. A tied field is set by nothing else
+  (not an axis, override or run field); it is not part of run names, but is in each run's config,
+  command and ``study.json`` (whose ``tied`` the report reads: a field tied to ``seed`` is pooled
+  over like the seed).
 
 Dicts with dotted keys need ``ml_collections.ConfigDict(..., allow_dotted_keys=True)``
 (see configs/studies/). A ``model.overrides.X`` value, and every key of a ``model.overrides``
@@ -182,7 +188,20 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
         if not isinstance(values, (list, tuple)) or not values:
             raise ValueError(f"study.grid[{field!r}]={values!r} must be a non-empty list of values.")
     short = {**{f: f.rsplit(".", 1)[-1] for f in grid}, **dict(study.get("name_fields") or {})}
+    tied = dict(study.get("tied") or {})
+    for field, axis in tied.items():
+        if axis not in grid:
+            raise ValueError(f"study.tied[{field!r}]={axis!r} must name an axis of study.grid, one of {list(grid)}.")
+        setters = [name for name, fields in (("study.grid", grid), ("study.overrides", common)) if field in fields]
+        setters += ["study.runs"] * any(field in r for r in explicit)
+        if setters:
+            raise ValueError(
+                f"study.tied[{field!r}]: config.{field} is also set by {setters[0]}; a tied field takes its value "
+                f"from study.grid[{axis!r}] only, so set it in one place."
+            )
     base = load_config_file(study.base)
+    for field, axis in tied.items():
+        _set_field(copy.deepcopy(base), field, grid[axis][0], f"study.tied[{field!r}]")
 
     combos = list(itertools.product(*grid.values())) if grid else [()]
     specs = []
@@ -204,7 +223,7 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
         parts = [_name_part(label)] if label else [part(f, run[f]) for f in run_fields if f in run]
         parts += [part(f, v) for f, v in combo.items() if varies(f)]
         name = ",".join(parts) or "run"
-        overrides = {**common, **run, **combo}
+        overrides = {**common, **run, **combo, **{field: combo[axis] for field, axis in tied.items()}}
         if name in names:
             raise ValueError(
                 f"study: runs {names[name]} and {overrides} get the same name {name!r}; label study.runs with 'name'."
@@ -268,6 +287,7 @@ def _latest_step(run_dir) -> int | None:
 def write_study_json(study, runs: list[Run], workdir: str) -> None:
     listing = {
         "base": study.base,
+        **({"tied": dict(study.tied)} if study.get("tied") else {}),
         "runs": [{"name": r.name, "overrides": r.overrides, "workdir": r.workdir, "command": r.command} for r in runs],
     }
     path = Path(workdir) / STUDY_JSON

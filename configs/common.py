@@ -61,7 +61,7 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
     config.batch_size = 1024  # global, over all devices and hosts
     config.eval_batch_size = 1024
     config.num_epochs = 300
-    config.warmup_epochs = 10
+    config.warmup_epochs = 10.0  # a float: a fraction of an epoch is allowed (e.g. 0.5 for short runs)
     config.base_lr = 2e-3  # per 1024 images: lr = base_lr * batch_size / 1024
     config.min_lr = 1e-5
     config.weight_decay = 0.05
@@ -93,6 +93,6 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
         # S²-MLP (S²-MLP paper §4, following DeiT): the DeiT recipe. lr 1e-3 at batch 1024 (5e-4 per 512),
         # 5 warmup epochs (DeiT's; the paper does not say), no EMA.
         config.base_lr = 1e-3
-        config.warmup_epochs = 5
+        config.warmup_epochs = 5.0
         config.ema_decay = 0.0
     return config

@@ -3,12 +3,13 @@
     python -m s2mlp.report runs/shift_ablation                       # a study dir: writes its report there
     python -m s2mlp.report runs/a runs/b --out=docs/studies/mine     # workdirs of main.py, finished or not
 
-Runs are grouped into configurations (identical config.json except ``seed``) and aggregated over
-seeds: one table row per configuration with the fields that vary (short names), the final and the
-best held-out top-1 (mean ± sample std over seeds, and n), parameters and forward GMACs (from the
-model code, no compile), the median logged train images/s, steps done / total, and the mean wall
-time per run (from the study runner's ``result.json``). The EMA top-1 (``eval_ema_top1``) is used
-where a run logs it. A study's runs that have no workdir yet are listed on one "not started" line.
+Runs are grouped into configurations (identical config.json except ``seed`` and the fields a study's
+``study.json`` ties to the seed, e.g. ``data.subset_seed``) and aggregated over seeds: one table row
+per configuration with the fields that vary (short names), the final and the best held-out top-1
+(mean ± sample std over seeds, and n), parameters and forward GMACs (from the model code, no
+compile), the median logged train images/s, steps done / total, and the mean wall time per run
+(from the study runner's ``result.json``). The EMA top-1 (``eval_ema_top1``) is used where a run
+logs it. A study's runs that have no workdir yet are listed on one "not started" line.
 Writes ``report.md``, ``top1_vs_step.png`` and, where configurations differ in MACs,
 ``top1_vs_gmacs.png`` (final top-1 against forward MACs), else ``top1_by_config.png`` (final
 top-1 per configuration with its spread over seeds) into the output directory (default: the study
@@ -44,6 +45,7 @@ class RunInfo:
     config: dict | None  # config.json, None before the trainer wrote it
     metrics: dict[int, dict[str, float]]  # step -> {key: value}, the last row of each (step, key) kept
     result: dict | None  # the study runner's result.json
+    pooled: tuple[str, ...] = ("seed",)  # fields aggregated over: seed, and fields the study ties to it
 
 
 def _is_workdir(path: Path) -> bool:
@@ -65,9 +67,9 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _run(name: str, workdir: Path) -> RunInfo:
+def _run(name: str, workdir: Path, pooled: tuple[str, ...] = ("seed",)) -> RunInfo:
     return RunInfo(name, workdir, _read_json(workdir / "config.json"), read_metrics(workdir / "metrics.jsonl"),
-                   _read_json(workdir / RESULT_JSON))  # fmt: skip
+                   _read_json(workdir / RESULT_JSON), pooled)  # fmt: skip
 
 
 def find_runs(paths: list[str]) -> list[RunInfo]:
@@ -77,8 +79,10 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
         if _is_workdir(p):
             runs.append(_run(p.name, p))
         elif (p / STUDY_JSON).is_file():
-            for r in json.loads((p / STUDY_JSON).read_text())["runs"]:
-                runs.append(_run(r["name"], p / r["name"]))
+            listing = json.loads((p / STUDY_JSON).read_text())
+            pooled = ("seed", *(f for f, axis in listing.get("tied", {}).items() if axis == "seed"))
+            for r in listing["runs"]:
+                runs.append(_run(r["name"], p / r["name"], pooled))
         elif p.is_dir() and any(_is_workdir(d) for d in p.iterdir() if d.is_dir()):
             runs += [_run(d.name, d) for d in sorted(p.iterdir()) if d.is_dir() and _is_workdir(d)]
         else:
@@ -160,7 +164,7 @@ def group(runs: list[RunInfo], key: str) -> tuple[list[Row], list[str], dict[str
         if r.config is None:
             groups[f"no config: {r.workdir}"] = [r]
             continue
-        f = {k: v for k, v in flatten(r.config).items() if k != "seed"}
+        f = {k: v for k, v in flatten(r.config).items() if k not in r.pooled}
         flat[id(r)] = f
         groups.setdefault(json.dumps(f, sort_keys=True, default=str), []).append(r)
     configs = [flat[id(g[0])] for g in groups.values() if id(g[0]) in flat]
@@ -373,6 +377,9 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         if first.config is not None:
             row.params, row.gmacs = model_size(first.config, _num_classes(first))
     text = table(rows, varying, key)
+    tied = ", ".join(sorted({f for r in runs for f in r.pooled if f != "seed"}))
+    if tied:
+        tied = f"Each seed also sets {tied} (tied to the seed by the study), so the spread covers both. "
     if not_started:
         text += f"\n\nNot started ({len(not_started)}): " + ", ".join(not_started)
     walls = [r.result["wall_s"] for r in runs if r.result]
@@ -384,7 +391,7 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         settings += ", model overrides " + ", ".join(f"{k}={_fmt(v)}" for k, v in overrides.items())
     caption = (
         f"{len(rows)} configurations, {len(runs)} runs. Top-1 is `{key}` on the held-out split, in percent: the "
-        f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. "
+        f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. {tied}"
         f"Params and {_macs_unit(rows)[0]} (forward multiply-accumulates per image) are counted from the model code. "
         f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "
         f"Machine: {machine()}. Total wall time of the finished runs: {hms(sum(walls))}"

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import ml_collections
 import pytest
 
@@ -83,9 +84,9 @@ def test_explicit_runs_cross_the_grid_with_labels_and_quoted_tuples():
     )
 
 
-def test_shipped_study_configs_expand():
+def test_shipped_study_configs_expand(tmp_path):
     # The digits studies pass every check here (8 devices); the tfds and ImageNet variants need their data, so
-    # only their fields are checked.
+    # only their fields are checked; the fashion_mnist ones are checked on IDX files written here.
     assert len(study.expand(shift_ablation.get_config(), "w")) == 33
     names = [r.name for r in study.expand(mixer_vs_s2mlp.get_config(), "w")]
     assert len(names) == 27 and names[0] == "mixer,fraction=1.0,seed=0" and names[-1] == "s2mlpv2,fraction=0.1,seed=2"
@@ -94,6 +95,58 @@ def test_shipped_study_configs_expand():
     for data in ("cifar10", "imagenette", "imagenet"):
         assert len(study.expand(shift_ablation.get_config(data), "w", check=False)) in (11, 33)
         assert len(study.expand(mixer_vs_s2mlp.get_config(data), "w", check=False)) in (9, 27)
+    from tests.test_idx import write_dataset
+
+    write_dataset(tmp_path / "fmnist", num_classes=10, sizes={"train": 20, "test": 10})
+    for module, count, last in (
+        (shift_ablation, 33, "shift=none,seed=2"),
+        (mixer_vs_s2mlp, 27, "s2mlpv2,fraction=0.01,seed=2"),
+    ):
+        s = module.get_config("fashion_mnist")
+        s.overrides["data.data_dir"] = str(tmp_path / "fmnist")  # instead of Debian's folder
+        runs = study.expand(s, "w")
+        assert len(runs) == count and runs[-1].name == last
+        assert {(r.config.data.name, r.config.image_size, r.config.batch_size) for r in runs} == {("idx", 28, 128)}
+
+
+def test_every_shipped_study_draws_a_train_subset_per_seed():
+    # The low-data comparisons vary the data as well as the training: data.subset_seed = seed in every run.
+    datas = ("digits", "fashion_mnist", "cifar10", "imagenet")
+    for module, data in [(m, d) for m in (shift_ablation, mixer_vs_s2mlp, init_ablation) for d in datas]:
+        runs = study.expand(module.get_config(data), "w", check=False)
+        assert all(r.config.data.subset_seed == r.config.seed for r in runs), (module.__name__, data)
+        assert all(r.command.endswith(f" --config.data.subset_seed={r.config.seed}") for r in runs)
+        assert len({r.config.data.subset_seed for r in runs}) == (
+            1 if data == "imagenet" and module is shift_ablation else 3
+        )
+
+
+def test_fashion_mnist_studies_keep_its_recipe_and_match_model_sizes():
+    from configs import fashion_mnist
+    from s2mlp import flops, models
+
+    recipe = study.flatten(json.loads(fashion_mnist.get_config().to_json_best_effort()))
+    sized = ("total_steps", "num_epochs", "warmup_epochs", "log_every_steps", "eval_every_steps",
+             "checkpoint_every_steps", "seed", "data.train_fraction", "data.subset_seed")  # fmt: skip
+    for module in (shift_ablation, mixer_vs_s2mlp):
+        for run in study.expand(module.get_config("fashion_mnist"), "w", check=False):
+            config = study.flatten(json.loads(run.config.to_json_best_effort()))
+            differ = {k for k in recipe.keys() | config.keys() if recipe.get(k) != config.get(k)}
+            assert {k for k in differ if not k.startswith("model.") and k not in sized} == set(), run.name
+    sizes = {}
+    for label, (name, overrides) in mixer_vs_s2mlp.MODELS["fashion_mnist"].items():
+        model = models.get_model(name, num_classes=10, image_size=28, **overrides)
+        params = sum(x.size for x in jax.tree.leaves(models.abstract_params(model, 28)))
+        sizes[label] = (params, flops.count_macs(model, 28))
+    # As the study's docstring says: Mixer and S²-MLP match in parameters and, within 0.7%, in MACs.
+    assert sizes == {"mixer": (116_970, 5_494_752), "s2mlp": (116_986, 5_532_384), "s2mlpv2": (118_180, 5_713_824)}
+    overrides = {**fashion_mnist.MODELS["s2mlp"][1], "hidden_dim": 48, "num_blocks": 4}  # the shift ablation's
+    assert {k: v for k, v in shift_ablation.FASHION_MNIST.items() if k.startswith("model.")} == {
+        f"model.overrides.{k}": v for k, v in overrides.items() if k != "mlp_ratio"
+    }
+    model = models.get_model("s2mlp_tiny", num_classes=10, image_size=28, **overrides)
+    assert sum(x.size for x in jax.tree.leaves(models.abstract_params(model, 28))) == 58_234
+    assert flops.count_macs(model, 28) == 10_951_392
 
 
 @pytest.mark.parametrize(
@@ -116,6 +169,61 @@ def test_bad_study_fails_before_anything_is_created(tmp_path, change, message):
     with pytest.raises(ValueError) as e:
         study.run_study(s, str(tmp_path / "w"), compilation_cache="")
     assert message in str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
+def test_tied_field_copies_its_axis_in_each_run_and_command(tmp_path):
+    s = _study(
+        base="configs/tiny.py:s2mlp_tiny",
+        grid={"data.train_fraction": [1.0, 0.5], "seed": [3, 4]},
+        name_fields={"data.train_fraction": "fraction"},
+        tied={"data.subset_seed": "seed"},
+    )
+    lines = []
+    runs = study.run_study(s, str(tmp_path / "w"), dry_run=True, out=lines.append)
+    assert [r.name for r in runs] == [f"fraction={f},seed={k}" for f in (1.0, 0.5) for k in (3, 4)]  # names as before
+    assert [r.config.data.subset_seed for r in runs] == [3, 4, 3, 4]
+    assert runs[3].overrides == {"data.train_fraction": 0.5, "seed": 4, "data.subset_seed": 4}
+    assert lines[3] == (
+        f"run 4 of 4: fraction=0.5,seed=4\n  python main.py --config=configs/tiny.py:s2mlp_tiny "
+        f"--workdir={tmp_path / 'w'}/fraction=0.5,seed=4 --config.data.train_fraction=0.5 --config.seed=4 "
+        "--config.data.subset_seed=4"
+    )
+    assert not (tmp_path / "w").exists()
+    study.write_study_json(s, runs, str(tmp_path / "w"))
+    listing = json.loads((tmp_path / "w" / "study.json").read_text())
+    assert listing["tied"] == {"data.subset_seed": "seed"} and listing["runs"][1]["overrides"]["data.subset_seed"] == 4
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tied": {"data.subset_seed": "sed"}},
+         "study.tied['data.subset_seed']='sed' must name an axis of study.grid, one of ['data.train_fraction', "
+         "'seed']."),
+        ({"tied": {"data.subset_seed": "seed"}, "overrides": {"data.subset_seed": 1}},
+         "study.tied['data.subset_seed']: config.data.subset_seed is also set by study.overrides; a tied field takes "
+         "its value from study.grid['seed'] only, so set it in one place."),
+        ({"tied": {"seed": "data.train_fraction"}},
+         "study.tied['seed']: config.seed is also set by study.grid; a tied field takes its value from "
+         "study.grid['data.train_fraction'] only, so set it in one place."),
+        ({"tied": {"data.subset_seed": "seed"}, "runs": [{"name": "a", "data.subset_seed": 2}]},
+         "study.tied['data.subset_seed']: config.data.subset_seed is also set by study.runs;"),
+        ({"tied": {"data.subset_sed": "seed"}},
+         "study.tied['data.subset_sed']: config.data.subset_sed is not a field of the base config; valid fields here:"),
+    ],
+)  # fmt: skip
+def test_bad_tied_field_is_refused_in_one_line(tmp_path, change, message):
+    s = _study(
+        base="configs/tiny.py:s2mlp_tiny",
+        overrides=change.get("overrides"),
+        grid={"data.train_fraction": [1.0, 0.5], "seed": [0, 1]},
+        runs=change.get("runs"),
+        tied=change["tied"],
+    )
+    with pytest.raises(ValueError) as e:
+        study.run_study(s, str(tmp_path / "w"), compilation_cache="")
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert not (tmp_path / "w").exists()
 
 
@@ -314,6 +422,25 @@ def test_report_out_refuses_another_studys_report_unless_forced(tmp_path, capsys
     (out / "report.md").write_text("# Study report\n")  # a report.md from before reports named their study
     assert report.main([str(tmp_path / "b"), f"--out={out}"]) == 2
     assert "holds a report.md that names no study, not of 'b'" in capsys.readouterr().err
+
+
+def test_report_pools_the_fields_a_study_ties_to_the_seed(tmp_path):
+    s = tmp_path / "s"
+    names = [f"fraction=0.1,seed={k}" for k in (0, 1)]
+    for k, name in enumerate(names):
+        _workdir(s / name, k, "ss1", [0.5, 0.6 + 0.2 * k])
+        config = json.loads((s / name / "config.json").read_text())
+        config["data"] |= {"train_fraction": 0.1, "subset_seed": k}
+        (s / name / "config.json").write_text(json.dumps(config))
+    listing = {"base": "configs/tiny.py", "runs": [{"name": n} for n in names]}
+    (s / "study.json").write_text(json.dumps(listing))
+    assert report.main([str(s)]) == 0  # without `tied`, two subsets are two configurations
+    assert "2 configurations, 2 runs." in (s / "report.md").read_text()
+    (s / "study.json").write_text(json.dumps({**listing, "tied": {"data.subset_seed": "seed"}}))
+    assert report.main([str(s)]) == 0
+    text = (s / "report.md").read_text()
+    assert "| fraction=0.1 | s2mlp_tiny | 70.00 ± 14.14 (2) |" in text and "1 configurations, 2 runs." in text
+    assert "Each seed also sets data.subset_seed (tied to the seed by the study), so the spread covers both." in text
 
 
 def test_report_uses_the_ema_metric_and_a_study_dir(tmp_path):

@@ -1,11 +1,45 @@
-"""Study configs for ``python study.py`` (see study.py for the format)."""
+"""Study configs for ``python study.py`` (see study.py for the format).
+
+Wall-time estimates in the studies' docstrings for the 2-core development CPU are computed, not
+measured, from one measured rate: configs/fashion_mnist.py's S²-MLP (86.9 M MACs per image) trains
+at ~180 images/s uncontended (~90 when the machine is shared), i.e. ~15.6 G forward MACs of
+training images per second (`CPU_MACS_PER_S`; a train step costs about 3× the forward). For
+smaller models a step takes ``CPU_STEP_S + batch × MACs / CPU_MACS_PER_S``: an assumed floor of
+50 ms per step (dispatch, the input batch, the update) that bounds the speed-up of small models;
+an eval image costs a third of a train image. Runs add ~10 s of set-up (compiles, mostly cached
+after a study's first run of each program; reading the data). With the floor at 20-80 ms
+instead, the ~2 h estimates read 1.3-2.4 h.
+"""
 
 import ml_collections
+
+CPU_MACS_PER_S = 180 * 86.9e6
+CPU_STEP_S = 0.050
 
 
 def fields(mapping: dict) -> ml_collections.ConfigDict:
     """A dict of dotted config fields (``'model.overrides.shift_pattern'``), kept in the order written."""
     return ml_collections.ConfigDict(mapping, allow_dotted_keys=True, sort_keys=False)
+
+
+def recipe(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None) -> dict:
+    """The dotted fields of training config `config` that differ from `reference` (default: configs/common.py's
+    'v2'), less the model's name and overrides: `config`'s recipe and data, for a study whose base is the
+    reference and whose runs pick the models (a base's model overrides would merge into every run's)."""
+    from configs import common
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    mine, theirs = flat(config.to_dict()), flat((reference or common.get_config("v2")).to_dict())
+    model = ("model.name", "model.overrides")
+    return {k: v for k, v in mine.items() if (k not in theirs or theirs[k] != v) and not k.startswith(model)}
 
 
 # The recipe of both studies on tfds data (cifar10, cifar100: 32×32; imagenette at 128×128 with patch 8), 100 epochs.

@@ -6,9 +6,11 @@
 vision_transformer's for Mixer) or 'timm' (truncated normal, std 0.02: the convention of the timm/DeiT
 code the papers trained with); heads start at zero in both (docs/notes/initialisation.md). The models,
 recipe and data are mixer_vs_s2mlp's digits setting (the two models match exactly in parameters and
-MACs) on a seeded, class-balanced 30% of the train split: 2 models × 2 inits × 3 seeds = 12 runs of
-300 steps, about 40-60 s each on a 2-core CPU. The data argument is as in mixer_vs_s2mlp.py, but
-only ``digits`` is sized here.
+MACs) on a class-balanced 30% of the train split, each seed its own 30% (mixer_vs_s2mlp's
+``study.tied``, kept here): 2 models × 2 inits × 3 seeds = 12 runs of 300 steps, about 40-60 s
+each on a 2-core CPU. The results in docs/studies/init_ablation drew one subset (subset_seed=0) for
+all seeds, before the subset was tied to the seed. The data argument is as in mixer_vs_s2mlp.py,
+but only ``digits`` is sized here.
 """
 
 from configs.studies import fields, mixer_vs_s2mlp

@@ -1,11 +1,15 @@
-"""MLP-Mixer vs S²-MLP vs S²-MLPv2 at matched size, on all, 30% and 10% of the training data, × 3 seeds.
+"""MLP-Mixer vs S²-MLP vs S²-MLPv2 at matched size, on all and on parts of the training data, × 3 seeds.
 
     python study.py --study=configs/studies/mixer_vs_s2mlp.py --workdir=runs/mixer_vs_s2mlp
+    python study.py --study=configs/studies/mixer_vs_s2mlp.py:fashion_mnist --workdir=runs/mvs_fmnist
 
 The question (S²-MLP paper, §1 and §4.2): with the same parameter and compute budget, does the
 spatial shift (local token mixing, no spatial weights) beat Mixer's dense token-mixing MLP, the
 more so when training data is scarce? ``data.train_fraction`` takes a seeded, class-balanced
-fraction of the train split; the test split stays whole.
+fraction of the train split (all, 30%, 10%; Fashion-MNIST: all, 10%, 1%); the test split stays
+whole. Each seed draws its own subset (``study.tied``: ``data.subset_seed`` = ``seed``), so the
+spread over seeds covers which examples were drawn as well as the training: with one subset for
+every seed, a gap at 10% of the digits reversed on another draw (README, "Results on the digits").
 
 The argument picks the data:
 
@@ -15,7 +19,27 @@ The argument picks the data:
   overrides to clash with Mixer's fields). Mixer and S²-MLP match exactly in parameters and MACs;
   S²-MLPv2 in parameters only (see ``MODELS['digits']``). 3 models × 3 fractions × 3 seeds = 27
   runs of 300 steps, about 40-60 s each on a 2-core CPU. Pilot runs (seed 0): at 10% of the data
-  Mixer 89%, S²-MLP 95%.
+  Mixer 89%, S²-MLP 95%. The results in docs/studies/mixer_vs_s2mlp drew one subset
+  (subset_seed=0) for all seeds, before the subset was tied to the seed; they are to be rerun.
+- ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (`studies.recipe`: Zalando's IDX
+  files where Debian puts them, 28×28, AdamW at lr 1e-3 for batch 128, mild inception crop, flip,
+  random erasing, label smoothing) with ~117k-parameter models (``MODELS['fashion_mnist']``) on
+  100%, 10% and 1% of the 60,000 train images (6,000 per class, so 600 and 60 per class). Mixer and
+  S²-MLP at patch 4 (a 7×7 grid of 49 tokens) and width 48 match in parameters (116,970 vs
+  116,986) and within 0.7% in MACs (5.49 M vs 5.53 M): both match exactly only when the token
+  count equals the width, and a width of 49 does not split into the shift's 4 groups, so 48 it
+  is, with Mixer's token MLP 49 -> 47 -> 49 (patch 2's 196 tokens would need width 196). S²-MLPv2
+  needs patch 2 (its side must divide by twice the patch): widths (24, 48), depths (1, 5), 118,180
+  parameters (+1.0%) and 5.71 M MACs (+3.3%). 3 models × 3 fractions × 3 seeds = 27 runs of a
+  fixed 2,400 steps at batch 128 (5 epochs at 100%, 51 at 10%, 512 at 1%): fixed steps, not
+  epochs, as the digits study does, so every run gets the same updates and compute (a fixed epoch
+  count would give the 1% runs 4 steps an epoch). Warmup is half an epoch, so it shrinks with the
+  fraction (234, 23 and 2 steps), the same for the three models within a row. Eval every 400
+  steps. Compute per run: ~5.5 M MACs × 3 × 128 × 2,400 ≈ 5.1 T MACs of training (+0.3 T for six
+  evals of 10,000 images); ≈ 0.14 P MACs for the study. Estimated on the 2-core CPU
+  (configs/studies/__init__.py: computed from the measured rate, not measured): ~95 ms per step
+  (~1,350 img/s), ~4.1 min per run, ~1.9 h for the study uncontended (about twice that when the
+  machine is shared). Not yet run.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets; ~1-2M-parameter models, 100 epochs.
 - ``imagenet``: the papers' ~55-60M models at 224², S²-MLPv2's recipe for all three: mixer_b16
   (12.6 GMACs), s2mlp_deep (10.5), s2mlpv2_medium (16.3). Compute per run: GMACs × 3 (forward
@@ -25,11 +49,11 @@ The argument picks the data:
   the whole 27-run study.
 """
 
-from configs import studies
+from configs import fashion_mnist, studies
 from configs.studies import fields
 
 SEEDS = [0, 1, 2]
-FRACTIONS = [1.0, 0.3, 0.1]
+FRACTIONS = {"digits": [1.0, 0.3, 0.1], "fashion_mnist": [1.0, 0.1, 0.01]}  # others: the digits'
 
 # ---- knobs: every size of the study, per data argument ------------------------------------
 MODELS = {  # label -> model name and its overrides (merged into the base's, which has none)
@@ -43,6 +67,16 @@ MODELS = {  # label -> model name and its overrides (merged into the base's, whi
         ),
         "s2mlp": ("s2mlp_tiny", {"patch_size": 2, "hidden_dim": 64, "num_blocks": 4, "mlp_ratio": 2}),
         "s2mlpv2": ("s2mlpv2_tiny", {"patch_size": 2, "hidden_dims": (32, 64), "depths": (2, 2), "mlp_ratio": 2}),
+    },  # fmt: skip
+    "fashion_mnist": {  # 7×7 tokens of width 48: Mixer's token MLP 49 -> 47 -> 49 has S²-MLP's fc1 + fc2
+        # parameters to 2 (4,702 vs 4,704 a block) and 98% of their MACs. 8 blocks: Mixer 116,970 parameters and
+        # 5.49 M MACs, S²-MLP 116,986 and 5.53 M; S²-MLPv2 (patch 2: 14×14 tokens, then 7×7) 118,180 and 5.71 M.
+        "mixer": (
+            "mixer_tiny",
+            {"patch_size": 4, "hidden_dim": 48, "num_blocks": 8, "tokens_mlp_dim": 47, "channels_mlp_dim": 96},
+        ),
+        "s2mlp": ("s2mlp_tiny", {"patch_size": 4, "hidden_dim": 48, "num_blocks": 8, "mlp_ratio": 2}),
+        "s2mlpv2": ("s2mlpv2_tiny", {"patch_size": 2, "hidden_dims": (24, 48), "depths": (1, 5), "mlp_ratio": 2}),
     },  # fmt: skip
     "tfds": {
         "mixer": (
@@ -78,6 +112,14 @@ DIGITS = {  # configs/demo.py's recipe; total_steps sizes the study
     "eval_every_steps": 50,
     "checkpoint_every_steps": 100,
 }
+FASHION_MNIST = {  # configs/fashion_mnist.py's recipe and data (the base is configs/common.py:v2), sized here
+    **{k: v for k, v in studies.recipe(fashion_mnist.get_config()).items() if k != "num_epochs"},  # total_steps
+    "total_steps": 2_400,  # at every fraction; ~3.8 min of training per run (an estimate, uncontended)
+    "warmup_epochs": 0.5,
+    "log_every_steps": 100,
+    "eval_every_steps": 400,
+    "checkpoint_every_steps": 400,
+}
 TFDS = studies.TFDS  # cifar10 / cifar100 / imagenette (32×32; imagenette at 128×128 with patch 8)
 IMAGENETTE = studies.IMAGENETTE
 
@@ -89,13 +131,17 @@ def get_config(data: str = "digits"):
     study.base = "configs/common.py:v2"
     if data == "digits":
         overrides, models = dict(DIGITS), MODELS["digits"]
+    elif data == "fashion_mnist":
+        overrides, models = dict(FASHION_MNIST), MODELS["fashion_mnist"]
     elif data in ("cifar10", "cifar100", "imagenette"):
         overrides = {**TFDS, "data.name": data}
         models = MODELS["tfds"]
     elif data == "imagenet":
         overrides, models = {}, MODELS["imagenet"]
     else:
-        raise ValueError(f"data={data!r} is unknown; choose digits, cifar10, cifar100, imagenette or imagenet.")
+        raise ValueError(
+            f"data={data!r} is unknown; choose digits, fashion_mnist, cifar10, cifar100, imagenette or imagenet."
+        )
     runs = []
     for label, (name, model_overrides) in models.items():
         run = {"name": label, "model.name": name, "model.overrides": model_overrides}
@@ -104,6 +150,7 @@ def get_config(data: str = "digits"):
         runs.append(fields(run))
     study.overrides = fields(overrides)
     study.runs = runs
-    study.grid = fields({"data.train_fraction": FRACTIONS, "seed": SEEDS})
+    study.grid = fields({"data.train_fraction": FRACTIONS.get(data, FRACTIONS["digits"]), "seed": SEEDS})
     study.name_fields = fields({"data.train_fraction": "fraction"})
+    study.tied = fields({"data.subset_seed": "seed"})  # each seed its own train subset
     return study
