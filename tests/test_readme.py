@@ -96,11 +96,11 @@ SKIP = {
     "python3 -m s2mlp.report runs/shift_ablation --out=/tmp/shift_ablation_report": (
         "needs the finished study of the command above"
     ),
-    "python study.py --study=configs/studies/shift_ablation.py:fashion_mnist --workdir=runs/shift_fmnist": (
+    "python3 study.py --study=configs/studies/shift_ablation.py:fashion_mnist --workdir=runs/shift_fmnist": (
         "trains the 33 runs of the study (about 2 h on a 2-core CPU) on Debian's Fashion-MNIST files; "
         "tests/test_study.py expands it on IDX files it writes"
     ),
-    "python study.py --study=configs/studies/mixer_vs_s2mlp.py:fashion_mnist --workdir=runs/mvs_fmnist": (
+    "python3 study.py --study=configs/studies/mixer_vs_s2mlp.py:fashion_mnist --workdir=runs/mvs_fmnist": (
         "trains the 27 runs of the study (about 2 h on a 2-core CPU) on Debian's Fashion-MNIST files; "
         "tests/test_study.py expands it on IDX files it writes"
     ),
