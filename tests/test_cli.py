@@ -103,6 +103,10 @@ def test_a_run_trains_the_overridden_model(tmp_path):
         "--config.model.overrides.hidden_dims=(8,16)",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # The start-up line names the fields that differ from the registered model's, so the override shows.
+    assert "Training s2mlpv2_tiny (hidden_dims=(8, 16), drop_path_rate=0.1, shift_patterns=('none', 'none'), " in (
+        done.stderr
+    )
     written = json.loads((tmp_path / "config.json").read_text())["model"]["overrides"]
     assert written == {"shift_patterns": ["none", "none"], "hidden_dims": [8, 16]}
     from s2mlp import checkpoint as ckpt

@@ -383,7 +383,10 @@ def test_predict_cli_prints_top5_per_image(workdir, tmp_path, capsys):
     runs = [([], [str(i) for i in range(10)]), (["--class_names", str(tmp_path / "names.txt")], names)]
     for extra, expect_names in runs:
         assert predict.main([f"--checkpoint={workdir}", *extra, *paths]) == 0
-        out = capsys.readouterr().out.splitlines()
+        captured = capsys.readouterr()
+        # Which step and which parameters were loaded (tiny runs keep an EMA), on stderr: stdout stays the results.
+        assert f"note: {workdir}/checkpoints step 6, EMA parameters.\n" in captured.err
+        out = captured.out.splitlines()
         assert len(out) == 2 * 6, out
         for k, path in enumerate(paths):
             assert out[6 * k] == path
@@ -392,6 +395,8 @@ def test_predict_cli_prints_top5_per_image(workdir, tmp_path, capsys):
             assert [int(r.group(1)) for r in rows] == [1, 2, 3, 4, 5]
             assert all(r.group(2) == expect_names[int(r.group(3) or r.group(2))] for r in rows)
 
+    assert predict.main([f"--checkpoint={workdir}", "--no_ema", paths[0]]) == 0
+    assert f"note: {workdir}/checkpoints step 6, raw parameters (--no_ema).\n" in capsys.readouterr().err
     assert predict.main([f"--checkpoint={tmp_path / 'absent'}", paths[0]]) == 2
     assert "does not exist" in capsys.readouterr().err
     help_text = subprocess.run(

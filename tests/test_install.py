@@ -104,6 +104,14 @@ def test_inference_runs_with_only_the_core_dependencies(tiny_s2mlp_run, tmp_path
         from s2mlp import inference, mixer_npz, models, predict
         clf = inference.load({tiny_s2mlp_run!r})
         print(json.dumps({{"missing": missing, "step": clf.step, "model": clf.config.model.name}}))
+        # The train step too (train_lib without its data), as pyproject.toml and benchmarks/run.py say.
+        import jax, jax.numpy as jnp, train_lib
+        t = train_lib.setup(models.get_model("s2mlp_tiny", num_classes=10), image_size=16,
+                            optimizer=train_lib.OptimizerOptions(batch_size=8, base_lr=1e-3),
+                            options=train_lib.StepOptions(), steps_per_epoch=1, total_steps=1)
+        batch = {{"image": jnp.zeros((8, 16, 16, 3)), "label": jnp.zeros((8,), jnp.int32)}}
+        state, _ = t.train_step(t.init(jax.random.key(0)), batch, jax.random.key(1))
+        assert int(state.step) == 1 and "ml_collections" not in sys.modules and "tensorflow" not in sys.modules
         sys.exit(predict.main(["--checkpoint={tiny_s2mlp_run}", "--output=json", "--top_k=3", {str(images)!r}]))
         """
     )
