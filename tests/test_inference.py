@@ -462,7 +462,8 @@ def test_predict_cli_reports_unreadable_images_and_bad_inputs(workdir, tmp_path,
     assert predict.main([f"--checkpoint={workdir}", "--output=json", str(tmp_path / "images")]) == 1
     captured = capsys.readouterr()
     assert [json.loads(line)["path"] for line in captured.out.splitlines()] == paths
-    errors = captured.err.splitlines()
+    note, *errors = captured.err.splitlines()
+    assert note == f"note: {workdir}/checkpoints step 6, EMA parameters."
     assert errors[0].startswith(f"error: cannot read {fake}: ")
     assert errors[1].startswith(f"error: cannot read {truncated}: ")
     assert errors[2] == "error: 2 of 5 images could not be read (listed above)."
