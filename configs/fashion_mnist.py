@@ -24,7 +24,8 @@ small grey, centred images: a mild inception crop (area 35-100%), horizontal fli
 left-right symmetric), random erasing 0.25; no RandAugment (its colour ops do little on grey images),
 no Mixup/CutMix, no EMA (short run). The lr is higher than ImageNet's (a short run of a small model).
 
-Measured: see the README's "Results on Fashion-MNIST" and docs/studies/ (machine, wall time, figures).
+Measured: no run of this config has finished yet; the README's "Results on Fashion-MNIST" says where the
+first one stands. A result is added here (command, machine, wall time, accuracy) once a run completes.
 """
 
 from configs import common
