@@ -2,15 +2,19 @@
 KMNIST, EMNIST) and scikit-learn's digits.
 
 `source(config)` opens one of them as a `Source`: the class names, the split sizes and, per process, a finite
-tf.data.Dataset of (image, int32 label) records in a fixed order. The train split may be cut to a class-balanced
-subset (config.data.train_fraction / train_per_class, picked by config.data.subset_seed). Image folders are
-scanned and every image verified once per process; tfds label reads (for the subset) likewise.
+tf.data.Dataset of (image, int32 label) records in a fixed order. Training and eval may keep only some classes,
+relabelled 0..K-1 (config.data.classes: names, a preset such as 'imagenet100', or 'random:K:SEED';
+`select_classes`), and the train split may be cut to a class-balanced subset of those (config.data.train_fraction
+/ train_per_class, picked by config.data.subset_seed). Image folders are scanned and every image verified once
+per process; tfds label reads (for the classes or the subset) likewise.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import difflib
 import functools
 import glob
 import gzip
@@ -19,6 +23,7 @@ import logging
 import math
 import operator
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable
@@ -33,6 +38,9 @@ DIGITS_SPLIT_SEED = 0  # fixed: the digits held-out split never depends on confi
 DIGITS_NUM_EVAL = 300
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PROGRESS_SECONDS = 5.0  # long start-up passes (image verification, tfds label reads) log progress this often
+# config.data.classes presets: name -> a text file of class names, one a line ('#' starts a comment line).
+CLASS_PRESETS = {"imagenet100": os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                             "imagenet100_classes.txt")}  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -53,13 +61,150 @@ class Source:
     info: DatasetInfo
     # (split, process_index, process_count, keep) -> this process's share of the split (of the records at the
     # sorted positions `keep` of the split's record order when keep is not None): a finite tf.data.Dataset of
-    # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one.
+    # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one. Labels are
+    # the dataset's own: `split_shard` / `train_shard` relabel them (`label_map`).
     shard: Callable[[str, int, int, np.ndarray | None], tf.data.Dataset]
     train_split: str
-    train_keep: np.ndarray | None  # the train subset (`_select_subset`), None: the whole split
+    train_keep: np.ndarray | None  # the train examples used (classes, then subset), None: the whole split
+    eval_split: str = ""
+    # split -> the sorted positions of the split's records of the kept classes (config.data.classes), None: all
+    class_keep: Callable[[str], np.ndarray | None] = lambda split: None
+    label_map: np.ndarray | None = None  # int32 (C,): the dataset's label -> 0..K-1, -1 when dropped; None: same
 
     def train_shard(self, process_index: int, process_count: int) -> tf.data.Dataset:
-        return self.shard(self.train_split, process_index, process_count, self.train_keep)
+        return self._relabel(self.shard(self.train_split, process_index, process_count, self.train_keep))
+
+    def split_shard(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
+        """This process's share of `split` (the kept classes, relabelled; never the train subset)."""
+        return self._relabel(self.shard(split, process_index, process_count, self.class_keep(split)))
+
+    def eval_shard(self, process_index: int, process_count: int) -> tf.data.Dataset:
+        return self.split_shard(self.eval_split, process_index, process_count)
+
+    def _relabel(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        if self.label_map is None:
+            return ds
+        table = tf.constant(self.label_map, tf.int32)
+        return ds.map(lambda image, label: (image, tf.gather(table, label)))
+
+
+# ---------------------------------------------------------------- class selection (config.data.classes)
+@dataclasses.dataclass(frozen=True)
+class ClassSelection:
+    """The classes config.data.classes keeps: their names and dataset labels, in the new label order 0..K-1."""
+
+    names: list[str]
+    ids: np.ndarray  # int (K,): the dataset's labels of `names`
+    num_dataset_classes: int
+
+    @property
+    def label_map(self) -> np.ndarray:
+        table = np.full(self.num_dataset_classes, -1, np.int32)
+        table[self.ids] = np.arange(len(self.ids), dtype=np.int32)
+        return table
+
+    def positions(self, labels: np.ndarray) -> np.ndarray:
+        """Sorted positions of the records (dataset labels `labels`, in record order) of the kept classes."""
+        labels = np.asarray(labels)
+        ok = (labels >= 0) & (labels < self.num_dataset_classes)
+        return np.flatnonzero(ok & (self.label_map[np.where(ok, labels, 0)] >= 0))
+
+
+def class_preset(name: str) -> list[str]:
+    """The class names of CLASS_PRESETS[name], in the file's order."""
+    with open(CLASS_PRESETS[name], encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _describe(spec) -> str:
+    """config.data.classes as the one-line errors show it (long lists abridged)."""
+    text = repr(spec)
+    if len(text) <= 80 or not isinstance(spec, (list, tuple)):
+        return text
+    return f"({', '.join(repr(n) for n in spec[:2])}, ...; {len(spec)} names)"
+
+
+def select_classes(config, names: list[str], where: str) -> ClassSelection | None:
+    """The classes that config.data.classes keeps of a dataset with class names `names` (label order); None: all.
+
+    config.data.classes is '' (every class), a list of class names (new labels 0..K-1 in the order given), a
+    preset of CLASS_PRESETS (the preset's names sorted, the order of tfds' imagenet2012 labels and of torchvision's
+    ImageFolder), or 'random:K:SEED': K classes drawn with numpy's RandomState(SEED), kept in the dataset's label
+    order (the first K of one seeded permutation, so with one SEED a smaller K is part of a larger). ValueError,
+    one line, for an unknown name (with the closest names), a duplicate, an empty list or a malformed string;
+    `where` names the dataset in those messages.
+    """
+    spec = config.data.classes
+    field = f"config.data.classes={_describe(spec)}"
+    if isinstance(spec, str):
+        if spec == "":
+            return None
+        if spec in CLASS_PRESETS:
+            wanted = sorted(class_preset(spec))
+        elif spec.startswith("random:"):
+            match = re.fullmatch(r"random:(\d+):(\d+)", spec)
+            if not match:
+                raise ValueError(f"{field}: write 'random:K:SEED', e.g. 'random:100:0' (K classes drawn with SEED).")
+            k, seed = int(match.group(1)), int(match.group(2))
+            if not 1 <= k <= len(names) or seed >= 2**32:
+                raise ValueError(
+                    f"{field}: K must be in 1..{len(names)} ({where} has {len(names)} classes) and SEED in [0, 2**32)."
+                )
+            ids = np.sort(np.random.RandomState(seed).permutation(len(names))[:k])
+            return ClassSelection([names[i] for i in ids], ids, len(names))
+        else:
+            close = difflib.get_close_matches(spec, [*CLASS_PRESETS, "random:K:SEED"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"{field}: not a preset ({', '.join(map(repr, CLASS_PRESETS))}) or 'random:K:SEED'{hint}; give class "
+                f"names as a list, e.g. ({spec!r},), or '' for every class."
+            )
+    elif isinstance(spec, (list, tuple)):
+        wanted = list(spec)
+    else:
+        raise ValueError(
+            f"{field}: give a list of class names, a preset ({', '.join(map(repr, CLASS_PRESETS))}), "
+            "'random:K:SEED', or '' for every class."
+        )
+    if not wanted:
+        raise ValueError(f"{field}: selects no class; list at least one, or set '' for every class.")
+    odd = [w for w in wanted if not isinstance(w, str)]
+    if odd:
+        raise ValueError(f"{field}: {odd[0]!r} is not a class name (a string); names are {names[:3]!r}, ...")
+    twice = [n for n, c in collections.Counter(wanted).items() if c > 1]
+    if twice:
+        raise ValueError(f"{field}: {twice[0]!r} is listed {wanted.count(twice[0])} times; list each class once.")
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [w for w in wanted if w not in index]
+    if unknown:
+        more = f" ({len(unknown) - 1} more unknown)" if len(unknown) > 1 else ""
+        close = difflib.get_close_matches(unknown[0], names, n=3)
+        listing = ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        hint = f"closest: {', '.join(map(repr, close))}" if close else f"its {len(names)} classes are {listing}"
+        raise ValueError(f"{field}: {unknown[0]!r} is not a class of {where}{more}; {hint}.")
+    return ClassSelection(wanted, np.array([index[w] for w in wanted], np.int64), len(names))
+
+
+def _train_keep(labels: np.ndarray, selection: ClassSelection | None, names: list[str], config) -> np.ndarray | None:
+    """Sorted positions (in the train split's record order; dataset labels `labels`) of the train examples used:
+    those of the kept classes, then the subset (`_select_subset`) taken within them. None: the whole split."""
+    if selection is None:
+        return _select_subset(labels, names, config)
+    positions = selection.positions(labels)
+    if not len(positions):
+        raise ValueError(
+            f"config.data.classes={_describe(config.data.classes)}: none of its {len(selection.names)} classes has "
+            f"examples in config.data.train_split={config.data.train_split!r}."
+        )
+    subset = _select_subset(selection.label_map[labels[positions]], selection.names, config)
+    return positions if subset is None else positions[subset]
+
+
+def _split_keeper(labels_of: Callable[[str], np.ndarray], selection: ClassSelection | None):
+    """Source.class_keep: split -> the positions of its kept-class records (labels read once per split)."""
+    if selection is None:
+        return lambda split: None
+    return functools.lru_cache(maxsize=None)(lambda split: selection.positions(labels_of(split)))
 
 
 class _Progress:
@@ -158,7 +303,7 @@ def _tfds_labels(key: _TfdsSplit) -> np.ndarray:
     name, split = key.name, key.split
     ds = _tfds_read(key.builder, split, 0, in_order=True)
     progress = _Progress(
-        f"Reading the labels of {name} {split} to select the train subset", count_records(ds), "records"
+        f"Reading the labels of {name} {split} to select its examples (classes, subset)", count_records(ds), "records"
     )
     labels = []
     for batch in ds.map(lambda image, label: label).batch(4096).as_numpy_iterator():
@@ -201,23 +346,35 @@ def _tfds_source(config, builder) -> Source:
         mask = np.zeros(hi - lo, bool)
         mask[part - lo] = True
         ds = _tfds_read(builder, _tfds_range(builder, split, lo, hi), num_threads, in_order=True).enumerate()
-        ds = ds.filter(lambda i, rec: tf.gather(mask, i)).map(lambda i, rec: rec)
+        ds = ds.filter(lambda i, _: tf.gather(mask, i)).map(lambda _, rec: rec)
         return ds.apply(tf.data.experimental.assert_cardinality(len(part)))
 
-    _, label_key = builder.info.supervised_keys or ("image", "label")
-    labels = builder.info.features[label_key]
-    train = config.data.train_split
+    names = tfds_class_names(builder)
+    train, evals = config.data.train_split, config.data.eval_split
+    selection = select_classes(config, names, f"tfds dataset {config.data.name!r}")
+
+    def labels_of(split):
+        return _tfds_labels(_TfdsSplit(config.data.name, config.data.data_dir, split, builder))
+
     keep = None
-    if _subset_requested(config):
-        split = _TfdsSplit(config.data.name, config.data.data_dir, train, builder)
-        keep = _select_subset(_tfds_labels(split), list(labels.names), config)
+    if selection is not None or _subset_requested(config):
+        keep = _train_keep(labels_of(train), selection, names, config)
+    class_keep = _split_keeper(labels_of, selection)
+    eval_keep = class_keep(evals)
     info = DatasetInfo(
-        labels.num_classes,
+        len(names) if selection is None else len(selection.names),
         len(keep) if keep is not None else count_records(shard(train, 0, 1)),
-        count_records(shard(config.data.eval_split, 0, 1)),
-        list(labels.names),
+        len(eval_keep) if eval_keep is not None else count_records(shard(evals, 0, 1)),
+        names if selection is None else selection.names,
     )
-    return Source("encoded", info, shard, train, keep)
+    label_map = None if selection is None else selection.label_map
+    return Source("encoded", info, shard, train, keep, evals, class_keep, label_map)
+
+
+def tfds_class_names(builder) -> list[str]:
+    """The class names of a tfds dataset's label feature (its supervised_keys' label, else 'label')."""
+    _, label_key = builder.info.supervised_keys or ("image", "label")
+    return list(builder.info.features[label_key].names)
 
 
 def _subset_requested(config) -> bool:
@@ -287,14 +444,17 @@ def _verify_image(path: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _scan_split(root: str, split: str, classes: tuple[str, ...]) -> tuple[list[str], list[int], list[str]]:
-    """Lists root/split/<class>/*.{jpg,jpeg,png}; returns (paths, labels, bad 'path (reason)' entries)."""
+def _scan_split(
+    root: str, split: str, classes: tuple[str, ...], wanted: tuple[str, ...]
+) -> tuple[list[str], list[int], list[str]]:
+    """Lists root/split/<class>/*.{jpg,jpeg,png} of the `wanted` classes (label: the index in `wanted`; `classes`:
+    every class of the train split); returns (paths, labels, bad 'path (reason)' entries)."""
     folder = os.path.join(root, split)  # input_pipeline.validate_data_config checked that it exists
     extra = sorted(set(os.listdir(folder)) - set(classes))
     if extra and any(os.path.isdir(os.path.join(folder, c)) for c in extra):
         raise ValueError(f"{folder} has class folders absent from the train split: {extra[:10]}")
     paths, labels = [], []
-    for label, name in enumerate(classes):
+    for label, name in enumerate(wanted):
         d = os.path.join(folder, name)
         files = image_files(d) if os.path.isdir(d) else []
         paths += [os.path.join(d, f) for f in files]
@@ -326,12 +486,20 @@ def image_files(folder: str) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def directory_classes(config) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every class folder of the train split, the classes config.data.classes keeps of them in label order)."""
+    train_dir = os.path.join(config.data.data_dir, config.data.train_split)
+    classes = class_folders(train_dir)
+    selection = select_classes(config, list(classes), f"folder {train_dir}")
+    return classes, classes if selection is None else tuple(selection.names)
+
+
 def _directory_source(config) -> Source:
     root = config.data.data_dir
-    classes = class_folders(os.path.join(root, config.data.train_split))
+    classes, wanted = directory_classes(config)  # only the kept classes' folders are scanned, labels 0..K-1
     splits = {}
     for split in (config.data.train_split, config.data.eval_split):
-        paths, labels, bad = _scan_split(root, split, classes)
+        paths, labels, bad = _scan_split(root, split, classes, wanted)
         if bad:
             listing = "\n  ".join(bad[:50]) + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else "")
             if config.data.bad_images == "fail":
@@ -340,8 +508,8 @@ def _directory_source(config) -> Source:
                     f"to leave them out, or fix them):\n  {listing}"
                 )
             log.warning("Skipping %d unreadable images in %s/%s:\n  %s", len(bad), root, split, listing)
-        if split == config.data.train_split and len(set(labels)) < len(classes):
-            empty = os.path.join(root, split, classes[min(set(range(len(classes))) - set(labels))])
+        if split == config.data.train_split and len(set(labels)) < len(wanted):
+            empty = os.path.join(root, split, wanted[min(set(range(len(wanted))) - set(labels))])
             raise ValueError(
                 f"class folder {empty} has no readable images (config.data.bad_images='skip' left them all out); "
                 "add readable images to it or remove the folder."
@@ -353,10 +521,10 @@ def _directory_source(config) -> Source:
         return tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
 
     train = config.data.train_split
-    keep = _select_subset(splits[train][1], list(classes), config)
+    keep = _select_subset(splits[train][1], list(wanted), config)
     num_train = len(splits[train][1]) if keep is None else len(keep)
-    info = DatasetInfo(len(classes), num_train, len(splits[config.data.eval_split][1]), list(classes))
-    return Source("path", info, shard, train, keep)
+    info = DatasetInfo(len(wanted), num_train, len(splits[config.data.eval_split][1]), list(wanted))
+    return Source("path", info, shard, train, keep, config.data.eval_split)
 
 
 @functools.lru_cache(maxsize=1)
@@ -371,22 +539,33 @@ def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (images[i], digits.target[i].astype(np.int32)) for k, i in idx.items()}
 
 
-def _in_memory_source(splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], config) -> Source:
+def _in_memory_source(splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], config, where: str) -> Source:
     """A 'raw' Source over split -> (uint8 images (N, H, W, 3), int32 labels (N,)) held in memory."""
 
     def shard(split, index, count, keep=None):
         arrays = splits[split] if keep is None else tuple(a[keep] for a in splits[split])
         return tf.data.Dataset.from_tensor_slices(tuple(np.array_split(a, count)[index] for a in arrays))
 
-    train = config.data.train_split
-    keep = _select_subset(splits[train][1], names, config)
-    num_train = len(splits[train][1]) if keep is None else len(keep)
-    return Source("raw", DatasetInfo(len(names), num_train, len(splits[config.data.eval_split][1]), names), shard,
-                  train, keep)  # fmt: skip
+    train, evals = config.data.train_split, config.data.eval_split
+    selection = select_classes(config, names, where)
+    keep = _train_keep(splits[train][1], selection, names, config)
+    class_keep = _split_keeper(lambda split: splits[split][1], selection)
+    eval_keep = class_keep(evals)
+    info = DatasetInfo(
+        len(names) if selection is None else len(selection.names),
+        len(splits[train][1]) if keep is None else len(keep),
+        len(splits[evals][1]) if eval_keep is None else len(eval_keep),
+        names if selection is None else selection.names,
+    )
+    label_map = None if selection is None else selection.label_map
+    return Source("raw", info, shard, train, keep, evals, class_keep, label_map)
+
+
+DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
 def _digits_source(config) -> Source:
-    return _in_memory_source(_digits(), [str(i) for i in range(10)], config)
+    return _in_memory_source(_digits(), DIGITS_CLASSES, config, "digits")
 
 
 # ---------------------------------------------------------------- IDX files (MNIST's format)
@@ -517,12 +696,34 @@ def idx_class_names(data_dir: str, num_classes: int, label_digests: list[str]) -
     return [str(i) for i in range(num_classes)]
 
 
-def _idx_source(config) -> Source:
+def _idx_splits(config) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """({split: (images, labels)} of the train and eval splits of the IDX files, the class names)."""
     data_dir = config.data.data_dir
     splits = {s: idx_split(data_dir, s) for s in dict.fromkeys((config.data.train_split, config.data.eval_split))}
     num_classes = int(max(int(labels.max()) + 1 if len(labels) else 0 for _, labels, _ in splits.values()))
     names = idx_class_names(data_dir, num_classes, [digest for _, _, digest in splits.values()])
-    return _in_memory_source({s: (images, labels) for s, (images, labels, _) in splits.items()}, names, config)
+    return {s: (images, labels) for s, (images, labels, _) in splits.items()}, names
+
+
+def _idx_source(config) -> Source:
+    splits, names = _idx_splits(config)
+    return _in_memory_source(splits, names, config, f"the IDX files in {config.data.data_dir}")
+
+
+def class_names(config, builder=None) -> tuple[list[str], str] | None:
+    """(every class name of config.data.name in label order, how errors name the dataset), read cheaply: tfds
+    metadata, the train split's folder names, the IDX label files (read once per process), the digits; None for a
+    tfds dataset that is not prepared yet. For `input_pipeline.validate_data_config`'s check of config.data.classes."""
+    name = config.data.name
+    if name == "digits":
+        return DIGITS_CLASSES, "digits"
+    if name == "directory":
+        train_dir = os.path.join(config.data.data_dir, config.data.train_split)
+        return list(class_folders(train_dir)), f"folder {train_dir}"
+    if name == "idx":
+        return _idx_splits(config)[1], f"the IDX files in {config.data.data_dir}"
+    builder = builder or tfds_builder(config)
+    return (tfds_class_names(builder), f"tfds dataset {name!r}") if builder.is_prepared() else None
 
 
 def source(config, *, builder=None) -> Source:

@@ -5,8 +5,10 @@ Train batches are a pure function of (config.seed, step, process_index): the str
 concatenation of per-epoch shuffles (explicit seeds per epoch), every random choice of the
 augmentation is a stateless op keyed by (seed, process_index, epoch, index in epoch), and
 `build(config).train_iterator(start_step=k)` re-enters that stream at batch k by skipping
-undecoded records of one epoch at most. Mixup/CutMix/label smoothing run on device, not here.
-TensorFlow is kept off accelerators (`_hide_accelerators`, called by `build`).
+undecoded records of one epoch at most. With config.data.aug_repeats > 1 (DeiT's repeated
+augmentation, `Data._repeated_train_dataset`) the stream is one global stream, keyed by (seed,
+epoch, index in epoch), that the processes interleave. Mixup/CutMix/label smoothing run on device,
+not here. TensorFlow is kept off accelerators (`_hide_accelerators`, called by `build`).
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def _validate(config, process_count: int):
         "data.subset_seed",
         "must be an int in [0, 2**32).",
     )
+    need(
+        _is_int(config.data.aug_repeats) and config.data.aug_repeats >= 0,
+        "data.aug_repeats",
+        "must be an int >= 0 (0 or 1: off; n > 1: each chosen image n times an epoch, DeiT's repeated augmentation).",
+    )
     try:
         mean_std(config.data.normalization)
     except ValueError as e:
@@ -100,6 +107,7 @@ def _validate(config, process_count: int):
     if config.data.name == "digits":
         for field in splits:
             need(_get(config, field) in ("train", "test"), field, "digits has splits 'train' and 'test'.")
+        _check_classes(config)
         return None
     if config.data.name == "idx":
         root = config.data.data_dir
@@ -112,6 +120,7 @@ def _validate(config, process_count: int):
         for field in splits:
             need(_get(config, field) in data_sources.IDX_SPLITS, field, "'idx' datasets have splits 'train', 'test'.")
             data_sources.idx_files(root, _get(config, field))
+        _check_classes(config)  # reads the IDX files when config.data.classes is set (once per process)
         return None
     if config.data.name == "directory":
         root = config.data.data_dir
@@ -128,8 +137,11 @@ def _validate(config, process_count: int):
             "data.train_split",
             f"folder {train_dir} has no class sub-folders; 'directory' datasets are data_dir/<split>/<class>/*.jpg.",
         )
+        classes, wanted = data_sources.directory_classes(config)  # checks config.data.classes
         for split in dict.fromkeys((config.data.train_split, config.data.eval_split)):
             for name in data_sources.class_folders(os.path.join(root, split)):
+                if name in classes and name not in wanted:  # a class config.data.classes leaves out is never read
+                    continue
                 folder = os.path.join(root, split, name)
                 if not data_sources.image_files(folder):
                     extensions = ", ".join("*" + e for e in data_sources.IMAGE_EXTENSIONS)
@@ -147,7 +159,16 @@ def _validate(config, process_count: int):
                 raise ValueError(
                     f"config.{field}={_get(config, field)!r} is not a split of {config.data.name}: {e}"
                 ) from None
+        _check_classes(config, builder)  # a dataset that tfds still has to prepare is checked once it is
     return builder
+
+
+def _check_classes(config, builder=None) -> None:
+    """config.data.classes names classes of the dataset (ValueError naming the first unknown one, and the closest)."""
+    if config.data.classes == "":
+        return
+    names, where = data_sources.class_names(config, builder)
+    data_sources.select_classes(config, names, where)
 
 
 def _is_int(value) -> bool:
@@ -179,6 +200,7 @@ class Recipe:
     random_erase: float
     eval_split: str
     eval_crop_pct: float
+    repeats: int  # config.data.aug_repeats; 1: off (0 reads as 1)
 
     @classmethod
     def from_config(cls, config, process_count: int) -> Recipe:
@@ -200,6 +222,7 @@ class Recipe:
             random_erase=aug.random_erase,
             eval_split=config.data.eval_split,
             eval_crop_pct=config.data.eval_crop_pct,
+            repeats=max(int(config.data.aug_repeats), 1),
         )
 
 
@@ -237,6 +260,8 @@ class Data:
     def train_dataset(self, start_step: int = 0) -> tf.data.Dataset:
         """The tf.data.Dataset behind `train_iterator`."""
         source, r = self.source, self.recipe
+        if r.repeats > 1:
+            return self._repeated_train_dataset(start_step)
         records, n = source.train_shard(self.process_index, self.process_count), self.train_records
         if n == 0:
             raise ValueError(f"config.data.train_split={source.train_split!r} has no examples for this process.")
@@ -252,6 +277,69 @@ class Data:
             ds = ds.map(lambda i, rec: (epoch, i, rec[0], rec[1]))
             return ds.skip(tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64)))
 
+        ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream)
+        return self._augment_and_batch(ds, example_key)
+
+    def _repeated_train_dataset(self, start_step: int) -> tf.data.Dataset:
+        """Repeated augmentation (DeiT's RASampler; S²-MLP paper §4, "Training details"), r = config.data.aug_repeats.
+
+        One global stream, the same for every process count: epoch e is N positions (N: the train split or its
+        subset; steps per epoch as without repeats). The N records, in their fixed order, are cut into blocks of
+        `m` (in memory and image folders: one block, the whole split; tfds: config.data.shuffle_buffer); each block
+        of size s is permuted (keyed by seed, epoch, block) and position q of the block holds record perm[q // r]:
+        the first ceil(s / r) records of the permutation, each r times in a row (the last one fewer when r does not
+        divide s). Position j of the epoch is augmented with a key of (seed, epoch, j), so each copy differs.
+        Process p of P takes the global positions g = e·N + j with g ≡ p (mod P), DeiT's interleave: the r copies
+        of an image go to r different processes (min(r, P)), and the union of the processes' batch t is the
+        1-process stream's batch t, bit for bit. Every process reads the whole train split each epoch and decodes
+        its share only.
+
+        Why not the plain stream's contiguous shards (each process shuffles its own part): the copies of an image
+        would all stay on the process that holds it, so processes could not split them as DeiT does. The
+        interleave costs each process a read (not a decode) of the whole split per epoch, and buys a global batch
+        that is a function of (seed, step) alone, whatever the process count.
+
+        DeiT's RASampler (facebookresearch/deit, samplers.py) permutes the dataset, repeats each index 3 times,
+        gives replica p the elements p, p+P, ... and keeps the first floor(N // 256 · 256 / P) of them; here an
+        epoch keeps N positions (its commented-out ceil(N / P) per replica), as the stream runs epoch into epoch
+        and needs no whole number of 256-batches.
+        """
+        source, r = self.source, self.recipe
+        n, p, count, reps = self.info.num_train, self.process_index, self.process_count, r.repeats
+        if n == 0:
+            raise ValueError(f"config.data.train_split={source.train_split!r} has no examples.")
+        records = source.train_shard(0, 1)  # the whole split (or subset), in its fixed order, in every process
+        first_epoch, offset = divmod(start_step * r.batch * count, n)  # global positions before start_step
+        block = n if source.kind != "encoded" else min(n, r.shuffle_buffer)
+        seed = tf.constant([r.seed, 0], tf.int64)  # no process index: every process draws the same epochs
+        shuffle_key = tf.random.experimental.stateless_fold_in(seed, 3)
+        example_key = tf.random.experimental.stateless_fold_in(seed, 4)
+
+        def epoch_stream(epoch):
+            key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+            mine = tf.math.floormod(p - epoch * n, count)  # j ≡ mine (mod P): this process's positions
+            low = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
+
+            def pick(b, recs):
+                size = tf.shape(recs[1], out_type=tf.int64)[0]
+                start = b * block
+                perm = tf.random.experimental.stateless_shuffle(
+                    tf.range(size), tf.random.experimental.stateless_fold_in(key, b)
+                )
+                j = tf.range(start + tf.math.floormod(mine - start, count), start + size, count)
+                j = tf.boolean_mask(j, j >= low)
+                rows = tf.gather(perm, (j - start) // reps)
+                return (tf.fill(tf.shape(j), epoch), j, *(tf.gather(t, rows) for t in recs))
+
+            return records.batch(block).enumerate().map(pick).prefetch(1).unbatch()
+
+        ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream)
+        return self._augment_and_batch(ds, example_key)
+
+    def _augment_and_batch(self, ds: tf.data.Dataset, example_key) -> tf.data.Dataset:
+        """(epoch, index, image, label) records -> augmented, normalised batches; each record's random choices are
+        keyed by (example_key, epoch, index)."""
+        source, r = self.source, self.recipe
         fill = tuple(float(round(v)) for v in r.mean)  # timm fills geometric ops with the mean colour
         size = [r.image_size, r.image_size]
 
@@ -274,7 +362,6 @@ class Data:
                 x = image_ops.random_erase(x, r.random_erase, k[3])
             return {"image": tf.ensure_shape(x, size + [3]), "label": label}
 
-        ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream)
         ds = ds.map(tf.autograph.experimental.do_not_convert(augment), num_parallel_calls=_AUTO)
         ds = ds.batch(r.batch, drop_remainder=True).prefetch(_AUTO)
         return ds.with_options(data_sources.dataset_options(r.num_threads))
@@ -289,7 +376,7 @@ class Data:
             return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, "label": label, "mask": tf.constant(1.0)}
 
         pad = {"image": tf.zeros([s, s, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
-        ds = source.shard(r.eval_split, self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
+        ds = source.eval_shard(self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(self.eval_batches * r.eval_batch)
         return ds.batch(r.eval_batch).prefetch(_AUTO).with_options(data_sources.dataset_options(r.num_threads))
 
@@ -301,9 +388,9 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Data:
     builder = _validate(config, process_count)
     source = data_sources.source(config, builder=builder)
     recipe = Recipe.from_config(config, process_count)
-    count, split, batch = data_sources.count_records, recipe.eval_split, recipe.eval_batch
+    count, batch = data_sources.count_records, recipe.eval_batch
     train_records = count(source.train_shard(process_index, process_count))
-    eval_batches = max(-(-count(source.shard(split, p, process_count)) // batch) for p in range(process_count))
+    eval_batches = max(-(-count(source.eval_shard(p, process_count)) // batch) for p in range(process_count))
     return Data(source.info, source, recipe, process_index, process_count, train_records, eval_batches)
 
 

@@ -109,6 +109,24 @@ def test_shipped_study_configs_expand(tmp_path):
         assert {(r.config.data.name, r.config.image_size, r.config.batch_size) for r in runs} == {("idx", 28, 128)}
 
 
+def test_imagenet100_studies_are_table_7_as_the_paper_ran_it():
+    # S²-MLP paper §4.2 and Table 7: S²-MLP-wide, the DeiT recipe with repeated augmentation, 300 epochs, 100 classes.
+    runs = study.expand(shift_ablation.get_config("imagenet100"), "w", check=False)
+    assert len(runs) == 11 and runs[0].name == "shift=ss1" and runs[-1].name == "shift=none"
+    for run in runs:
+        c = run.config
+        assert (c.model.name, c.data.name, c.data.classes, c.data.aug_repeats) == (
+            "s2mlp_wide", "imagenet2012", "imagenet100", 3,
+        )  # fmt: skip
+        assert (c.num_epochs, c.batch_size, c.base_lr, c.warmup_epochs, c.ema_decay) == (300, 1024, 1e-3, 5.0, 0.0)
+        assert (c.augment.label_smoothing, c.model.drop_path_rate, c.image_size) == (0.1, 0.1, 224)
+        assert " --config.data.classes=imagenet100 " in run.command
+    runs = study.expand(mixer_vs_s2mlp.get_config("imagenet100"), "w", check=False)
+    assert len(runs) == 27 and {r.config.model.name for r in runs} == {"mixer_b16", "s2mlp_deep", "s2mlpv2_medium"}
+    assert {(r.config.data.classes, r.config.data.aug_repeats) for r in runs} == {("imagenet100", 0)}
+    assert all(r.config.data.subset_seed == r.config.seed for r in runs)
+
+
 def test_every_shipped_study_draws_a_train_subset_per_seed():
     # The low-data comparisons vary the data as well as the training: data.subset_seed = seed in every run.
     datas = ("digits", "fashion_mnist", "cifar10", "imagenet")

@@ -3,6 +3,8 @@
     python study.py --study=configs/studies/shift_ablation.py --workdir=runs/shift_ablation
     python study.py --study=configs/studies/shift_ablation.py:fashion_mnist --workdir=runs/shift_fmnist
     python study.py --study=configs/studies/shift_ablation.py:cifar10 --workdir=runs/shift_cifar10
+    python study.py --study=configs/studies/shift_ablation.py:imagenet100 --workdir=runs/shift_in100 \
+        --config.data.data_dir=$TFDS_DATA_DIR
 
 Each seed also draws its own train subset (``study.tied``: ``data.subset_seed`` = ``seed``), so
 where a study trains on part of the data (the digits: 20%) the spread over seeds covers the
@@ -32,11 +34,25 @@ The argument picks the data:
   machine is shared). Not yet run.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets (``--config.data.data_dir`` where they
   are prepared); a wider S²-MLP for 100 epochs, S²-MLP's DeiT recipe. An accelerator run.
+- ``imagenet100``: Table 7 as the paper ran it (§4.2): S²-MLP-wide (configs/s2mlp_wide.py: the
+  wide settings, c=768, N=12, r=4, patch 16, 224²) with S²-MLP's DeiT recipe (configs/common.py
+  'deit': AdamW, lr 1e-3 at batch 1024, 5 warmup epochs, label smoothing, DropPath, repeated
+  augmentation ×3), 300 epochs, on ImageNet-1k (tfds ``imagenet2012``) restricted to 100 classes
+  (``data.classes='imagenet100'``: CMC's list, configs/imagenet100_classes.txt; the paper does not
+  list its "randomly selected 100 categories"): 126,689 train images, the 5,000 validation images
+  of those classes. One seed, as the paper's single numbers. Compute per run: 71.5M parameters
+  and 13.99 G MACs per image (100-class head; ``python -m s2mlp.summary`` for the 1000-class
+  model), × 3 (forward and backward) × 2 FLOPs × 126,689 images × 300 epochs ≈ 3.2e18 FLOPs
+  (36,900 steps of 1,024), about 7.1 A100-hours at 40% of 312 bf16 TFLOP/s (2.2 H100-hours at
+  40% of 989); 11 runs ≈ 78 A100-hours. Reading: with tfds every epoch reads the whole ImageNet
+  train split (~140 GB, of which the 100 classes are a tenth) and each start reads its labels
+  once, so a fast GPU waits on the disk; image folders of ImageNet (``--config.data.name=directory``,
+  data_dir/train/<wnid>/, data_dir/validation/<wnid>/) read only the 100 classes' files.
 - ``imagenet``: S²-MLP-wide (configs/s2mlp_wide.py, ImageNet-1k, 224², 300 epochs), one seed.
-  Table 7 itself was measured on ImageNet-100. Compute per run: 14.0 forward GMACs × 3 (forward
-  and backward) × 2 FLOPs × 1.28M images × 300 epochs ≈ 3.2e19 FLOPs, i.e. about 72 GPU-hours
-  on an A100 at 40% of its 312 bf16 TFLOP/s (about 22 H100-hours at 40% of 989), so 11 runs
-  ≈ 800 A100-hours.
+  Table 7 itself was measured on ImageNet-100 (``imagenet100`` above). Compute per run: 14.0
+  forward GMACs × 3 (forward and backward) × 2 FLOPs × 1.28M images × 300 epochs ≈ 3.2e19 FLOPs,
+  i.e. about 72 GPU-hours on an A100 at 40% of its 312 bf16 TFLOP/s (about 22 H100-hours at 40%
+  of 989), so 11 runs ≈ 800 A100-hours.
 
 All sizes are in the knobs below; pilot runs sized the digits, the fashion_mnist sizes are computed.
 """
@@ -80,6 +96,7 @@ TFDS = {  # cifar10 / cifar100 / imagenette: a wider S²-MLP on the studies' tfd
     **studies.TFDS,
 }
 IMAGENETTE = studies.IMAGENETTE
+IMAGENET100 = {"data.classes": "imagenet100"}  # on configs/s2mlp_wide.py: the DeiT recipe, repeated augmentation ×3
 
 
 def get_config(data: str = "digits"):
@@ -96,12 +113,13 @@ def get_config(data: str = "digits"):
     elif data in ("cifar10", "cifar100", "imagenette"):
         study.base = "configs/common.py:deit"
         overrides = {**TFDS, "data.name": data, **(IMAGENETTE if data == "imagenette" else {})}
-    elif data == "imagenet":
+    elif data in ("imagenet", "imagenet100"):
         study.base = "configs/s2mlp_wide.py"
-        overrides, seeds = {}, [0]
+        overrides, seeds = (dict(IMAGENET100) if data == "imagenet100" else {}), [0]
     else:
         raise ValueError(
-            f"data={data!r} is unknown; choose digits, fashion_mnist, cifar10, cifar100, imagenette or imagenet."
+            f"data={data!r} is unknown; choose digits, fashion_mnist, cifar10, cifar100, imagenette, imagenet or "
+            "imagenet100."
         )
     study.overrides = fields(overrides)
     study.grid = fields({"model.overrides.shift_pattern": PATTERNS, "seed": seeds})
