@@ -741,6 +741,44 @@ def source(config, *, builder=None) -> Source:
     return _tfds_source(config, builder)
 
 
+def multi_label_source(config, labels: str, *, builder=None) -> Source:
+    """config.data.eval_split of tfds dataset config.data.name, each record (encoded image, int32 (K,) multi-hot of
+    the labels in feature `labels`, a Sequence of ClassLabel: ImageNet ReaL's 'real_label'); an image without a
+    label has an all-zero vector. Only `shard(config.data.eval_split, ...)` is meant to be read (an eval set)."""
+    builder = builder or tfds_builder(config)
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    feature = builder.info.features[labels] if labels in builder.info.features.keys() else None
+    if not (isinstance(feature, tfds.features.Sequence) and isinstance(feature.feature, tfds.features.ClassLabel)):
+        found = {k: type(v).__name__ for k, v in builder.info.features.items()}
+        raise ValueError(
+            f"labels={labels!r} is not a feature of {config.data.name} holding several class labels per image "
+            f"(a Sequence of ClassLabel); its features: {found}."
+        )
+    classes = feature.feature
+    image_key = (builder.info.supervised_keys or ("image",))[0]
+    num_threads = config.data.num_threads
+
+    def shard(split, index, count, keep=None):
+        read_config = tfds.ReadConfig(options=dataset_options(num_threads))
+        ds = builder.as_dataset(
+            split=tfds.split_for_jax_process(split, process_index=index, process_count=count),
+            shuffle_files=False,
+            read_config=read_config,
+            decoders={image_key: tfds.decode.SkipDecoding()},
+        )
+
+        def multi_hot(ex):  # no label: all zero (a sum over none)
+            hot = tf.one_hot(ex[labels], classes.num_classes, dtype=tf.int32)
+            return ex[image_key], tf.minimum(tf.reduce_sum(hot, axis=0), 1)
+
+        return ds.map(multi_hot)
+
+    split = config.data.eval_split
+    info = DatasetInfo(classes.num_classes, 0, count_records(shard(split, 0, 1)), list(classes.names))
+    return Source("encoded", info, shard, split, None)
+
+
 def count_records(ds) -> int:
     """Records in `ds`: its cardinality, or a pass over it when that is unknown."""
     n = int(ds.cardinality())

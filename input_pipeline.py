@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -423,3 +424,49 @@ def create_train_iterator(
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """build(config, ...).eval_iterator()."""
     return build(config, process_index=process_index, process_count=process_count).eval_iterator()
+
+
+# ---------------------------------------------------------------- more evals (config.evals)
+@dataclasses.dataclass(frozen=True, eq=False)
+class MultiLabelData(Data):
+    """A `Data` for an eval whose images have a set of labels (`build_eval` with `labels`, ImageNet ReaL): its
+    eval batches hold 'labels', an int32 (B, K) multi-hot (all zero: an image without a label), not 'label'."""
+
+    def eval_dataset(self) -> tf.data.Dataset:
+        source, r = self.source, self.recipe
+        s, k = r.image_size, self.info.num_classes
+
+        def prepare(image, labels):
+            image = image_ops.eval_image(image, source.kind, s, r.eval_crop_pct)
+            return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, "labels": labels, "mask": tf.constant(1.0)}
+
+        pad = {"image": tf.zeros([s, s, 3]), "labels": tf.zeros([k], tf.int32), "mask": tf.constant(0.0)}
+        ds = source.shard(r.eval_split, self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(self.eval_batches * r.eval_batch)
+        return ds.batch(r.eval_batch).prefetch(_AUTO).with_options(data_sources.dataset_options(r.num_threads))
+
+
+def build_eval(config, *, data: str, split: str, labels: str = "", process_index: int = 0, process_count: int = 1):
+    """The eval data of split `split` of dataset `data` ('digits', 'idx', 'directory' in config.data.data_dir, or a
+    tfds dataset) with config's eval preprocessing and batch size: a `Data` whose `eval_iterator` is used (its train
+    split is left unread). With `labels` (a tfds feature holding several labels per image, ImageNet ReaL's
+    'real_label') a `MultiLabelData`. Opens only that split (the checks and source of `build`, for a copy of config
+    with data.name=data and both splits=split); ValueError as `build`'s, naming that copy's fields."""
+    copy = config.copy_and_resolve_references()
+    copy.data.name, copy.data.train_split, copy.data.eval_split = data, split, split
+    copy.data.train_fraction, copy.data.train_per_class = 1.0, 0
+    _hide_accelerators()
+    try:
+        builder = _validate(copy, process_count)
+    except ValueError as e:  # named as build_eval's arguments, not as the copy's fields
+        raise ValueError(re.sub(r"config\.data\.(train|eval)_split=", "split=", str(e))) from None
+    if labels and builder is None:
+        raise ValueError(f"labels={labels!r} needs a tfds dataset; {data!r} has one label per image.")
+    source = (data_sources.multi_label_source(copy, labels, builder=builder) if labels
+              else data_sources.source(copy, builder=builder))  # fmt: skip
+    recipe = Recipe.from_config(copy, process_count)
+    count, batch = data_sources.count_records, recipe.eval_batch
+    eval_batches = max(-(-count(source.shard(split, p, process_count)) // batch) for p in range(process_count))
+    return (MultiLabelData if labels else Data)(
+        source.info, source, recipe, process_index, process_count, 0, eval_batches
+    )

@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from s2mlp import checkpoint as ckpt
-from s2mlp import models, runs
+from s2mlp import evals, models, runs
 from s2mlp.mixup import mix_batch, smooth_labels
 from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
 
@@ -107,6 +107,7 @@ def validate_config(config, *, num_devices: int) -> None:
         "must be float32, bfloat16 or float16",
     )
     models.from_config(config, num_classes=1000)  # model name, overrides, rates and image_size
+    evals.from_config(config)  # config.evals (presets, names) and config.best_eval
 
 
 def _get(config, dotted: str):
@@ -298,17 +299,48 @@ def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions
 
 
 def eval_step(params, batch, *, model):
-    """Sums over the masked-in examples of {'image', 'label', 'mask'}: correct top-1/top-5, loss, count."""
+    """Sums over the masked-in examples of {'image', 'label', 'mask'}: correct top-1/top-5, loss, count, and the
+    (K, K) int32 confusion matrix (rows: label, columns: top-1 prediction)."""
     logits = model.apply({"params": params}, batch["image"], train=False)
     labels, mask = batch["label"], batch["mask"]
     top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = logits.shape[-1]
     return {
         "correct_top1": jnp.sum((top[:, 0] == labels) * mask),
         "correct_top5": jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask),
         "loss": jnp.sum(loss * mask),
         "count": jnp.sum(mask),
+        "confusion": jnp.zeros((k, k), jnp.int32).at[labels, top[:, 0]].add(mask.astype(jnp.int32)),
     }
+
+
+def multi_label_eval_step(params, batch, *, model):
+    """`eval_step` for images with a set of labels, {'image', 'labels': int32 (B, K) multi-hot, 'mask'} (ImageNet
+    ReaL): top-1 is correct when the top prediction is one of the image's labels, top-5 when one of the top 5 is.
+    Images without a label are left out (of `count` too), as in ReaL (Beyer et al. 2020). No loss."""
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    labels = batch["labels"]
+    mask = batch["mask"] * (jnp.max(labels, axis=-1) > 0)
+    top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # (B, 5): is the i-th prediction one of the labels
+    return {
+        "correct_top1": jnp.sum(hits[:, 0] * mask),
+        "correct_top5": jnp.sum(jnp.any(hits, axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def eval_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
+    """`eval_step`'s (or `multi_label_eval_step`'s) sums over an eval set -> top1, top5, loss (not multi-label) and
+    num_examples. A multi-label set without any labelled image gives 0 and num_examples 0."""
+    count = float(sums["count"])
+    if not count and "loss" not in sums:  # a multi-label eval set without any labelled image
+        return {"top1": 0.0, "top5": 0.0, "num_examples": 0.0}
+    out = {"top1": float(sums["correct_top1"]) / count, "top5": float(sums["correct_top5"]) / count}
+    if "loss" in sums:
+        out["loss"] = float(sums["loss"]) / count
+    return out | {"num_examples": count}
 
 
 # =============================================================================
@@ -335,6 +367,7 @@ class Trainer:
     create: Callable
     train_step: Callable
     eval_step: Callable
+    multi_label_eval_step: Callable
 
     @property
     def replicated(self) -> NamedSharding:
@@ -358,20 +391,21 @@ class Trainer:
             "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=self.batch_sharding),
         }
 
-    def evaluate(self, params, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-        """Top-1, top-5 and loss over one pass of `batches`; every real (mask 1) example counted once."""
+    def eval_sums(self, params, batches: Iterable[dict[str, np.ndarray]], *, multi_label: bool = False):
+        """`eval_step`'s sums (`multi_label_eval_step`'s with `multi_label`) over one pass of `batches`, on the host;
+        every real (mask 1) example counted once."""
+        step = self.multi_label_eval_step if multi_label else self.eval_step
         sums = None
         for batch in batches:
-            out = self.eval_step(params, self.to_global(batch))
+            out = step(params, self.to_global(batch))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        sums = jax.device_get(sums)
-        count = float(sums["count"])
-        return {
-            "top1": float(sums["correct_top1"]) / count,
-            "top5": float(sums["correct_top5"]) / count,
-            "loss": float(sums["loss"]) / count,
-            "num_examples": count,
-        }
+        return jax.device_get(sums)
+
+    def evaluate(
+        self, params, batches: Iterable[dict[str, np.ndarray]], *, multi_label: bool = False
+    ) -> dict[str, float]:
+        """Top-1, top-5, loss and num_examples over one pass of `batches` (`eval_metrics`)."""
+        return eval_metrics(self.eval_sums(params, batches, multi_label=multi_label))
 
 
 def setup(
@@ -413,6 +447,9 @@ def setup(
             donate_argnums=0,
         ),
         eval_step=jax.jit(functools.partial(eval_step, model=model), in_shardings=(shardings.params, batch_sharding)),
+        multi_label_eval_step=jax.jit(
+            functools.partial(multi_label_eval_step, model=model), in_shardings=(shardings.params, batch_sharding)
+        ),
     )
 
 
@@ -579,6 +616,75 @@ def _restore_state(directory, step: int, trainer: Trainer, config, convert: bool
 # Train loop.
 # =============================================================================
 @dataclasses.dataclass(frozen=True)
+class _EvalSet:
+    """One eval of the run (`s2mlp.evals`): what it is, and its data (`Data.eval_iterator` gives a pass)."""
+
+    spec: evals.EvalSpec
+    data: Any  # input_pipeline.Data, or MultiLabelData when spec.labels
+
+
+def _eval_sets(config, data, specs: list[evals.EvalSpec]) -> list[_EvalSet]:
+    """The main eval on `data` (the run's `input_pipeline.Data`), then each other eval's data, opened once (only its
+    split); ValueError naming config.evals when one cannot be read or has other classes than the run's dataset."""
+    import input_pipeline
+
+    sets = [_EvalSet(specs[0], data)]
+    for spec in specs[1:]:
+        try:
+            extra = input_pipeline.build_eval(
+                config, data=spec.data, split=spec.split, labels=spec.labels,
+                process_index=jax.process_index(), process_count=jax.process_count(),
+            )  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"config.evals: eval {spec.name!r} ({spec.describe()}): {e}") from None
+        if list(extra.info.class_names) != list(data.info.class_names):
+            raise ValueError(
+                f"config.evals: eval {spec.name!r} ({spec.describe()}) has {extra.info.num_classes} classes "
+                f"{list(extra.info.class_names)[:5]}..., the run's dataset {config.data.name} has "
+                f"{data.info.num_classes} {list(data.info.class_names)[:5]}...; an eval must label the same classes "
+                "in the same order."
+            )
+        logging.info("Eval %r: %s, %s images.", spec.name, spec.describe(), f"{extra.info.num_eval:,}")
+        sets.append(_EvalSet(spec, extra))
+    return sets
+
+
+def _evaluate_sets(trainer: Trainer, eval_sets: list[_EvalSet], items: list[tuple[str, Any]]):
+    """Every eval of `eval_sets` with each (key infix, params) of `items` ('' for the parameters, 'ema_' for their
+    EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item: the EMA's when on)."""
+    out, confusion = {}, None
+    for eval_set in eval_sets:
+        spec = eval_set.spec
+        for infix, params in items:
+            sums = trainer.eval_sums(params, eval_set.data.eval_iterator(), multi_label=bool(spec.labels))
+            out |= {f"{spec.prefix}{infix}{k}": v for k, v in eval_metrics(sums).items()}
+            if spec.main:
+                confusion = sums["confusion"]
+    return out, confusion
+
+
+def _eval_out_dir(eval_dir: epath.Path, split: str, step: int) -> epath.Path:
+    """Where the results of the main eval at `step` go: ``<eval_dir>/<split>_step<N>/``."""
+    return eval_dir / f"{split.replace('/', '_')}_step{step}"
+
+
+def _write_per_class(out_dir: epath.Path, confusion, class_names, *, spec: evals.EvalSpec, step: int, item: str):
+    """per_class.json (and confusion.png for <= 100 classes) of the main eval in `out_dir`, and the worst classes
+    and most confused pairs in the log."""
+    record = evals.write_per_class(
+        out_dir, confusion, class_names, step=step, eval=spec.name, data=spec.data, split=spec.split, params=item
+    )
+    per = record["per_class"]
+    worst = sorted((t, n) for t, n in zip(per["top1"], record["class_names"]) if t is not None)[:3]
+    pairs = [f"{p['true_name']}->{p['predicted_name']} ({p['count']})" for p in record["most_confused"][:5]]
+    logging.info(
+        "Per-class top-1 of %r at step %d (%s): lowest %s; most confused: %s. Written to %s",
+        spec.name, step, item, ", ".join(f"{n}: {100 * t:.1f}%" for t, n in worst), ", ".join(pairs) or "none",
+        out_dir / evals.PER_CLASS_FILE,
+    )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
 class _Run:
     """What the train loop reads and never reassigns; built by `_prepare`."""
 
@@ -594,6 +700,8 @@ class _Run:
     stop: runs.StopSignals
     saved_config: dict  # the JSON items saved with every checkpoint
     saved_dataset: dict
+    evals: list[_EvalSet]  # the main eval first, then config.evals
+    best: evals.EvalSpec  # the eval whose top-1 ranks the best checkpoint (config.best_eval)
 
     @property
     def ckpt_dir(self) -> epath.Path:
@@ -629,6 +737,8 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         config.data.name, config.data.train_split, f"{info.num_train:,}", config.data.eval_split,
         f"{info.num_eval:,}", info.num_classes,
     )  # fmt: skip
+    specs = evals.from_config(config)
+    eval_sets = _eval_sets(config, data, specs)
     steps_per_epoch = max(info.num_train // config.batch_size, 1)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
     trainer = setup_from_config(config, info.num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -667,7 +777,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         runs.drop_rows_after(workdir / METRICS_FILE, latest or 0)
         runs.drop_events_after(workdir, latest or 0)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split)
+        tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split, evals=[s.name for s in specs[1:]])
         tensorboard.write_config(config)
         writers = [tensorboard, runs.JsonlWriter(workdir / METRICS_FILE)]
     run = _Run(
@@ -683,6 +793,8 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         stop=stop,
         saved_config=json.loads(config.to_json_best_effort()),
         saved_dataset={"num_classes": info.num_classes, "class_names": list(info.class_names)},
+        evals=eval_sets,
+        best=evals.best_spec(specs, config.get("best_eval") or ""),
     )
     return run, state
 
@@ -705,6 +817,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     logging.info("compiled in %.1f s.", time.time() - t_compile)
     meter = _Throughput(run.start_step, run.total_steps, config.batch_size)
     eval_metrics: dict[str, float] = {}
+    confusion = None  # of the main eval at the last evaluated step
     pending: list[dict[str, jax.Array]] = []  # train metrics of the steps since the last logged one
     step = saved = run.start_step  # saved: the step of the latest save started (Orbax completes it in the background)
     trace = runs.ProfileTrace(config.get("profile_steps"), run.workdir / "profile")
@@ -722,7 +835,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
                 _write_train_metrics(run, state, step, pending, meter)
             evaluated = step % config.eval_every_steps == 0 or last
             if evaluated:
-                eval_metrics = _evaluate_now(run, state, step)
+                eval_metrics, confusion = _evaluate_now(run, state, step)
             if step % config.checkpoint_every_steps == 0 or last:
                 saved = _save(run, state, step, eval_metrics if evaluated else None)
             if run.stop.should_stop(step) and not last:
@@ -738,6 +851,11 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
         )
         logging.warning(message)
         raise Stopped(message)
+    if confusion is not None and step == run.total_steps and jax.process_index() == 0:
+        item = ckpt.EMA_PARAMS if state.ema_params is not None else ckpt.PARAMS
+        out_dir = _eval_out_dir(run.workdir / "eval", config.data.eval_split, step)
+        _write_per_class(out_dir, confusion, run.saved_dataset["class_names"], spec=run.evals[0].spec, step=step,
+                         item=item)  # fmt: skip
     if eval_metrics:
         logging.info(
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
@@ -779,15 +897,15 @@ def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list,
     )  # fmt: skip
 
 
-def _evaluate_now(run: _Run, state: TrainState, step: int) -> dict[str, float]:
-    """The eval split's metrics of the parameters (``eval_*``) and of their EMA (``eval_ema_*``), written."""
-    out = {f"eval_{k}": v for k, v in run.trainer.evaluate(state.params, run.data.eval_iterator()).items()}
-    if state.ema_params is not None:
-        ema = run.trainer.evaluate(state.ema_params, run.data.eval_iterator())
-        out |= {f"eval_ema_{k}": v for k, v in ema.items()}
+def _evaluate_now(run: _Run, state: TrainState, step: int) -> tuple[dict[str, float], np.ndarray]:
+    """Every eval's metrics of the parameters and of their EMA, written: the main eval's ``eval_*`` and
+    ``eval_ema_*``, eval NAME's ``eval_NAME_*`` and ``eval_NAME_ema_*``. Also returns the main eval's confusion
+    matrix (of the EMA when on)."""
+    items = [("", state.params)] + ([("ema_", state.ema_params)] if state.ema_params is not None else [])
+    out, confusion = _evaluate_sets(run.trainer, run.evals, items)
     run.writer.write_scalars(step, out)
     logging.info("eval step %d: %s", step, " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
-    return out
+    return out, confusion
 
 
 def _check_finite(run: _Run, state: TrainState) -> None:
@@ -805,11 +923,12 @@ def _check_finite(run: _Run, state: TrainState) -> None:
 
 
 def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | None) -> int:
-    """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones (the EMA's top-1 when on).
-    Returns `step`."""
+    """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones: the top-1 of the eval
+    named by config.best_eval (the main one by default), the EMA's when on. Returns `step`."""
     _check_finite(run, state)
     args = ckpt.save_args(state, config=run.saved_config, dataset=run.saved_dataset)
-    best = {ckpt.BEST_METRIC: metrics.get("eval_ema_top1", metrics["eval_top1"])} if metrics else None
+    prefix = run.best.prefix
+    best = {ckpt.BEST_METRIC: metrics.get(f"{prefix}ema_top1", metrics[f"{prefix}top1"])} if metrics else None
     with ckpt.save_errors(run.ckpt_dir, step):
         run.mngr.save(step, args=args, metrics=best)
     return step
@@ -836,11 +955,13 @@ def _hms(seconds: float) -> str:
 # Eval-only: evaluate the latest (or a given) checkpoint of a run.
 # =============================================================================
 def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str | None = None) -> dict[str, float]:
-    """Evaluates `checkpoint` (default: `workdir`'s latest) on config.data.eval_split; returns the metrics.
+    """Evaluates `checkpoint` (default: `workdir`'s latest) on config.data.eval_split and every eval of config.evals;
+    returns the metrics (metrics.jsonl's keys).
 
     The results get their own folder, ``<eval_dir>/<split>_step<N>/`` (default eval_dir: ``<workdir>/eval``):
-    ``metrics.json`` (metrics.jsonl's keys) and TensorBoard events tagged ``<split>/top1``, ... They add no
-    point to the training curves, and nothing else is written, so a read-only run can be evaluated with
+    ``metrics.json`` (metrics.jsonl's keys), TensorBoard events tagged ``<split>/top1``, ``<eval name>/top1``, ...
+    and the main eval's ``per_class.json`` (+ ``confusion.png`` up to 100 classes; of the EMA when saved). They add
+    no point to the training curves, and nothing else is written, so a read-only run can be evaluated with
     ``--eval_dir`` elsewhere.
     """
     import input_pipeline
@@ -849,31 +970,38 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     eval_dir = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval"
     validate_config(config, num_devices=jax.device_count())
     data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
+    specs = evals.from_config(config)
+    eval_sets = _eval_sets(config, data, specs)
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
     convert = _check_compatible(directory, step, trainer, config)
     split = config.data.eval_split
-    out_dir = eval_dir / f"{split.replace('/', '_')}_step{step}"
+    out_dir = _eval_out_dir(eval_dir, split, step)
     runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")
     step_dir = directory / str(step)
     targets = trainer.targets.params
-    out = {}
+    items = []  # (key infix, parameters): the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):
         for item in ckpt.param_items(step_dir):
             params = _restore(step_dir, {item: targets}, trainer.model, convert, trainer.replicated)[item]
-            prefix = "eval_ema_" if item == ckpt.EMA_PARAMS else "eval_"
-            out |= {prefix + k: v for k, v in trainer.evaluate(params, data.eval_iterator()).items()}
+            items.append(("ema_" if item == ckpt.EMA_PARAMS else "", params))
+        out, confusion = _evaluate_sets(trainer, eval_sets, items)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in out_dir.glob("events.out.tfevents.*"):  # an earlier eval of this step: replaced, not doubled
             old.unlink()
-        record = {"step": step, "checkpoint": str(step_dir), "split": split, **out}
+        described = {s.name: {"data": s.data, "split": s.split, **({"labels": s.labels} if s.labels else {})}
+                     for s in specs}  # fmt: skip
+        record = {"step": step, "checkpoint": str(step_dir), "split": split, "evals": described, **out}
         (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-        tensorboard = runs.TensorBoardWriter(out_dir, split)
+        tensorboard = runs.TensorBoardWriter(out_dir, split, evals=[s.name for s in specs[1:]])
         tensorboard.write_scalars(step, out)
         tensorboard.close()
+        item = ckpt.EMA_PARAMS if items[-1][0] == "ema_" else ckpt.PARAMS
+        _write_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=item)
     logging.info(
-        "eval of %s step %d on %r: %s. Results: %s",
-        directory, step, split, " | ".join(f"{k} {v:.4f}" for k, v in out.items()), out_dir,
+        "eval of %s step %d on %s: %s. Results: %s",
+        directory, step, ", ".join(repr(s.name) for s in specs), " | ".join(f"{k} {v:.4f}" for k, v in out.items()),
+        out_dir,
     )  # fmt: skip
     return out

@@ -96,6 +96,14 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
     config.init_from = ""  # fine-tune: a workdir or checkpoint step folder; the head is replaced
     config.init_from_ema = True  # take the EMA weights of init_from when it has them
 
+    # ---- evaluations (s2mlp/evals.py) --------------------------------------------
+    # config.data.eval_split is always evaluated: the main eval (metrics eval_top1, ...; TensorBoard
+    # <eval_split>/top1). More evals, each a preset ('validation', 'real': ImageNet ReaL labels, 'v2': ImageNet-V2
+    # matched frequency) or 'name=NAME,data=DATASET,split=SPLIT[,labels=FEATURE]'; eval NAME writes eval_NAME_top1,
+    # ... and TensorBoard NAME/top1. E.g. --config.evals='("real", "v2")'.
+    config.evals = ()
+    config.best_eval = ""  # the eval whose top-1 (the EMA's when on) ranks the best checkpoint; '': the main eval
+
     if recipe == "deit":
         # S²-MLP (S²-MLP paper §4, following DeiT): the DeiT recipe. lr 1e-3 at batch 1024 (5e-4 per 512),
         # 5 warmup epochs (DeiT's; the paper does not say), no EMA, repeated augmentation ×3 (DeiT's RASampler).

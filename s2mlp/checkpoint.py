@@ -8,7 +8,8 @@ A workdir holds ``config.json``, ``metrics.jsonl``, TensorBoard events and
 - ``opt_state``: the optimizer state (training only);
 - ``config``: the run's config as JSON;
 - ``dataset``: ``{"num_classes": K, "class_names": [...]}`` as JSON;
-- ``metrics``: ``{"eval_top1": x}`` (written by Orbax at evaluated steps, used to keep the best step).
+- ``metrics``: ``{"eval_top1": x}`` (written by Orbax at evaluated steps, used to keep the best step): x is the
+  top-1 of the eval that config.best_eval names (the main eval by default; the EMA's when on).
 
 Orbax writes each step to a temporary folder and renames it when complete, so a
 run killed at any moment leaves every listed step loadable; a temporary folder

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -102,26 +103,34 @@ def last_eval(path: epath.Path) -> dict[str, float]:
 
 class TensorBoardWriter:
     """TensorBoard events with tags grouped per split: ``train/loss``, ``train/lr``, ``<eval_split>/top1``,
-    ``<eval_split>/ema_top1``, ...; the example count is text (once), not a curve. Takes metrics.jsonl's flat keys."""
+    ``<eval_split>/ema_top1``, ... and, for each other eval NAME of `evals` (config.evals), ``NAME/top1``,
+    ``NAME/ema_top1``, ...; each eval's example count is text (once), not a curve. Takes metrics.jsonl's flat keys
+    (``eval_top1``, ``eval_NAME_top1``: `s2mlp.evals`)."""
 
-    def __init__(self, logdir: epath.Path, eval_split: str):
+    def __init__(self, logdir: epath.Path, eval_split: str, evals: Sequence[str] = ()):
         from clu import metric_writers
 
         self._writer = metric_writers.SummaryWriter(str(logdir))
         self._split = eval_split
-        self._counted = False
+        self._evals = tuple(evals)
+        self._counted: set[str] = set()
 
     def write_scalars(self, step: int, scalars) -> None:
+        from s2mlp.evals import split_key
+
         named = {}
         for key, value in scalars.items():
             if not key.startswith("eval_"):
                 named[f"train/{key}"] = value
-            elif key.endswith("num_examples"):
-                if not self._counted:
-                    self._writer.write_texts(step, {f"{self._split}/num_examples": f"{int(value):,}"})
-                    self._counted = True
+                continue
+            name, metric = split_key(key, self._evals)
+            group = name or self._split
+            if metric.endswith("num_examples"):
+                if group not in self._counted:
+                    self._writer.write_texts(step, {f"{group}/num_examples": f"{int(value):,}"})
+                    self._counted.add(group)
             else:
-                named[f"{self._split}/{key.removeprefix('eval_')}"] = value
+                named[f"{group}/{metric}"] = value
         self._writer.write_scalars(step, named)
 
     def write_config(self, config) -> None:

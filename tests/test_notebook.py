@@ -18,6 +18,7 @@ FIGURES = {
     "photos": 820,
     "digits": 820,
     "curves": 1020,
+    "per_class": 1020,
     "shift": 1020,
     "receptive_fields": 1200,
     "s2mlp_vs_mixer": 820,
@@ -56,6 +57,7 @@ def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch):
     assert "s2mlp_tiny" in text and "step 6" in text
     assert "measured receptive fields equal the shift's prediction" in text
     assert "last eval:" in text  # the curves came from the run's metrics.jsonl
+    assert "per-class top-1 of the 'test' eval at step 6 (ema_params" in text  # the run's eval/test_step6/
     assert "No checkpoint in" not in text  # it loaded the run instead of training the demo
 
     assert sorted(p.name for p in figures.iterdir()) == sorted(f"{name}.png" for name in FIGURES)
