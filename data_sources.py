@@ -776,7 +776,7 @@ def multi_label_source(config, labels: str, *, builder=None) -> Source:
 
     split = config.data.eval_split
     info = DatasetInfo(classes.num_classes, 0, count_records(shard(split, 0, 1)), list(classes.names))
-    return Source("encoded", info, shard, split, None)
+    return Source("encoded", info, shard, split, None, eval_split=split)
 
 
 def count_records(ds) -> int:

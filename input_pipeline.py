@@ -441,7 +441,7 @@ class MultiLabelData(Data):
             return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, "labels": labels, "mask": tf.constant(1.0)}
 
         pad = {"image": tf.zeros([s, s, 3]), "labels": tf.zeros([k], tf.int32), "mask": tf.constant(0.0)}
-        ds = source.shard(r.eval_split, self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
+        ds = source.eval_shard(self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(self.eval_batches * r.eval_batch)
         return ds.batch(r.eval_batch).prefetch(_AUTO).with_options(data_sources.dataset_options(r.num_threads))
 
@@ -466,7 +466,7 @@ def build_eval(config, *, data: str, split: str, labels: str = "", process_index
               else data_sources.source(copy, builder=builder))  # fmt: skip
     recipe = Recipe.from_config(copy, process_count)
     count, batch = data_sources.count_records, recipe.eval_batch
-    eval_batches = max(-(-count(source.shard(split, p, process_count)) // batch) for p in range(process_count))
+    eval_batches = max(-(-count(source.eval_shard(p, process_count)) // batch) for p in range(process_count))
     return (MultiLabelData if labels else Data)(
         source.info, source, recipe, process_index, process_count, 0, eval_batches
     )
