@@ -148,7 +148,11 @@ def _unknown_field(argv: list[str]) -> str | None:
         if arg.startswith("--config.") and not arg.startswith(OVERRIDES_FLAG):
             field = arg.removeprefix("--config.").partition("=")[0]
             if field not in fields and not any(f.startswith(field + ".") for f in fields):
-                near = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.5)
+                parent = field.rpartition(".")[0]
+                siblings = sorted(f for f in fields if f.rpartition(".")[0] == parent)  # the same group first
+                near = difflib.get_close_matches(field, siblings, n=3, cutoff=0.5)
+                near += [f for f in difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.5) if f not in near]
+                near = near[:3]
                 return f"{arg}: the config has no field {field!r}" + (
                     f"; did you mean {', '.join(near)}?" if near else "; see the config file for its fields."
                 )

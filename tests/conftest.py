@@ -49,3 +49,51 @@ def tiny_s2mlp_run(tmp_path_factory) -> str:
 
         train_lib.train_and_evaluate(tiny.get_config("s2mlp_tiny"), str(workdir))
     return str(workdir)
+
+
+# The slowest tests (whole runs, fresh processes, multi-device compiles): `pytest -m "not slow"` leaves them out and
+# still touches every module. Each took 12 s or more in a full run on the 2-core development machine while it ran
+# other work (the figure beside it); CI runs everything.
+SLOW = {
+    "tests/test_benchmarks.py::test_model_benchmark_table",  # 157 s
+    "tests/test_checkpoint.py::test_best_step_is_kept_across_kill_and_resume",  # 156 s
+    "tests/test_checkpoint.py::test_ema_turned_off_for_a_run_saved_with_it_resumes_without_it",  # 20 s
+    "tests/test_checkpoint.py::test_ema_turned_on_for_a_run_saved_without_it_starts_from_the_restored_params",  # 28 s
+    "tests/test_checkpoint.py::test_truncated_latest_step_stops_naming_it_and_the_way_back",  # 61 s
+    "tests/test_classes.py::test_trained_run_saves_the_class_names_and_inference_prints_them",  # 25 s
+    "tests/test_cli.py::test_a_run_trains_the_overridden_model",  # 99 s
+    "tests/test_evals.py::test_each_eval_has_its_metrics_and_tensorboard_group",  # 16 s
+    "tests/test_evals.py::test_imagenet_run_with_the_real_and_v2_presets",  # 13 s
+    "tests/test_evals.py::test_the_best_checkpoint_is_ranked_by_the_named_eval",  # 22 s
+    "tests/test_models.py::test_s2mlp_deep_block_std_at_init_is_bounded_and_grows_with_scale_one",  # 13 s
+    "tests/test_readme.py::test_readme_commands_run",  # 35 s
+    "tests/test_robustness.py::test_a_failed_checkpoint_save_stops_the_run_at_that_step_in_one_line",  # 16 s
+    "tests/test_robustness.py::test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once",  # 18 s
+    "tests/test_robustness.py::test_sigterm_saves_the_step_and_the_resume_gives_the_uninterrupted_losses",  # 27 s
+    "tests/test_robustness.py::test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step",  # 20 s
+    "tests/test_robustness.py::test_two_trainers_in_one_workdir_and_a_killed_one_does_not_block_its_resume",  # 19 s
+    "tests/test_scan.py::test_checkpoints_resume_evaluate_and_fine_tune_across_layouts",  # 26 s
+    "tests/test_scan.py::test_profile_steps_writes_a_trace_into_the_workdir",  # 12 s
+    "tests/test_scan.py::test_remat_gives_the_same_gradients",  # 19 s
+    "tests/test_scan.py::test_scanned_equals_unrolled_with_drop_path",  # 25 s
+    "tests/test_scan.py::test_second_start_loads_the_train_step_from_the_compilation_cache",  # 28 s
+    "tests/test_study.py::test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs",  # 46 s
+    "tests/test_train_step.py::test_eight_devices_match_one_device",  # 37 s
+    "tests/test_train_step.py::test_two_micro_batches_equal_one_full_batch",  # 20 s
+    "tests/test_training.py::test_fine_tune_from_a_run_with_a_new_head_on_an_image_folder",  # 14 s
+    "tests/test_training.py::test_kill_9_then_resume_gives_the_uninterrupted_losses",  # 23 s
+    "tests/test_training.py::test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint",  # 22 s
+    "tests/test_training.py::test_tfds_imagenet_path_with_mock_data",  # 15 s
+    "tests/test_training.py::test_training_writes_metrics_checkpoints_and_counts_eval_once",  # 17 s
+    "tests/test_training.py::test_two_processes_with_two_devices_each",  # 44 s
+    "tests/test_workdirs.py::test_a_study_with_a_relative_workdir_runs_where_the_user_is",  # 17 s
+    "tests/test_workdirs.py::test_home_and_symlinked_workdirs",  # 19 s
+    "tests/test_workdirs.py::test_relative_workdir_from_another_directory_trains_resumes_evaluates_reports_and_predicts",
+    # 81 s
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)

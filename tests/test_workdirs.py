@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.test_training import ocp_steps
@@ -27,7 +26,6 @@ def _run(cwd: Path, *args, home: Path | None = None, module: str | None = None):
     return done
 
 
-@pytest.mark.slow
 def test_relative_workdir_from_another_directory_trains_resumes_evaluates_reports_and_predicts(tmp_path):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
@@ -53,7 +51,6 @@ def test_relative_workdir_from_another_directory_trains_resumes_evaluates_report
     assert f"note: {workdir / 'checkpoints'} step 6, EMA parameters." in done.stderr
 
 
-@pytest.mark.slow
 def test_home_and_symlinked_workdirs(tmp_path, monkeypatch):
     home, real = tmp_path / "home", tmp_path / "real"
     home.mkdir(), real.mkdir()
