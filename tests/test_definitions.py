@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -144,6 +145,115 @@ def test_split_attention_is_the_papers_equations_2_to_4():
 
 
 # =============================================================================
+# Whole models at eval, layer by layer in NumPy.
+# =============================================================================
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation (Mixer's, as vision_transformer's code)."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _layernorm(x, p, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _affine(x, p):
+    """ResMLP's Aff: a per-channel scale and bias."""
+    return x * p["scale"] + p["bias"]
+
+
+def _patch_embed(images, p):
+    """A fully-connected layer on each non-overlapping p×p×3 patch unfolded (S²-MLP §3.2; kernel (p, p, 3, c))."""
+    patch = p["kernel"].shape[0]
+    b, h, w, ch = images.shape
+    patches = images.reshape(b, h // patch, patch, w // patch, patch, ch).transpose(0, 1, 3, 2, 4, 5)
+    return np.einsum("bhwijc,ijco->bhwo", patches, p["kernel"]) + p["bias"]
+
+
+def _s2mlp(images, p, *, norm: str, shift) -> np.ndarray:
+    """S²-MLP (S²-MLP §3.2, Fig. 1): e_i = Norm(W0 p_i + b0); per block x + Norm(FC2(shift(GELU(FC1 x)))), then
+    x + Norm(FC4(GELU(FC3 x))); global average pooling; the classifier."""
+    n = _layernorm if norm == "layernorm" else _affine
+    x = n(_patch_embed(images, p["patch_embed"]), p["patch_norm"])
+    for i in range(sum(k.startswith("block_") for k in p)):
+        q = p[f"block_{i}"]
+        x = x + n(_dense(shift(_gelu(_dense(x, q["fc1"]))), q["fc2"]), q["norm1"])
+        x = x + n(_dense(_gelu(_dense(x, q["fc3"])), q["fc4"]), q["norm2"])
+    return _dense(x.mean(axis=(1, 2)), p["head"])
+
+
+def _s2mlpv2(images, p, depths) -> np.ndarray:
+    """S²-MLPv2 (S²-MLPv2 §4): Y = S²-MLPv2(LN(X)) + X, Z = CM-MLP(LN(Y)) + Y (Eq. 5), ViP's two-level pyramid
+    (§4.2: p×p patches, then 2×2 patches merged between the stages), a final LayerNorm, average pooling."""
+    x, first = _patch_embed(images, p["patch_embed"]), 0
+    for stage, depth in enumerate(depths):
+        if stage:
+            x = _patch_embed(x, p[f"downsample_{stage}"])
+        for i in range(first, first + depth):
+            q = p[f"block_{i}"]
+            x = x + _s2mlpv2_module(_layernorm(x, q["norm1"]), q["spatial_mlp"])
+            x = x + _dense(_gelu(_dense(_layernorm(x, q["norm2"]), q["channel_mlp_fc1"])), q["channel_mlp_fc2"])
+        first += depth
+    return _dense(_layernorm(x, p["final_norm"]).mean(axis=(1, 2)), p["head"])
+
+
+def _mixer(images, p) -> np.ndarray:
+    """MLP-Mixer (Tolstikhin et al., 2021, Eq. 1): U = X + W2 σ(W1 LN(X)) across the tokens (per channel),
+    Y = U + W4 σ(W3 LN(U)) across the channels; then LayerNorm, average pooling over the tokens, the head."""
+    x = _patch_embed(images, p["stem"])
+    x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, tokens, c)
+    for i in range(sum(k.startswith("MixerBlock_") for k in p)):
+        q = p[f"MixerBlock_{i}"]
+        t, c = q["token_mixing"], q["channel_mixing"]
+        y = _layernorm(x, q["LayerNorm_0"]).swapaxes(1, 2)  # (B, c, tokens)
+        x = x + _dense(_gelu_tanh(_dense(y, t["Dense_0"])), t["Dense_1"]).swapaxes(1, 2)
+        x = x + _dense(_gelu_tanh(_dense(_layernorm(x, q["LayerNorm_1"]), c["Dense_0"])), c["Dense_1"])
+    return _dense(_layernorm(x, p["pre_head_layer_norm"]).mean(axis=1), p["head"])
+
+
+def _scaled_params(abstract, seed: int):
+    """Kernels N(0, 1/fan_in), norm scales 1 + N(0, 0.2²), biases N(0, 0.2²): every parameter matters, and the
+    activations stay O(1) through the blocks."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, a):
+        noise = rng.standard_normal(a.shape)
+        if path[-1].key == "kernel":
+            return (noise / math.sqrt(math.prod(a.shape[:-1]))).astype(np.float32)
+        return ((1.0 if path[-1].key == "scale" else 0.0) + 0.2 * noise).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+MODEL_CASES = {
+    # name: (registry name, overrides, image side, the NumPy model)
+    "s2mlp": ("s2mlp_tiny", {}, 16, lambda x, p: _s2mlp(x, p, norm="layernorm", shift=_ss1)),
+    "s2mlp_ss2": ("s2mlp_tiny", {"shift_pattern": "ss2"}, 16, lambda x, p: _s2mlp(x, p, norm="layernorm", shift=_ss2)),
+    "s2mlp_affine": ("s2mlp_tiny", {"norm": "affine"}, 16, lambda x, p: _s2mlp(x, p, norm="affine", shift=_ss1)),
+    "s2mlpv2": ("s2mlpv2_tiny", {"depths": (2, 1)}, 24, lambda x, p: _s2mlpv2(x, p, depths=(2, 1))),
+    "mixer": ("mixer_tiny", {}, 16, _mixer),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_CASES))
+def test_model_at_eval_is_its_papers_layers(case):
+    name, overrides, size, reference = MODEL_CASES[case]
+    model = get_model(name, num_classes=7, **overrides)
+    x = _normal((2, size, size, 3), seed=3)
+    params = _scaled_params(_shapes(model, x, train=False), seed=4)
+    logits = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, x))
+    expected = reference(x.astype(np.float64), _float64(params))
+    assert logits.shape == expected.shape == (2, 7)
+    assert np.abs(expected).max() > 0.5 and np.abs(expected[0] - expected[1]).max() > 0.1
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+# =============================================================================
 # DropPath in the S² blocks, both layouts.
 # =============================================================================
 # Every parameter zero except the bias that closes each residual branch: the first branch of every block then
@@ -232,7 +342,9 @@ NUM_CLASSES = 10
 IMAGE = 16
 
 
+@functools.cache
 def _trainer(drop_path_rate=0.0, grad_clip_norm=0.0, **options):
+    """A Trainer of a one-block S²-MLP on one device (cached: each compiles its own train step)."""
     model = get_model("s2mlp_tiny", num_classes=NUM_CLASSES, hidden_dim=16, num_blocks=1, drop_path_rate=drop_path_rate)
     return train_lib.setup(
         model,
@@ -275,7 +387,7 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def test_train_step_loss_is_the_cross_entropy_against_smoothed_targets():
     """Label smoothing s (Szegedy et al., 2016): target 1 - s + s/K on the label, s/K elsewhere; no Mixup/CutMix."""
     s = 0.1
-    trainer = _trainer(label_smoothing=s)
+    trainer = _trainer(label_smoothing=s, ema_decay=0.9)  # the EMA test's trainer: one compile for both
     params, batch = _params(trainer), _batch()
     loss = _step_loss(trainer, params, batch, step=0)
     logp = _log_softmax(trainer.model.apply({"params": params}, batch["image"], train=False))
@@ -285,6 +397,22 @@ def test_train_step_loss_is_the_cross_entropy_against_smoothed_targets():
     hard = -logp[np.arange(len(batch["label"])), batch["label"]].mean()
     assert loss == pytest.approx(smoothed, rel=1e-5)
     assert abs(smoothed - hard) > 0.02  # measured 0.09: the smoothing is visible in the loss
+
+
+def test_ema_after_one_step_is_the_decayed_average():
+    """The EMA model (S²-MLPv2 §5, as DeiT): e_0 = θ_0, then e_t = d e_(t-1) + (1 - d) θ_t after each update."""
+    d = 0.9
+    trainer = _trainer(label_smoothing=0.1, ema_decay=d)
+    params = _params(trainer)
+    state = trainer.create(params)
+    for e, p in zip(jax.tree.leaves(jax.device_get(state.ema_params)), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(e, p)
+    state, _ = trainer.train_step(state, trainer.to_global(_batch()), jax.random.key(1))
+    state = jax.device_get(state)
+    leaves = zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(params), jax.tree.leaves(state.params), strict=True)
+    for e, before, after in leaves:
+        assert np.abs(after - before).max() > 1e-4  # every leaf moved (Adam's first step moves each by about lr)
+        np.testing.assert_allclose(e, d * before + (1 - d) * after, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -339,33 +467,62 @@ def test_gradient_clipping_by_global_norm_reaches_adams_first_moment(grad_clip_n
 # eval_step.
 # =============================================================================
 class _LogitsModel:
-    """A stand-in model whose logits are the batch's 'image': `eval_step` on handmade logits."""
+    """A stand-in model without parameters whose logits are the batch's 'image' (B, 8)."""
+
+    num_classes = 8
+
+    def init(self, rng, images, train):
+        return {"params": {}}
 
     def apply(self, variables, images, train):
         assert train is False
         return images
 
 
+ROW = [0.5, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]  # ranks: class 1, 2, 3, 0, 4, 5, 6, 7
+EVAL_CASES = [  # (label, mask, top-1 hit, top-5 hit)
+    (1, 1.0, 1, 1),  # the highest logit
+    (3, 1.0, 0, 1),  # the third highest
+    (4, 1.0, 0, 1),  # the fifth highest
+    (5, 1.0, 0, 0),  # the sixth highest
+    (7, 1.0, 0, 0),  # the lowest
+    (1, 0.0, 0, 0),  # a hit, masked out (padding)
+    (3, 0.0, 0, 0),  # a top-5 hit, masked out
+]
+
+
+def _eval_batch(cases):
+    return {
+        "image": np.tile(np.array(ROW, np.float32), (len(cases), 1)),
+        "label": np.array([c[0] for c in cases], np.int32),
+        "mask": np.array([c[1] for c in cases], np.float32),
+    }
+
+
+def _nll(batch) -> np.ndarray:
+    return -_log_softmax(batch["image"])[np.arange(len(batch["label"])), batch["label"]]
+
+
 def test_eval_step_counts_top1_top5_and_masks():
-    row = [0.5, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0]  # ranks: class 1, 2, 3, 0, 4, 5, 6, 7
-    # (label, mask, top-1 hit, top-5 hit)
-    cases = [
-        (1, 1.0, 1, 1),  # the highest logit
-        (3, 1.0, 0, 1),  # the third highest
-        (4, 1.0, 0, 1),  # the fifth highest
-        (5, 1.0, 0, 0),  # the sixth highest
-        (7, 1.0, 0, 0),  # the lowest
-        (1, 0.0, 0, 0),  # a hit, masked out (padding)
-        (3, 0.0, 0, 0),  # a top-5 hit, masked out
-    ]
-    labels = np.array([c[0] for c in cases], np.int32)
-    mask = np.array([c[1] for c in cases], np.float32)
-    logits = np.tile(np.array(row, np.float32), (len(cases), 1))
-    batch = {"image": jnp.asarray(logits), "label": jnp.asarray(labels), "mask": jnp.asarray(mask)}
-    out = jax.jit(lambda b: train_lib.eval_step({}, b, model=_LogitsModel()))(batch)
-    out = jax.device_get(out)
-    assert int(out["correct_top1"]) == sum(c[2] for c in cases) == 1
-    assert int(out["correct_top5"]) == sum(c[3] for c in cases) == 3
+    batch = _eval_batch(EVAL_CASES)
+    out = jax.device_get(jax.jit(lambda b: train_lib.eval_step({}, b, model=_LogitsModel()))(batch))
+    assert int(out["correct_top1"]) == sum(c[2] for c in EVAL_CASES) == 1
+    assert int(out["correct_top5"]) == sum(c[3] for c in EVAL_CASES) == 3
     assert float(out["count"]) == 5.0
-    nll = -_log_softmax(logits)[np.arange(len(cases)), labels]
-    assert float(out["loss"]) == pytest.approx(float((nll * mask).sum()), rel=1e-6)
+    assert float(out["loss"]) == pytest.approx(float((_nll(batch) * batch["mask"]).sum()), rel=1e-6)
+
+
+def test_evaluate_averages_over_the_real_examples_of_all_batches():
+    trainer = train_lib.setup(
+        _LogitsModel(),
+        image_size=1,
+        optimizer=train_lib.OptimizerOptions(batch_size=1024, base_lr=1e-3),
+        options=train_lib.StepOptions(),
+        steps_per_epoch=1,
+        total_steps=1,
+        mesh=train_lib.make_mesh(jax.devices()[:1]),
+    )
+    batches = [_eval_batch(EVAL_CASES[:4]), _eval_batch(EVAL_CASES[4:])]
+    metrics = trainer.evaluate({}, batches)
+    nll = sum(float((_nll(b) * b["mask"]).sum()) for b in batches)
+    assert metrics == pytest.approx({"top1": 1 / 5, "top5": 3 / 5, "loss": nll / 5, "num_examples": 5}, rel=1e-6)
