@@ -58,3 +58,28 @@ def test_switch_prob_picks_cutmix_or_mixup(switch_prob, cutmix_chosen):
     for seed in range(5):
         mixed, _ = mix_batch(jax.random.key(seed), images, targets, mixup=0.8, cutmix=1.0, switch_prob=switch_prob)
         assert (set(np.unique(np.asarray(mixed))) <= {0.0, 1.0}) == cutmix_chosen
+
+
+def test_cutmix_box_sides_are_sqrt_one_minus_lambda():
+    """CutMix (Yun et al., 2019, §3.1): a box of W√(1-λ) × H√(1-λ) at a uniform random centre, clipped at the
+    border. α = 10⁵ pins λ at 0.5 (std 0.0011), so every box that stays inside is 0.707 H tall and 0.707 W wide
+    (timm's rand_bbox: an integer cut, ±⌊cut/2⌋ around the centre: within 2 pixels)."""
+    height, width = 64, 48
+    images, targets = _batch(height, width)
+    cutmix = jax.jit(lambda key: mix_batch(key, images, targets, mixup=0.0, cutmix=1e5)[0])
+    sides = []
+    for seed in range(24):
+        mixed = cutmix(jax.random.key(seed))
+        pasted = np.asarray(mixed)[0, :, :, 0] == 1.0  # image 0 is all 0: its 1s came from image 1
+        sides.append((pasted.any(axis=1).sum(), pasted.any(axis=0).sum()))
+    assert max(h for h, _ in sides) == pytest.approx(height * np.sqrt(0.5), abs=2)
+    assert max(w for _, w in sides) == pytest.approx(width * np.sqrt(0.5), abs=2)
+    assert min(h * w for h, w in sides) > 0  # a box every time
+
+
+def test_mixup_lambda_is_beta_alpha_alpha():
+    """Mixup (Zhang et al., 2018): λ ~ Beta(α, α), symmetric about 1/2; α = 10⁵ pins it at 0.5 (std 0.0011)."""
+    images, targets = _batch()
+    mixup = jax.jit(lambda key: mix_batch(key, images, targets, mixup=1e5, cutmix=0.0)[0])
+    lams = [1.0 - float(mixup(jax.random.key(seed))[0, 0, 0, 0]) for seed in range(8)]
+    np.testing.assert_allclose(lams, 0.5, atol=0.01)
