@@ -52,23 +52,33 @@ def tiny_s2mlp_run(tmp_path_factory) -> str:
 
 
 # The slowest tests (whole runs, fresh processes, multi-device compiles): `pytest -m "not slow"` leaves them out and
-# still touches every module. Each took 12 s or more in a full run on the 2-core development machine while it ran
+# still touches every module. Each took 6 s or more in a full run on the 2-core development machine while it ran
 # other work (the figure beside it); CI runs everything.
 SLOW = {
+    "tests/test_benchmarks.py::test_input_pipeline_table",  # 10 s
     "tests/test_benchmarks.py::test_model_benchmark_table",  # 157 s
     "tests/test_checkpoint.py::test_best_step_is_kept_across_kill_and_resume",  # 156 s
     "tests/test_checkpoint.py::test_ema_turned_off_for_a_run_saved_with_it_resumes_without_it",  # 20 s
     "tests/test_checkpoint.py::test_ema_turned_on_for_a_run_saved_without_it_starts_from_the_restored_params",  # 28 s
     "tests/test_checkpoint.py::test_truncated_latest_step_stops_naming_it_and_the_way_back",  # 61 s
+    "tests/test_classes.py::test_digits_resumption_and_subsets_within_the_classes",  # 8 s
     "tests/test_classes.py::test_trained_run_saves_the_class_names_and_inference_prints_them",  # 25 s
     "tests/test_cli.py::test_a_run_trains_the_overridden_model",  # 99 s
     "tests/test_evals.py::test_each_eval_has_its_metrics_and_tensorboard_group",  # 16 s
     "tests/test_evals.py::test_imagenet_run_with_the_real_and_v2_presets",  # 13 s
     "tests/test_evals.py::test_the_best_checkpoint_is_ranked_by_the_named_eval",  # 22 s
+    "tests/test_idx.py::test_resume_is_bit_exact",  # 9 s
+    "tests/test_models.py::test_flax_weight_init_reproduces_the_previous_initialisation",  # 11 s
     "tests/test_models.py::test_s2mlp_deep_block_std_at_init_is_bounded_and_grows_with_scale_one",  # 13 s
+    "tests/test_models.py::test_timm_weight_init_truncated_normal_002_zero_biases_zero_head",  # 11 s
+    "tests/test_notebook.py::test_notebook_runs_headless",  # 11 s
     "tests/test_readme.py::test_readme_commands_run",  # 35 s
     "tests/test_robustness.py::test_a_failed_checkpoint_save_stops_the_run_at_that_step_in_one_line",  # 16 s
+    "tests/test_robustness.py::test_a_held_lock_refuses_the_run_naming_the_holder_and_changes_nothing",  # 6 s
+    "tests/test_robustness.py::test_a_read_only_workdir_fails_up_front_in_one_message",  # 6 s
+    "tests/test_robustness.py::test_a_second_signal_ends_the_run_at_once",  # 11 s
     "tests/test_robustness.py::test_kill_before_the_first_checkpoint_then_rerun_logs_each_step_once",  # 18 s
+    "tests/test_robustness.py::test_nan_before_any_checkpoint_says_none_was_written",  # 7 s
     "tests/test_robustness.py::test_sigterm_saves_the_step_and_the_resume_gives_the_uninterrupted_losses",  # 27 s
     "tests/test_robustness.py::test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step",  # 20 s
     "tests/test_robustness.py::test_two_trainers_in_one_workdir_and_a_killed_one_does_not_block_its_resume",  # 19 s
@@ -79,6 +89,7 @@ SLOW = {
     "tests/test_scan.py::test_second_start_loads_the_train_step_from_the_compilation_cache",  # 28 s
     "tests/test_study.py::test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs",  # 46 s
     "tests/test_train_step.py::test_eight_devices_match_one_device",  # 37 s
+    "tests/test_train_step.py::test_non_finite_loss_skips_the_update_and_records_the_step",  # 11 s
     "tests/test_train_step.py::test_two_micro_batches_equal_one_full_batch",  # 20 s
     "tests/test_training.py::test_fine_tune_from_a_run_with_a_new_head_on_an_image_folder",  # 14 s
     "tests/test_training.py::test_kill_9_then_resume_gives_the_uninterrupted_losses",  # 23 s
