@@ -25,6 +25,7 @@ from configs import tiny
 from configs.common import get_config
 from s2mlp import checkpoint as ckpt
 from s2mlp.preprocessing import mean_std
+from tests.test_input_pipeline import assert_batches_equal, take
 
 NUM_CLASSES = 4
 SIZES = {"train": 40, "test": 20}  # 10 train and 5 test images of each class
@@ -105,18 +106,6 @@ def make_config(data_dir, **overrides):
 def idx_data(tmp_path, request):
     root = tmp_path / "idx"
     return root, write_dataset(root, compress=request.param == "gzip")
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
 
 
 def normalised(images: np.ndarray, normalization="minus_one_to_one") -> np.ndarray:
