@@ -52,7 +52,7 @@ def tiny_s2mlp_run(tmp_path_factory) -> str:
 
 
 # The slowest tests (whole runs, fresh processes, multi-device compiles): `pytest -m "not slow"` leaves them out and
-# still touches every module. Each took 6 s or more in a full run on the 2-core development machine while it ran
+# still touches every module. Each took 6 s or more (or, in the later entries, 2-16 s per case) in a run on the 2-core development machine while it ran
 # other work (the figure beside it); CI runs everything.
 SLOW = {
     "tests/test_benchmarks.py::test_input_pipeline_table",  # 10 s
@@ -101,10 +101,25 @@ SLOW = {
     "tests/test_workdirs.py::test_home_and_symlinked_workdirs",  # 19 s
     "tests/test_workdirs.py::test_relative_workdir_from_another_directory_trains_resumes_evaluates_reports_and_predicts",
     # 81 s
+    "tests/test_models.py::test_paper_model_forward_at_224",  # 2-3 s per model
+    "tests/test_models.py::test_s2mlp_at_other_resolutions",  # 2-3 s per size
+    "tests/test_models.py::test_xla_flops_cross_check",  # 2-3 s per model
+    "tests/test_scan.py::test_scanned_intermediates_are_the_stacked_block_outputs",  # 8-16 s per model
+    "tests/test_scan.py::test_convert_round_trips_exactly_including_optimizer_state",  # 3-16 s
+    "tests/test_scan.py::test_drop_path_rates_per_block_are_linear_in_depth",  # 7 s
+    "tests/test_models.py::test_affine_branch_scale_init_and_the_patch_norm_at_one",  # 2-6 s per case
+}
+# Module fixtures that train a tiny run (10-12 s each): their tests are slow too, so the fast subset skips the run.
+SLOW_FIXTURES = {
+    ("tests/test_checkpoint.py", "run"),
+    ("tests/test_evals.py", "two_evals"),
+    ("tests/test_robustness.py", "reference"),
+    ("tests/test_training.py", "tiny_run"),
 }
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.nodeid.split("[")[0] in SLOW:
+        module = item.nodeid.split("::")[0]
+        if item.nodeid.split("[")[0] in SLOW or any((module, f) in SLOW_FIXTURES for f in item.fixturenames):
             item.add_marker(pytest.mark.slow)
