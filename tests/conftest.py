@@ -52,8 +52,8 @@ def tiny_s2mlp_run(tmp_path_factory) -> str:
 
 
 # The slowest tests (whole runs, fresh processes, multi-device compiles): `pytest -m "not slow"` leaves them out and
-# still touches every module. Each took 6 s or more (or, in the later entries, 2-16 s per case) in a run on the 2-core development machine while it ran
-# other work (the figure beside it); CI runs everything.
+# still touches every module. Each took 6 s or more (the last entries: 2-16 s per case) in a run on the 2-core
+# development machine, most while it ran other work (the figure beside it); CI runs everything.
 SLOW = {
     "tests/test_benchmarks.py::test_input_pipeline_table",  # 10 s
     "tests/test_benchmarks.py::test_model_benchmark_table",  # 157 s
