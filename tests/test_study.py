@@ -158,7 +158,7 @@ def test_fashion_mnist_studies_keep_its_recipe_and_match_model_sizes():
         sizes[label] = (params, flops.count_macs(model, 28))
     # As the study's docstring says: Mixer and S²-MLP match in parameters and, within 0.7%, in MACs.
     assert sizes == {"mixer": (116_970, 5_494_752), "s2mlp": (116_986, 5_532_384), "s2mlpv2": (118_180, 5_713_824)}
-    overrides = {**fashion_mnist.MODELS["s2mlp"][1], "hidden_dim": 48, "num_blocks": 4}  # the shift ablation's
+    overrides = {**fashion_mnist.MODELS["s2mlp"][1], "patch_size": 2, "hidden_dim": 48, "num_blocks": 4}  # ablation's
     assert {k: v for k, v in shift_ablation.FASHION_MNIST.items() if k.startswith("model.")} == {
         f"model.overrides.{k}": v for k, v in overrides.items() if k != "mlp_ratio"
     }
