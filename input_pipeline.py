@@ -73,11 +73,8 @@ def _validate(config, process_count: int):
         "must be an int >= 0 (0: tf.data's default thread pool).",
     )
     fraction, per_class = config.data.train_fraction, config.data.train_per_class
-    need(
-        isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1,
-        "data.train_fraction",
-        "must be in (0, 1] (1.0: the whole train split).",
-    )
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 < fraction <= 1):
+        raise ValueError(f"config.data.train_fraction={fraction!r} must be in (0, 1] (1.0: the whole train split).")
     need(
         _is_int(per_class) and per_class >= 0,
         "data.train_per_class",

@@ -44,11 +44,9 @@ process per run.
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import fnmatch
-import importlib.util
 import itertools
 import json
 import re
@@ -60,6 +58,7 @@ from typing import Any
 
 import ml_collections
 
+from configs import overrides as overrides_lib
 from s2mlp import checkpoint as ckpt
 from s2mlp import report as report_lib
 from s2mlp.report import flatten, hms
@@ -68,7 +67,7 @@ ROOT = Path(__file__).resolve().parent  # main.py's directory: relative config p
 STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
 CACHE_DIR = "compilation_cache"
-OVERRIDES = "model.overrides"
+OVERRIDES = overrides_lib.MODEL_OVERRIDES
 # Fields that say where or how this machine runs, not what is trained: they may differ when a study resumes.
 MACHINE_FIELDS = ("compilation_cache_dir", "profile_steps")
 
@@ -88,59 +87,12 @@ class Run:
 # Loading and expanding a study.
 # =============================================================================
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``path.py`` or ``path.py:arg`` -> its ``get_config()`` / ``get_config(arg)``, as main.py loads it."""
-    path, _, arg = spec.partition(":")
+    """``path.py`` or ``path.py:arg`` (relative to the checkout) -> its config, as main.py loads it."""
+    path = spec.partition(":")[0]
     file = Path(path) if Path(path).is_absolute() else ROOT / path
     if not file.is_file():
         raise ValueError(f"study.base={spec!r}: no config file {file}; give a path like configs/demo.py[:arg].")
-    module_spec = importlib.util.spec_from_file_location(f"_study_base_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # `from configs import common`
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
-def _set_field(config, field: str, value, where: str) -> None:
-    """Sets dotted `field` of `config`; model overrides merge; ValueError naming the field when it is unknown."""
-    if field == OVERRIDES:
-        if not isinstance(value, (dict, ml_collections.ConfigDict)):
-            raise ValueError(f"{where}: config.{field}={value!r} must be a dict of model fields.")
-        for key, v in value.items():
-            _set_field(config, f"{OVERRIDES}.{key}", v, where)
-        return
-    *parents, leaf = field.split(".")
-    node = config
-    for i, part in enumerate(parents):
-        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-            raise ValueError(
-                f"{where}: config.{field} is not a field of the base config (no config.{'.'.join(parents[: i + 1])})."
-            )
-        node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(f"{where}: config.{field} is not a field of the base config.")
-    if leaf not in node and ".".join(parents) != OVERRIDES:
-        raise ValueError(
-            f"{where}: config.{field} is not a field of the base config; valid fields here: {sorted(node.keys())}."
-        )
-    try:
-        with node.unlocked():
-            node[leaf] = tuple(value) if isinstance(value, list) else value
-    except TypeError as e:
-        raise ValueError(f"{where}: config.{field}={value!r}: {e}") from None
-
-
-def format_value(value) -> str:
-    """A value as main.py's ``--config.FIELD=VALUE`` reads it back (before shell quoting)."""
-    if isinstance(value, str):
-        try:  # a string that reads as a literal ('1', 'True') must keep its quotes
-            ast.literal_eval(value)
-            return repr(value)
-        except (ValueError, SyntaxError):
-            return value
-    if isinstance(value, (list, tuple)):
-        return repr(tuple(value))
-    return repr(value)
+    return overrides_lib.load(spec, root=ROOT)
 
 
 def _name_part(value) -> str:
@@ -156,19 +108,9 @@ def command(base: str, workdir: str, overrides: dict[str, Any]) -> str:
         items = value.items() if field == OVERRIDES else [(None, value)]
         for key, v in items:
             name = f"{OVERRIDES}.{key}" if key is not None else field
-            flags.append(f"--config.{name}={format_value(v)}")
+            flags.append(f"--config.{name}={overrides_lib.format_value(v)}")
     args = ["python", "main.py", f"--config={base}", f"--workdir={workdir}", *flags]
     return " ".join(shlex.quote(a) for a in args)
-
-
-def _check_fraction(config, where: str) -> None:
-    data = config.get("data", {})
-    if "train_fraction" in data:
-        f = data.train_fraction
-        if not (isinstance(f, (int, float)) and 0 < f <= 1):
-            raise ValueError(
-                f"{where}: config.data.train_fraction={f!r} must be in (0, 1] (the share of the train split used)."
-            )
 
 
 def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True) -> list[Run]:
@@ -201,7 +143,7 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
             )
     base = load_config_file(study.base)
     for field, axis in tied.items():
-        _set_field(copy.deepcopy(base), field, grid[axis][0], f"study.tied[{field!r}]")
+        overrides_lib.set_field(copy.deepcopy(base), field, grid[axis][0], f"study.tied[{field!r}]")
 
     combos = list(itertools.product(*grid.values())) if grid else [()]
     specs = []
@@ -232,8 +174,7 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
         where = f"study run {name!r}"
         config = copy.deepcopy(base)
         for field, value in overrides.items():
-            _set_field(config, field, value, where)
-        _check_fraction(config, where)
+            overrides_lib.set_field(config, field, value, where)
         run_dir = str(Path(workdir) / name)
         runs.append(Run(name, overrides, config, run_dir, command(study.base, run_dir, overrides)))
     if check:
@@ -243,16 +184,11 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
 
 
 def validate(run: Run) -> None:
-    """train_lib's and the input pipeline's checks on one run's config; ValueError naming the run and field."""
+    """Every field's check on one run's config (`configs.overrides.check`); ValueError naming the run and field."""
     import jax
 
-    import train_lib
-
     try:
-        train_lib.validate_config(run.config, num_devices=jax.device_count())
-        import input_pipeline
-
-        input_pipeline.validate_data_config(run.config, process_count=jax.process_count())
+        overrides_lib.check(run.config, num_devices=jax.device_count(), process_count=jax.process_count())
     except ValueError as e:
         raise ValueError(f"study run {run.name!r}: {e}") from None
     saved = Path(run.workdir) / "config.json"
@@ -323,12 +259,13 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
         return runs
 
     import train_lib
+    from s2mlp import runs as runs_lib
 
     write_study_json(study, expand(study, workdir, check=False) if only else runs, workdir)
     if compilation_cache is None:
         compilation_cache = str(Path(workdir) / CACHE_DIR)
     if compilation_cache:
-        train_lib.enable_compilation_cache(compilation_cache)
+        runs_lib.enable_compilation_cache(compilation_cache)
     walls = []
     for k, run in enumerate(runs, 1):
         if read_result(run.workdir):

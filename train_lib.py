@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from s2mlp import checkpoint as ckpt
 from s2mlp import evals, models, runs
 from s2mlp.mixup import mix_batch, smooth_labels
+from s2mlp.report import hms
 from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
 
 jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
@@ -467,151 +467,6 @@ def setup_from_config(config, num_classes: int, *, steps_per_epoch: int = 1, tot
     )
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory` ('~' expanded; '' leaves it off), for every program.
-
-    Call before the first compile. Entries are keyed by the program, the JAX/XLA versions and the
-    devices, so one directory serves every run (main.py: config.compilation_cache_dir; study.py's runner:
-    WORKDIR/compilation_cache).
-    """
-    if not directory:
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-# =============================================================================
-# Restore: resume from the workdir, or start from another run's weights.
-# =============================================================================
-def _other_layout(model, tree):
-    """`tree`'s shapes moved to `model`'s other block layout (scanned <-> unrolled; None for Mixer), no shardings."""
-    if not models.block_groups(model):
-        return None
-    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    return jax.eval_shape(lambda t: models.convert_params(t, model, to_scan=not model.scan), plain)
-
-
-def _check_compatible(directory, step: int, trainer: Trainer, config) -> bool:
-    """The saved parameters must have exactly the shapes this config builds, in either block layout.
-
-    Returns True when they were saved in the other layout (unrolled ``block_{i}`` vs scanned, see
-    `models.convert_params`), so the restore converts them; False when they fit as they are.
-    """
-    step_dir = directory / str(step)
-    saved_shapes = ckpt.saved_shapes(step_dir)
-    problems = ckpt.shape_mismatch(ckpt.flat_shapes(trainer.abstract.params), saved_shapes)
-    if problems:
-        other = _other_layout(trainer.model, trainer.abstract.params)
-        if other is not None and not ckpt.shape_mismatch(ckpt.flat_shapes(other), saved_shapes):
-            logging.info("Step %d in %s was saved in the other block layout (model.scan): converting.", step, directory)
-            return True
-        saved = (ckpt.read_json(step_dir, ckpt.CONFIG) or {}).get("model", {})
-        raise ValueError(
-            f"{directory} holds a checkpoint (step {step}) of model {saved.get('name')!r} "
-            f"(overrides {saved.get('overrides') or {}}), whose parameters do not fit "
-            f"config.model.name={config.model.name!r}:\n"
-            f"{problems}\nNothing was changed in the workdir. Use a new --workdir, or fine-tune from this run "
-            "with --config.init_from=<that workdir> (a new head is created)."
-        )
-    return False
-
-
-def _check_init_from(config, model, abstract_params) -> None:
-    """`config.init_from` must hold a checkpoint whose parameters, less the head, fit `model` (metadata only)."""
-    try:
-        directory, step = ckpt.locate(config.init_from)
-        step_dir = directory / str(step)
-        saved = ckpt.saved_shapes(step_dir, ckpt.params_item(step_dir, ema=config.init_from_ema))
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
-    body = lambda shapes: {k: v for k, v in shapes.items() if not k.startswith("head/")}  # noqa: E731
-    problems = ckpt.shape_mismatch(body(ckpt.flat_shapes(abstract_params)), body(saved))
-    other = _other_layout(model, abstract_params) if problems else None  # saved with the other model.scan
-    if other is not None and not ckpt.shape_mismatch(body(ckpt.flat_shapes(other)), body(saved)):
-        problems = ""
-    if problems:
-        raise ValueError(
-            f"config.init_from={config.init_from!r}: its parameters do not fit {config.model.name}:\n{problems}"
-        )
-
-
-def _fine_tune_params(config, model, fresh_params):
-    """`config.init_from`'s (EMA) parameters, in `model`'s block layout, with the freshly initialised head."""
-    directory, step = ckpt.locate(config.init_from)
-    step_dir = directory / str(step)
-    try:
-        loaded = ckpt.restore(step_dir, ckpt.params_item(step_dir, ema=config.init_from_ema))
-    except ckpt.BadCheckpoint as e:
-        raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
-    loaded = jax.tree.map(np.asarray, dict(loaded))
-    if models.block_groups(model):  # a run saved in the other block layout (model.scan) is converted
-        loaded = models.convert_params(loaded, model, to_scan=model.scan)
-    loaded["head"] = fresh_params["head"]
-    problems = ckpt.shape_mismatch(ckpt.flat_shapes(fresh_params), ckpt.flat_shapes(loaded))
-    if problems:
-        raise ValueError(
-            f"config.init_from={config.init_from!r}: its parameters do not fit {config.model.name}:\n{problems}"
-        )
-    logging.info("Fine-tuning from %s step %d (new head).", directory, step)
-    return loaded
-
-
-def _restore(step_dir, targets: dict[str, Any], model, convert: bool, replicated: NamedSharding) -> dict[str, Any]:
-    """`ckpt.restore_state(step_dir, targets)`; with `convert`, read (replicated) in the other block layout and
-    converted onto the targets' shardings."""
-    if not convert:
-        return ckpt.restore_state(step_dir, targets)
-    saved = jax.tree.map(lambda a: a.update(sharding=replicated), _other_layout(model, targets))
-    restored = ckpt.restore_state(step_dir, saved)
-    return {
-        item: jax.device_put(
-            models.convert_params(arrays, model, to_scan=model.scan),
-            jax.tree.map(lambda a: a.sharding, targets[item]),
-        )
-        for item, arrays in restored.items()
-    }
-
-
-def _restore_state(directory, step: int, trainer: Trainer, config, convert: bool = False) -> TrainState:
-    """The training state saved at `step`, each leaf on its sharding, with this config's EMA setting.
-
-    A damaged step (unreadable files, NaN/Inf values) raises `ckpt.BadCheckpoint`, which names the
-    previous complete step and how to resume from it. An EMA missing from the checkpoint while
-    config.ema_decay > 0 starts from the restored parameters; a saved EMA with config.ema_decay=0 is
-    left out (later checkpoints hold none). Both are logged as warnings. `convert` (from
-    `_check_compatible`): the step was saved in the other block layout (model.scan); parameters, EMA
-    and optimizer state are read in that layout and converted (`models.convert_params`).
-    """
-    step_dir = directory / str(step)
-    targets = trainer.targets
-    use_ema, saved_ema = config.ema_decay > 0, ckpt.EMA_PARAMS in ckpt.saved_items(step_dir)
-    items = ckpt.state_items(targets, ema=use_ema and saved_ema)
-    restored = _restore(step_dir, items, trainer.model, convert, trainer.replicated)
-    ema_params = restored.get(ckpt.EMA_PARAMS)
-    if use_ema and not saved_ema:
-        logging.warning(
-            "Step %d in %s was saved without an EMA of the parameters; with config.ema_decay=%g the EMA starts "
-            "from the restored parameters at step %d. To go on without an EMA, resume with --config.ema_decay=0.",
-            step, directory, config.ema_decay, step,
-        )  # fmt: skip
-        ema_params = jax.device_put(restored[ckpt.PARAMS], trainer.shardings.ema_params, may_alias=False)
-    elif saved_ema and not use_ema:
-        saved_decay = (ckpt.read_json(step_dir, ckpt.CONFIG) or {}).get("ema_decay")
-        logging.warning(
-            "Step %d in %s holds an EMA of the parameters, but config.ema_decay=0 turns the EMA off: it is not "
-            "resumed and later checkpoints hold none. To keep it, resume with --config.ema_decay=%s.",
-            step, directory, saved_decay,
-        )  # fmt: skip
-    return trainer.abstract.replace(
-        step=jax.device_put(jnp.asarray(step, jnp.int32), trainer.replicated),
-        params=restored[ckpt.PARAMS],
-        opt_state=restored[ckpt.OPT_STATE],
-        ema_params=ema_params,
-        bad_step=jax.device_put(jnp.asarray(-1, jnp.int32), trainer.replicated),
-    )
-
-
 # =============================================================================
 # Train loop.
 # =============================================================================
@@ -747,9 +602,10 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     latest = ckpt.latest_step(ckpt_dir)
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
-        convert = _check_compatible(ckpt_dir, latest, trainer, config)
+        convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
     elif config.get("init_from"):
-        _check_init_from(config, trainer.model, trainer.abstract.params)
+        ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
+                             config.model.name)  # fmt: skip
     if latest is not None and latest >= total_steps:
         logging.info("Already finished at step %d; nothing to do (checkpoints in %s).", latest, ckpt_dir)
         return None
@@ -760,12 +616,16 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     stop = cleanup.enter_context(runs.StopSignals())  # from here on SIGTERM/SIGINT stop after the current step
 
     if latest is not None:
-        state = _restore_state(ckpt_dir, latest, trainer, config, convert)
+        state = ckpt.restore_train_state(ckpt_dir, latest, trainer, ema_decay=config.ema_decay, convert=convert)
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
     else:
         state = trainer.init(init_rng)
         if config.get("init_from"):
-            state = trainer.create(_fine_tune_params(config, trainer.model, jax.device_get(state.params)))
+            fresh = jax.device_get(state.params)
+            params = ckpt.fine_tune_params(
+                config.init_from, config.init_from_ema, trainer.model, fresh, config.model.name
+            )
+            state = trainer.create(params)
     # Opened once the state is in hand, so a failed restore leaves the folder as it was (opening it deletes
     # the temporary folders of unfinished saves).
     mngr = ckpt.manager(ckpt_dir, keep=config.keep_checkpoints)
@@ -815,7 +675,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     batch_spec = trainer.batch_spec(config.batch_size, config.image_size)
     step_fn = trainer.train_step.lower(state, batch_spec, run.step_rng).compile()
     logging.info("compiled in %.1f s.", time.time() - t_compile)
-    meter = _Throughput(run.start_step, run.total_steps, config.batch_size)
+    meter = runs.Throughput(run.start_step, run.total_steps, config.batch_size)
     eval_metrics: dict[str, float] = {}
     confusion = None  # of the main eval at the last evaluated step
     pending: list[dict[str, jax.Array]] = []  # train metrics of the steps since the last logged one
@@ -866,24 +726,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     return eval_metrics
 
 
-class _Throughput:
-    """Images/s since the last logged step and the ETA from the mean step time since the start."""
-
-    def __init__(self, start_step: int, total_steps: int, batch_size: int):
-        self.start_step, self.total_steps, self.batch_size = start_step, total_steps, batch_size
-        self.t_start = self.t_last = time.time()
-        self.step_last = start_step
-
-    def next(self, step: int) -> tuple[float, float]:
-        """(images/s since the previous call, seconds left); call once per logged step."""
-        now = time.time()
-        images_per_s = (step - self.step_last) * self.batch_size / (now - self.t_last)
-        eta = (self.total_steps - step) * (now - self.t_start) / max(step - self.start_step, 1)
-        self.t_last, self.step_last = now, step
-        return images_per_s, eta
-
-
-def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list, meter: _Throughput) -> None:
+def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list, meter: runs.Throughput) -> None:
     """The means of `pending` (then emptied), the lr and the throughput: to the writers and the log."""
     _check_finite(run, state)
     means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
@@ -893,7 +736,7 @@ def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list,
     run.writer.write_scalars(step, means)
     logging.info(
         "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s",
-        step, run.total_steps, means["loss"], means["lr"], images_per_s, _hms(eta),
+        step, run.total_steps, means["loss"], means["lr"], images_per_s, hms(eta),
     )  # fmt: skip
 
 
@@ -946,11 +789,6 @@ def _finish_writes(run: _Run, last_saved: Callable[[], int]):
             run.mngr.wait_until_finished()
 
 
-def _hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 # =============================================================================
 # Eval-only: evaluate the latest (or a given) checkpoint of a run.
 # =============================================================================
@@ -974,7 +812,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     eval_sets = _eval_sets(config, data, specs)
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
-    convert = _check_compatible(directory, step, trainer, config)
+    convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
     split = config.data.eval_split
     out_dir = _eval_out_dir(eval_dir, split, step)
     runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")
@@ -983,7 +821,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     items = []  # (key infix, parameters): the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):
         for item in ckpt.param_items(step_dir):
-            params = _restore(step_dir, {item: targets}, trainer.model, convert, trainer.replicated)[item]
+            params = ckpt.restore_items(step_dir, {item: targets}, trainer.model, convert, trainer.replicated)[item]
             items.append(("ema_" if item == ckpt.EMA_PARAMS else "", params))
         out, confusion = _evaluate_sets(trainer, eval_sets, items)
     if jax.process_index() == 0:

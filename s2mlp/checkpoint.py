@@ -27,11 +27,14 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 
 CHECKPOINTS = "checkpoints"
@@ -401,3 +404,198 @@ def shape_mismatch(expected: dict[str, tuple], found: dict[str, tuple], limit: i
         if len(items) > limit:
             lines.append(f"  ... and {len(items) - limit} more {kind}")
     return "\n".join(lines)
+
+
+# =============================================================================
+# Block layout: a run saved with model.scan on reads into a model with it off, and back.
+# =============================================================================
+def _stack(*leaves):
+    if all(isinstance(x, np.ndarray | np.generic) for x in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def _convert_mapping(node: Mapping, groups, to_scan: bool) -> dict | None:
+    """`node` in the other layout, or None when `node` is not a parameter dict of this model."""
+    node = dict(node)
+    if to_scan and groups and all(name in node for _, names in groups for name in names):
+        for scanned, names in groups:
+            node[scanned] = jax.tree.map(_stack, *[node.pop(name) for name in names])
+        return node
+    if not to_scan and groups and all(scanned in node for scanned, _ in groups):
+        for scanned, names in groups:
+            stacked = node.pop(scanned)
+            for j, name in enumerate(names):
+                node[name] = jax.tree.map(lambda x, j=j: x[j], stacked)
+        return node
+    return None
+
+
+def convert_params(tree: Any, model, *, to_scan: bool) -> Any:
+    """`tree`'s parameters of `model` (an S2MLP or S2MLPv2) moved to the scanned or the unrolled layout.
+
+    Scanned (``to_scan=True``): ``block_0`` ... ``block_{N-1}`` of each run of identical blocks are
+    stacked along a new leading axis into one entry (S²-MLP: ``blocks``; S²-MLPv2: ``stage_{s}``
+    per stage); unrolled: the reverse. Every dict in `tree` that holds the blocks is converted, so
+    a parameter tree, an EMA, or an optimizer state (Adam's ``mu``/``nu`` mirror the parameters)
+    all work; dicts already in the target layout and other leaves are returned unchanged. Values are
+    only stacked or sliced, so converting there and back gives the same arrays. Only the layout of
+    `model` matters (its `scan` field is ignored): use ``model.clone(scan=...)`` for the other model.
+    """
+    groups = model.block_groups()
+
+    def walk(node):
+        if isinstance(node, Mapping):
+            converted = _convert_mapping(node, groups, to_scan)
+            if converted is None:
+                converted = {k: walk(v) for k, v in node.items()}
+            return converted if isinstance(node, dict) else type(node)(converted)
+        if isinstance(node, tuple) and hasattr(node, "_fields"):  # optax states are NamedTuples
+            return type(node)(*(walk(v) for v in node))
+        if isinstance(node, list | tuple):
+            return type(node)(walk(v) for v in node)
+        return node
+
+    return walk(tree)
+
+
+def scan_params(tree: Any, model) -> Any:
+    """`convert_params(tree, model, to_scan=True)`: unrolled blocks stacked into the scanned layout."""
+    return convert_params(tree, model, to_scan=True)
+
+
+def unscan_params(tree: Any, model) -> Any:
+    """`convert_params(tree, model, to_scan=False)`: scanned blocks split into ``block_{i}``."""
+    return convert_params(tree, model, to_scan=False)
+
+
+def _other_layout(model, tree):
+    """`tree`'s shapes moved to `model`'s other block layout (scanned <-> unrolled; None for Mixer), no shardings."""
+    if not model.block_groups():
+        return None
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    return jax.eval_shape(lambda t: convert_params(t, model, to_scan=not model.scan), plain)
+
+
+# =============================================================================
+# Restoring a run: resume from its workdir, or start from another run's weights (config.init_from).
+# =============================================================================
+def check_compatible(directory: epath.Path, step: int, model, abstract_params, model_name: str) -> bool:
+    """The saved parameters must have exactly the shapes of `abstract_params` (`model`'s), in either block layout.
+
+    Returns True when they were saved in the other layout (unrolled ``block_{i}`` vs scanned, see
+    `convert_params`), so the restore converts them; False when they fit as they are. `model_name` is
+    config.model.name, for the message.
+    """
+    step_dir = directory / str(step)
+    saved_shapes_ = saved_shapes(step_dir)
+    problems = shape_mismatch(flat_shapes(abstract_params), saved_shapes_)
+    if problems:
+        other = _other_layout(model, abstract_params)
+        if other is not None and not shape_mismatch(flat_shapes(other), saved_shapes_):
+            absl_logging.info("Step %d in %s was saved in the other block layout (model.scan): converting.", step,
+                              directory)  # fmt: skip
+            return True
+        saved = (read_json(step_dir, CONFIG) or {}).get("model", {})
+        raise ValueError(
+            f"{directory} holds a checkpoint (step {step}) of model {saved.get('name')!r} "
+            f"(overrides {saved.get('overrides') or {}}), whose parameters do not fit "
+            f"config.model.name={model_name!r}:\n"
+            f"{problems}\nNothing was changed in the workdir. Use a new --workdir, or fine-tune from this run "
+            "with --config.init_from=<that workdir> (a new head is created)."
+        )
+    return False
+
+
+def _body(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    return {k: v for k, v in shapes.items() if not k.startswith("head/")}
+
+
+def check_init_from(init_from: str, ema: bool, model, abstract_params, model_name: str) -> None:
+    """`init_from` (config.init_from) must hold a checkpoint whose parameters (the EMA's with `ema` when saved),
+    less the head, fit `abstract_params` of `model` (metadata only)."""
+    try:
+        directory, step = locate(init_from)
+        step_dir = directory / str(step)
+        saved = saved_shapes(step_dir, params_item(step_dir, ema=ema))
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"config.init_from={init_from!r}: {e}") from None
+    problems = shape_mismatch(_body(flat_shapes(abstract_params)), _body(saved))
+    other = _other_layout(model, abstract_params) if problems else None  # saved with the other model.scan
+    if other is not None and not shape_mismatch(_body(flat_shapes(other)), _body(saved)):
+        problems = ""
+    if problems:
+        raise ValueError(f"config.init_from={init_from!r}: its parameters do not fit {model_name}:\n{problems}")
+
+
+def fine_tune_params(init_from: str, ema: bool, model, fresh_params, model_name: str):
+    """`init_from`'s parameters (the EMA's with `ema` when saved), in `model`'s block layout, with the head of
+    `fresh_params` (numpy arrays)."""
+    directory, step = locate(init_from)
+    step_dir = directory / str(step)
+    try:
+        loaded = restore(step_dir, params_item(step_dir, ema=ema))
+    except BadCheckpoint as e:
+        raise ValueError(f"config.init_from={init_from!r}: {e}") from None
+    loaded = jax.tree.map(np.asarray, dict(loaded))
+    if model.block_groups():  # a run saved in the other block layout (model.scan) is converted
+        loaded = convert_params(loaded, model, to_scan=model.scan)
+    loaded["head"] = fresh_params["head"]
+    problems = shape_mismatch(flat_shapes(fresh_params), flat_shapes(loaded))
+    if problems:
+        raise ValueError(f"config.init_from={init_from!r}: its parameters do not fit {model_name}:\n{problems}")
+    absl_logging.info("Fine-tuning from %s step %d (new head).", directory, step)
+    return loaded
+
+
+def restore_items(step_dir, targets: dict[str, Any], model, convert: bool, replicated) -> dict[str, Any]:
+    """`restore_state(step_dir, targets)`; with `convert`, read (on the `replicated` sharding) in the other block
+    layout and converted onto the targets' shardings."""
+    if not convert:
+        return restore_state(step_dir, targets)
+    saved = jax.tree.map(lambda a: a.update(sharding=replicated), _other_layout(model, targets))
+    restored = restore_state(step_dir, saved)
+    return {
+        item: jax.device_put(
+            convert_params(arrays, model, to_scan=model.scan), jax.tree.map(lambda a: a.sharding, targets[item])
+        )
+        for item, arrays in restored.items()
+    }
+
+
+def restore_train_state(directory: epath.Path, step: int, trainer, *, ema_decay: float, convert: bool = False):
+    """The training state saved at `step`, each leaf on the sharding of `trainer` (a `train_lib.Trainer`), with
+    the EMA setting `ema_decay` (config.ema_decay).
+
+    A damaged step (unreadable files, NaN/Inf values) raises `BadCheckpoint`, which names the previous
+    complete step and how to resume from it. An EMA missing from the checkpoint while ema_decay > 0 starts
+    from the restored parameters; a saved EMA with ema_decay=0 is left out (later checkpoints hold none).
+    Both are logged as warnings. `convert` (from `check_compatible`): the step was saved in the other block
+    layout (model.scan); parameters, EMA and optimizer state are read in that layout and converted.
+    """
+    step_dir = directory / str(step)
+    use_ema, saved_ema = ema_decay > 0, EMA_PARAMS in saved_items(step_dir)
+    items = state_items(trainer.targets, ema=use_ema and saved_ema)
+    restored = restore_items(step_dir, items, trainer.model, convert, trainer.replicated)
+    ema_params = restored.get(EMA_PARAMS)
+    if use_ema and not saved_ema:
+        absl_logging.warning(
+            "Step %d in %s was saved without an EMA of the parameters; with config.ema_decay=%g the EMA starts "
+            "from the restored parameters at step %d. To go on without an EMA, resume with --config.ema_decay=0.",
+            step, directory, ema_decay, step,
+        )  # fmt: skip
+        ema_params = jax.device_put(restored[PARAMS], trainer.shardings.ema_params, may_alias=False)
+    elif saved_ema and not use_ema:
+        saved_decay = (read_json(step_dir, CONFIG) or {}).get("ema_decay")
+        absl_logging.warning(
+            "Step %d in %s holds an EMA of the parameters, but config.ema_decay=0 turns the EMA off: it is not "
+            "resumed and later checkpoints hold none. To keep it, resume with --config.ema_decay=%s.",
+            step, directory, saved_decay,
+        )  # fmt: skip
+    return trainer.abstract.replace(
+        step=jax.device_put(jnp.asarray(step, jnp.int32), trainer.replicated),
+        params=restored[PARAMS],
+        opt_state=restored[OPT_STATE],
+        ema_params=ema_params,
+        bad_step=jax.device_put(jnp.asarray(-1, jnp.int32), trainer.replicated),
+    )

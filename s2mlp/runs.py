@@ -7,12 +7,16 @@ events, ``checkpoints/`` (`s2mlp.checkpoint`) and ``.lock`` (`WorkdirLock`).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging as std_logging
 import os
+import re
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -384,3 +388,63 @@ class QuietLibraries(std_logging.Filter):
             return False
         self._seen.add(key)
         return True
+
+
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` ('~' expanded; '' leaves it off), for every program.
+
+    Call before the first compile. Entries are keyed by the program, the JAX/XLA versions and the
+    devices, so one directory serves every run (main.py: config.compilation_cache_dir; study.py's runner:
+    WORKDIR/compilation_cache).
+    """
+    if not directory:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class Throughput:
+    """Images/s since the last logged step and the ETA from the mean step time since the start."""
+
+    def __init__(self, start_step: int, total_steps: int, batch_size: int):
+        self.start_step, self.total_steps, self.batch_size = start_step, total_steps, batch_size
+        self.t_start = self.t_last = time.time()
+        self.step_last = start_step
+
+    def next(self, step: int) -> tuple[float, float]:
+        """(images/s since the previous call, seconds left); call once per logged step."""
+        now = time.time()
+        images_per_s = (step - self.step_last) * self.batch_size / (now - self.t_last)
+        eta = (self.total_steps - step) * (now - self.t_start) / max(step - self.start_step, 1)
+        self.t_last, self.step_last = now, step
+        return images_per_s, eta
+
+
+@contextlib.contextmanager
+def native_stderr_once():
+    """Passes each distinct line that native code writes to stderr meanwhile on once.
+
+    TensorFlow loads two extension modules (``_pywrap_cpu_feature_guard`` and the profiler's
+    ``_pywrap_profiler_plugin``) that each carry their own copy of absl's C++ logging and of TF's start-up
+    check, so absl's "All log messages before absl::InitializeLog()" warning and TF's oneDNN notice print
+    twice; Python's logging is not involved. Lines are compared without their timestamp and thread id.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            seen = set()
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                key = re.sub(r"^[IWEF]\d{4} [\d:.]+\s+\d+ ", "", line)
+                if key not in seen:
+                    seen.add(key)
+                    sys.stderr.write(line)
+            sys.stderr.flush()

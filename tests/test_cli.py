@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import main
+from configs import overrides
 from s2mlp import models
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2
@@ -25,7 +26,7 @@ def _parse(*args):
 
 
 def test_values_are_python_literals_else_strings():
-    rest, fields = main.split_model_overrides(
+    rest, fields = overrides.split_model_overrides(
         [
             "main.py",
             "--config=configs/demo.py",

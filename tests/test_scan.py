@@ -193,9 +193,9 @@ def test_checkpoints_resume_evaluate_and_fine_tune_across_layouts(tiny_s2mlp_run
     config.init_from = tiny_s2mlp_run
     model = models.from_config(config, 10)
     fresh = models.abstract_params(model, 16)
-    train_lib._check_init_from(config, model, fresh)
+    ckpt.check_init_from(config.init_from, config.init_from_ema, model, fresh, config.model.name)
     fresh = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), fresh)
-    params = train_lib._fine_tune_params(config, model, fresh)
+    params = ckpt.fine_tune_params(config.init_from, config.init_from_ema, model, fresh, config.model.name)
     saved = ckpt.restore(Path(tiny_s2mlp_run) / "checkpoints" / "6", "ema_params")
     np.testing.assert_array_equal(params["blocks"]["fc2"]["kernel"][1], saved["block_1"]["fc2"]["kernel"])
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from s2mlp.models.mixer import MlpMixer
 from s2mlp.models.s2mlp import S2MLP
@@ -153,67 +152,16 @@ def _as_tuples(value: Any) -> Any:
     return value
 
 
-# ---- scanned <-> unrolled parameters ------------------------------------------
 def block_groups(model) -> list[tuple[str, list[str]]]:
     """The model's runs of identical blocks: (scanned name, [unrolled names]) per run; [] for Mixer."""
     return model.block_groups()
 
 
-def _stack(*leaves):
-    if all(isinstance(x, np.ndarray | np.generic) for x in leaves):
-        return np.stack(leaves)
-    return jnp.stack(leaves)
+def __getattr__(name: str):
+    """`convert_params`, `scan_params` and `unscan_params` live with the checkpoint layout (`s2mlp.checkpoint`);
+    importable from here too."""
+    if name in ("convert_params", "scan_params", "unscan_params"):
+        from s2mlp import checkpoint
 
-
-def _convert_mapping(node: Mapping, groups, to_scan: bool) -> dict | None:
-    """`node` in the other layout, or None when `node` is not a parameter dict of this model."""
-    node = dict(node)
-    if to_scan and groups and all(name in node for _, names in groups for name in names):
-        for scanned, names in groups:
-            node[scanned] = jax.tree.map(_stack, *[node.pop(name) for name in names])
-        return node
-    if not to_scan and groups and all(scanned in node for scanned, _ in groups):
-        for scanned, names in groups:
-            stacked = node.pop(scanned)
-            for j, name in enumerate(names):
-                node[name] = jax.tree.map(lambda x, j=j: x[j], stacked)
-        return node
-    return None
-
-
-def convert_params(tree: Any, model, *, to_scan: bool) -> Any:
-    """`tree`'s parameters of `model` (an S2MLP or S2MLPv2) moved to the scanned or the unrolled layout.
-
-    Scanned (``to_scan=True``): ``block_0`` ... ``block_{N-1}`` of each run of identical blocks are
-    stacked along a new leading axis into one entry (S²-MLP: ``blocks``; S²-MLPv2: ``stage_{s}``
-    per stage); unrolled: the reverse. Every dict in `tree` that holds the blocks is converted, so
-    a parameter tree, an EMA, or an optimizer state (Adam's ``mu``/``nu`` mirror the parameters)
-    all work; dicts already in the target layout and other leaves are returned unchanged. Values are
-    only stacked or sliced, so converting there and back gives the same arrays. Only the layout of
-    `model` matters (its `scan` field is ignored): use ``model.clone(scan=...)`` for the other model.
-    """
-    groups = block_groups(model)
-
-    def walk(node):
-        if isinstance(node, Mapping):
-            converted = _convert_mapping(node, groups, to_scan)
-            if converted is None:
-                converted = {k: walk(v) for k, v in node.items()}
-            return converted if isinstance(node, dict) else type(node)(converted)
-        if isinstance(node, tuple) and hasattr(node, "_fields"):  # optax states are NamedTuples
-            return type(node)(*(walk(v) for v in node))
-        if isinstance(node, list | tuple):
-            return type(node)(walk(v) for v in node)
-        return node
-
-    return walk(tree)
-
-
-def scan_params(tree: Any, model) -> Any:
-    """`convert_params(tree, model, to_scan=True)`: unrolled blocks stacked into the scanned layout."""
-    return convert_params(tree, model, to_scan=True)
-
-
-def unscan_params(tree: Any, model) -> Any:
-    """`convert_params(tree, model, to_scan=False)`: scanned blocks split into ``block_{i}``."""
-    return convert_params(tree, model, to_scan=False)
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

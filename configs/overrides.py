@@ -1,0 +1,191 @@
+"""The config boundary: a config file plus command-line or study overrides become one checked config.
+
+main.py and study.py both come through here:
+
+- `load` runs a config file (``path.py`` or ``path.py:arg``: its ``get_config()`` / ``get_config(arg)``);
+  `missing_file` and `unknown_field` are the one-line errors for a path or a ``--config.FIELD`` that is not
+  there, with the nearest names;
+- `set_field` sets a dotted field (a study's axes and overrides); ``model.overrides.FIELD`` values merge
+  into the config's own model overrides, as `split_model_overrides` + `merge_model_overrides` do for main.py's
+  ``--config.model.overrides.FIELD=VALUE`` (ml_collections only takes fields a config already defines);
+- `check` runs every field's checks, each written once next to the code that reads the field (the recipe in
+  `train_lib.validate_config`, the model in its class's ``check_fields``, the evals in `s2mlp.evals`, the data
+  in `input_pipeline.validate_data_config`), before anything is compiled or written. Messages name
+  ``config.<field>=value`` and the fix.
+
+Below the boundary, code receives the checked ConfigDict (and reads its own fields) or typed options built
+from it (`train_lib.OptimizerOptions`, `StepOptions`, `input_pipeline.Recipe`).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: main.py, study.py, configs/
+MODEL_OVERRIDES = "model.overrides"
+OVERRIDES_FLAG = "--config." + MODEL_OVERRIDES
+
+
+# ---- config files ----------------------------------------------------------------------------------------
+def load(spec: str, *, root: Path | None = None) -> ml_collections.ConfigDict:
+    """``path.py`` or ``path.py:arg`` -> its ``get_config()`` / ``get_config(arg)``. A relative path starts at
+    `root` when given (study files name their base config from the checkout), else the working directory."""
+    path, _, arg = spec.partition(":")
+    file = Path(path) if root is None or Path(path).is_absolute() else root / path
+    module_spec = importlib.util.spec_from_file_location(f"_config_file_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # `from configs import common`
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def missing_file(spec: str) -> str | None:
+    """'--config=PATH: no such file; ...' with the nearest config files' names, or None when the file exists."""
+    path = spec.partition(":")[0]
+    if not path or os.path.isfile(path):
+        return None
+    folder = os.path.dirname(path)
+    names = sorted(f for f in os.listdir(folder or ".") if f.endswith(".py")) if os.path.isdir(folder or ".") else []
+    near = [os.path.join(folder, n) for n in difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)]
+    hint = f"did you mean {', '.join(near)}?" if near else f"the configs are in {ROOT / 'configs'}."
+    return f"--config={spec}: no such file (relative paths start at the working directory {os.getcwd()}); {hint}"
+
+
+def dotted_fields(config, prefix: str = "") -> set[str]:
+    """Every leaf field of `config` as a dotted name ('batch_size', 'data.name', ...)."""
+    fields = set()
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            fields |= dotted_fields(value, f"{prefix}{key}.")
+        else:
+            fields.add(prefix + key)
+    return fields
+
+
+def unknown_field(config, argv: list[str]) -> str | None:
+    """'--config.FIELD=VALUE: the config has no field FIELD; did you mean ...?' for the first such flag of `argv`
+    (the nearest fields of the same group first), or None when every ``--config.FIELD`` exists."""
+    fields = dotted_fields(config)
+    for arg in argv:
+        if arg.startswith("--config.") and not arg.startswith(OVERRIDES_FLAG):
+            field = arg.removeprefix("--config.").partition("=")[0]
+            if field not in fields and not any(f.startswith(field + ".") for f in fields):
+                parent = field.rpartition(".")[0]
+                siblings = sorted(f for f in fields if f.rpartition(".")[0] == parent)
+                near = difflib.get_close_matches(field, siblings, n=3, cutoff=0.5)
+                near += [f for f in difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.5) if f not in near]
+                near = near[:3]
+                return f"{arg}: the config has no field {field!r}" + (
+                    f"; did you mean {', '.join(near)}?" if near else "; see the config file for its fields."
+                )
+    return None
+
+
+# ---- overrides ----------------------------------------------------------------------------------------------
+def literal(text: str):
+    """A Python literal (int, float, tuple, bool, None, ...) where `text` is one, else the string itself."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+    return tuple(value) if isinstance(value, list) else value
+
+
+def format_value(value) -> str:
+    """A value as ``--config.FIELD=VALUE`` reads it back (before shell quoting)."""
+    if isinstance(value, str):
+        try:  # a string that reads as a literal ('1', 'True') must keep its quotes
+            ast.literal_eval(value)
+            return repr(value)
+        except (ValueError, SyntaxError):
+            return value
+    if isinstance(value, (list, tuple)):
+        return repr(tuple(value))
+    return repr(value)
+
+
+def split_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
+    """Takes ``--config.model.overrides.FIELD=VALUE`` (or ``... FIELD VALUE``) and ``--config.model.overrides=DICT``
+    off `argv`; returns the other arguments and the fields, in command-line order (a later flag wins)."""
+    rest, fields = [], {}
+    args = iter(argv)
+    for arg in args:
+        name, eq, text = arg.partition("=")
+        if name.startswith(OVERRIDES_FLAG + "."):
+            if not eq:
+                text = next(args, None)
+                if text is None:
+                    raise ValueError(f"{arg} needs a value: {arg}=VALUE.")
+            fields[name.removeprefix(OVERRIDES_FLAG + ".")] = literal(text)
+        elif name == OVERRIDES_FLAG:
+            if not eq:
+                text = next(args, "")
+            value = literal(text)
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{OVERRIDES_FLAG}={text!r} is not a dict literal; set one field with "
+                    f"{OVERRIDES_FLAG}.FIELD=VALUE, or pass e.g. {OVERRIDES_FLAG}='{{\"hidden_dim\": 64}}'."
+                )
+            fields.update(value)
+        else:
+            rest.append(arg)
+    return rest, fields
+
+
+def merge_model_overrides(config, fields: dict):
+    """Merges `fields` into ``config.model.overrides`` (the config's other overrides stay); returns `config`."""
+    if fields:
+        merged = {**dict(config.model.get("overrides") or {}), **fields}
+        with config.unlocked():
+            config.model.overrides = ml_collections.ConfigDict(merged)
+    return config
+
+
+def set_field(config, field: str, value, where: str) -> None:
+    """Sets dotted `field` of `config`; model overrides merge; ValueError starting `where` naming an unknown field."""
+    if field == MODEL_OVERRIDES:
+        if not isinstance(value, (dict, ml_collections.ConfigDict)):
+            raise ValueError(f"{where}: config.{field}={value!r} must be a dict of model fields.")
+        for key, v in value.items():
+            set_field(config, f"{MODEL_OVERRIDES}.{key}", v, where)
+        return
+    *parents, leaf = field.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(
+                f"{where}: config.{field} is not a field of the base config (no config.{'.'.join(parents[: i + 1])})."
+            )
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"{where}: config.{field} is not a field of the base config.")
+    if leaf not in node and ".".join(parents) != MODEL_OVERRIDES:
+        raise ValueError(
+            f"{where}: config.{field} is not a field of the base config; valid fields here: {sorted(node.keys())}."
+        )
+    try:
+        with node.unlocked():
+            node[leaf] = tuple(value) if isinstance(value, list) else value
+    except TypeError as e:
+        raise ValueError(f"{where}: config.{field}={value!r}: {e}") from None
+
+
+# ---- checks -------------------------------------------------------------------------------------------------
+def check(config, *, num_devices: int, process_count: int = 1) -> None:
+    """Every field's check (recipe, model, evals, data); ValueError naming ``config.<field>=value`` and the fix.
+
+    Imports the input pipeline (TensorFlow) for the data fields; nothing is compiled or written.
+    """
+    import input_pipeline
+    import train_lib
+
+    train_lib.validate_config(config, num_devices=num_devices)
+    input_pipeline.validate_data_config(config, process_count=process_count)
