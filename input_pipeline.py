@@ -368,15 +368,21 @@ class Data:
         """The tf.data.Dataset behind `eval_iterator`."""
         source, r = self.source, self.recipe
         s = r.image_size
+        key, pad_label = self._eval_label()
 
         def prepare(image, label):
             image = image_ops.eval_image(image, source.kind, s, r.eval_crop_pct)
-            return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, "label": label, "mask": tf.constant(1.0)}
+            return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, key: label, "mask": tf.constant(1.0)}
 
-        pad = {"image": tf.zeros([s, s, 3]), "label": tf.constant(0, tf.int32), "mask": tf.constant(0.0)}
+        pad = {"image": tf.zeros([s, s, 3]), key: pad_label, "mask": tf.constant(0.0)}
+        prepare = tf.autograph.experimental.do_not_convert(prepare)
         ds = source.eval_shard(self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
         ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(self.eval_batches * r.eval_batch)
         return ds.batch(r.eval_batch).prefetch(_AUTO).with_options(data_sources.dataset_options(r.num_threads))
+
+    def _eval_label(self) -> tuple[str, tf.Tensor]:
+        """The eval batches' label key and the label of a padding example."""
+        return "label", tf.constant(0, tf.int32)
 
 
 def build(config, *, process_index: int = 0, process_count: int = 1) -> Data:
@@ -429,18 +435,8 @@ class MultiLabelData(Data):
     """A `Data` for an eval whose images have a set of labels (`build_eval` with `labels`, ImageNet ReaL): its
     eval batches hold 'labels', an int32 (B, K) multi-hot (all zero: an image without a label), not 'label'."""
 
-    def eval_dataset(self) -> tf.data.Dataset:
-        source, r = self.source, self.recipe
-        s, k = r.image_size, self.info.num_classes
-
-        def prepare(image, labels):
-            image = image_ops.eval_image(image, source.kind, s, r.eval_crop_pct)
-            return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, "labels": labels, "mask": tf.constant(1.0)}
-
-        pad = {"image": tf.zeros([s, s, 3]), "labels": tf.zeros([k], tf.int32), "mask": tf.constant(0.0)}
-        ds = source.eval_shard(self.process_index, self.process_count).map(prepare, num_parallel_calls=_AUTO)
-        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat()).take(self.eval_batches * r.eval_batch)
-        return ds.batch(r.eval_batch).prefetch(_AUTO).with_options(data_sources.dataset_options(r.num_threads))
+    def _eval_label(self) -> tuple[str, tf.Tensor]:
+        return "labels", tf.zeros([self.info.num_classes], tf.int32)
 
 
 def build_eval(config, *, data: str, split: str, labels: str = "", process_index: int = 0, process_count: int = 1):

@@ -1,8 +1,8 @@
 """Training and evaluation of S²-MLP, S²-MLPv2 and Mixer: read top to bottom.
 
-Sections: config checks · recipe and state · mesh and sharding · steps · the trainer
+Sections: recipe checks · recipe and state · mesh and sharding · the train step · the trainer
 (`setup`: what the trainer, `evaluate`, the benchmarks and the tests all compile) ·
-restore · train loop · eval-only.
+train loop · eval-only.
 
 One jitted train step runs over a 1-D device mesh ``('data',)``: the global
 batch is sharded over 'data', parameters are replicated (or FSDP-sharded over
@@ -11,8 +11,11 @@ batch through `jax.make_array_from_process_local_data`.
 
 Importing this module needs no TensorFlow: the input pipeline is imported inside
 `train_and_evaluate`/`evaluate`, so the train step and the benchmarks run on hosts
-without TensorFlow. The workdir's lock, metric writers and stop signals are in
-`s2mlp/runs.py`; the checkpoint layout is in `s2mlp/checkpoint.py`.
+without TensorFlow. The config arrives checked (`configs/overrides.py` is the boundary; this
+module owns the recipe fields' checks, `validate_config`). Around it: the workdir's lock, metric
+writers, stop signals and progress in `s2mlp/runs.py`; the train state on disk (save, resume,
+fine-tune, block-layout conversion) in `s2mlp/checkpoint.py`; eval steps, metrics and per-class
+results in `s2mlp/evals.py`.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # =============================================================================
-# Config checks: every bad value fails here, before anything is compiled.
+# Recipe checks: every bad value fails here, before anything is compiled.
 # =============================================================================
 def validate_config(config, *, num_devices: int) -> None:
     """Checks the recipe and model fields; raises ValueError naming `config.<field>` and the fix.
@@ -236,7 +239,7 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 
 
 # =============================================================================
-# Steps.
+# The train step (the eval steps are in s2mlp/evals.py).
 # =============================================================================
 def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
@@ -296,51 +299,6 @@ def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions
         bad_step=jnp.where((state.bad_step < 0) & ~finite, state.step + 1, state.bad_step),
     )
     return new_state, {"loss": loss, "grad_norm": grad_norm}
-
-
-def eval_step(params, batch, *, model):
-    """Sums over the masked-in examples of {'image', 'label', 'mask'}: correct top-1/top-5, loss, count, and the
-    (K, K) int32 confusion matrix (rows: label, columns: top-1 prediction)."""
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    labels, mask = batch["label"], batch["mask"]
-    top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    k = logits.shape[-1]
-    return {
-        "correct_top1": jnp.sum((top[:, 0] == labels) * mask),
-        "correct_top5": jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask),
-        "loss": jnp.sum(loss * mask),
-        "count": jnp.sum(mask),
-        "confusion": jnp.zeros((k, k), jnp.int32).at[labels, top[:, 0]].add(mask.astype(jnp.int32)),
-    }
-
-
-def multi_label_eval_step(params, batch, *, model):
-    """`eval_step` for images with a set of labels, {'image', 'labels': int32 (B, K) multi-hot, 'mask'} (ImageNet
-    ReaL): top-1 is correct when the top prediction is one of the image's labels, top-5 when one of the top 5 is.
-    Images without a label are left out (of `count` too), as in ReaL (Beyer et al. 2020). No loss."""
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    labels = batch["labels"]
-    mask = batch["mask"] * (jnp.max(labels, axis=-1) > 0)
-    top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # (B, 5): is the i-th prediction one of the labels
-    return {
-        "correct_top1": jnp.sum(hits[:, 0] * mask),
-        "correct_top5": jnp.sum(jnp.any(hits, axis=-1) * mask),
-        "count": jnp.sum(mask),
-    }
-
-
-def eval_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
-    """`eval_step`'s (or `multi_label_eval_step`'s) sums over an eval set -> top1, top5, loss (not multi-label) and
-    num_examples. A multi-label set without any labelled image gives 0 and num_examples 0."""
-    count = float(sums["count"])
-    if not count and "loss" not in sums:  # a multi-label eval set without any labelled image
-        return {"top1": 0.0, "top5": 0.0, "num_examples": 0.0}
-    out = {"top1": float(sums["correct_top1"]) / count, "top5": float(sums["correct_top5"]) / count}
-    if "loss" in sums:
-        out["loss"] = float(sums["loss"]) / count
-    return out | {"num_examples": count}
 
 
 # =============================================================================
@@ -405,7 +363,7 @@ class Trainer:
         self, params, batches: Iterable[dict[str, np.ndarray]], *, multi_label: bool = False
     ) -> dict[str, float]:
         """Top-1, top-5, loss and num_examples over one pass of `batches` (`eval_metrics`)."""
-        return eval_metrics(self.eval_sums(params, batches, multi_label=multi_label))
+        return evals.eval_metrics(self.eval_sums(params, batches, multi_label=multi_label))
 
 
 def setup(
@@ -429,6 +387,7 @@ def setup(
     shardings = state_sharding(mesh, abstract, fsdp)
     batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     step = functools.partial(train_step, model=model, tx=tx, options=options)
+    eval_in = (shardings.params, batch_sharding)
     return Trainer(
         model=model,
         tx=tx,
@@ -446,9 +405,9 @@ def setup(
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         ),
-        eval_step=jax.jit(functools.partial(eval_step, model=model), in_shardings=(shardings.params, batch_sharding)),
+        eval_step=jax.jit(functools.partial(evals.eval_step, model=model), in_shardings=eval_in),
         multi_label_eval_step=jax.jit(
-            functools.partial(multi_label_eval_step, model=model), in_shardings=(shardings.params, batch_sharding)
+            functools.partial(evals.multi_label_eval_step, model=model), in_shardings=eval_in
         ),
     )
 
@@ -512,31 +471,10 @@ def _evaluate_sets(trainer: Trainer, eval_sets: list[_EvalSet], items: list[tupl
         spec = eval_set.spec
         for infix, params in items:
             sums = trainer.eval_sums(params, eval_set.data.eval_iterator(), multi_label=bool(spec.labels))
-            out |= {f"{spec.prefix}{infix}{k}": v for k, v in eval_metrics(sums).items()}
+            out |= {f"{spec.prefix}{infix}{k}": v for k, v in evals.eval_metrics(sums).items()}
             if spec.main:
                 confusion = sums["confusion"]
     return out, confusion
-
-
-def _eval_out_dir(eval_dir: epath.Path, split: str, step: int) -> epath.Path:
-    """Where the results of the main eval at `step` go: ``<eval_dir>/<split>_step<N>/``."""
-    return eval_dir / f"{split.replace('/', '_')}_step{step}"
-
-
-def _write_per_class(out_dir: epath.Path, confusion, class_names, *, spec: evals.EvalSpec, step: int, item: str):
-    """per_class.json (and confusion.png for <= 100 classes) of the main eval in `out_dir`, and the worst classes
-    and most confused pairs in the log."""
-    record = evals.write_per_class(
-        out_dir, confusion, class_names, step=step, eval=spec.name, data=spec.data, split=spec.split, params=item
-    )
-    per = record["per_class"]
-    worst = sorted((t, n) for t, n in zip(per["top1"], record["class_names"]) if t is not None)[:3]
-    pairs = [f"{p['true_name']}->{p['predicted_name']} ({p['count']})" for p in record["most_confused"][:5]]
-    logging.info(
-        "Per-class top-1 of %r at step %d (%s): lowest %s; most confused: %s. Written to %s",
-        spec.name, step, item, ", ".join(f"{n}: {100 * t:.1f}%" for t, n in worst), ", ".join(pairs) or "none",
-        out_dir / evals.PER_CLASS_FILE,
-    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -713,9 +651,9 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
         raise Stopped(message)
     if confusion is not None and step == run.total_steps and jax.process_index() == 0:
         item = ckpt.EMA_PARAMS if state.ema_params is not None else ckpt.PARAMS
-        out_dir = _eval_out_dir(run.workdir / "eval", config.data.eval_split, step)
-        _write_per_class(out_dir, confusion, run.saved_dataset["class_names"], spec=run.evals[0].spec, step=step,
-                         item=item)  # fmt: skip
+        out_dir = evals.out_dir(run.workdir / "eval", config.data.eval_split, step)
+        names = run.saved_dataset["class_names"]
+        evals.write_and_log_per_class(out_dir, confusion, names, spec=run.evals[0].spec, step=step, item=item)
     if eval_metrics:
         logging.info(
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
@@ -814,7 +752,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     directory, step = ckpt.locate(checkpoint or workdir)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
     split = config.data.eval_split
-    out_dir = _eval_out_dir(eval_dir, split, step)
+    out_dir = evals.out_dir(eval_dir, split, step)
     runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")
     step_dir = directory / str(step)
     targets = trainer.targets.params
@@ -836,7 +774,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
         tensorboard.write_scalars(step, out)
         tensorboard.close()
         item = ckpt.EMA_PARAMS if items[-1][0] == "ema_" else ckpt.PARAMS
-        _write_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=item)
+        evals.write_and_log_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=item)
     logging.info(
         "eval of %s step %d on %s: %s. Results: %s",
         directory, step, ", ".join(repr(s.name) for s in specs), " | ".join(f"{k} {v:.4f}" for k, v in out.items()),

@@ -3,7 +3,7 @@
 For each model (and each ``--image_sizes`` × ``--batches`` point) one process measures:
 
 * compile time of the train step (``lower`` + ``compile``) and of the eval step;
-* images/s of the eval step (``train_lib.eval_step``) and of the train step
+* images/s of the eval step (``s2mlp.evals.eval_step``) and of the train step
   (``train_lib.train_step``: label smoothing 0.1, Mixup 0.8 / CutMix 1.0, DropPath 0.1,
   AdamW, EMA 0.99996, i.e. the S²-MLPv2 recipe of the S²-MLPv2 paper §5), median and [min–max] over
   ``--repeats`` timed calls after ``--warmup`` untimed ones, each timed to
@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"dense matmul: {n}³ {args.dtype} per device, best of {args.matmul_repeats}: "
         f"{matmul / 1e12:.3f} TFLOP/s (before the models {matmul_before / 1e12:.3f}, after {matmul_after / 1e12:.3f})",
         f"train step: train_lib.train_step (AdamW, EMA {recipe(1)[1].ema_decay}, Mixup 0.8 / CutMix 1.0, "
-        f"label smoothing 0.1, DropPath {DROP_PATH_RATE}); eval step: train_lib.eval_step; random inputs",
+        f"label smoothing 0.1, DropPath {DROP_PATH_RATE}); eval step: s2mlp.evals.eval_step; random inputs",
         f"timings: median [min–max] of {args.repeats} calls after {args.warmup} warm-up call(s), to block_until_ready",
         "train TFLOP/s = 6 × fwd MACs × batch / median step (matmul and conv MACs from s2mlp.flops.count_macs, "
         "2 flops/MAC, backward = 2 × forward); MFU = that / the dense-matmul rate above",

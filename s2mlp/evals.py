@@ -23,7 +23,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from absl import logging
 
 # metrics.jsonl's keys of one eval are `prefix + metric` (and `prefix + 'ema_' + metric` for the EMA).
 METRICS = ("top1", "top5", "loss", "num_examples")
@@ -248,3 +252,70 @@ def confusion_figure(record: Mapping[str, Any], max_pairs: int = 12):
         ax_p.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+# ---- eval steps (jitted by train_lib.Trainer) and their results -------------------------------------------
+def eval_step(params, batch, *, model):
+    """Sums over the masked-in examples of {'image', 'label', 'mask'}: correct top-1/top-5, loss, count, and the
+    (K, K) int32 confusion matrix (rows: label, columns: top-1 prediction)."""
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    labels, mask = batch["label"], batch["mask"]
+    top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = logits.shape[-1]
+    return {
+        "correct_top1": jnp.sum((top[:, 0] == labels) * mask),
+        "correct_top5": jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask),
+        "loss": jnp.sum(loss * mask),
+        "count": jnp.sum(mask),
+        "confusion": jnp.zeros((k, k), jnp.int32).at[labels, top[:, 0]].add(mask.astype(jnp.int32)),
+    }
+
+
+def multi_label_eval_step(params, batch, *, model):
+    """`eval_step` for images with a set of labels, {'image', 'labels': int32 (B, K) multi-hot, 'mask'} (ImageNet
+    ReaL): top-1 is correct when the top prediction is one of the image's labels, top-5 when one of the top 5 is.
+    Images without a label are left out (of `count` too), as in ReaL (Beyer et al. 2020). No loss."""
+    logits = model.apply({"params": params}, batch["image"], train=False)
+    labels = batch["labels"]
+    mask = batch["mask"] * (jnp.max(labels, axis=-1) > 0)
+    top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hits = jnp.take_along_axis(labels, top, axis=-1) > 0  # (B, 5): is the i-th prediction one of the labels
+    return {
+        "correct_top1": jnp.sum(hits[:, 0] * mask),
+        "correct_top5": jnp.sum(jnp.any(hits, axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def eval_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
+    """`eval_step`'s (or `multi_label_eval_step`'s) sums over an eval set -> top1, top5, loss (not multi-label) and
+    num_examples. A multi-label set without any labelled image gives 0 and num_examples 0."""
+    count = float(sums["count"])
+    if not count and "loss" not in sums:  # a multi-label eval set without any labelled image
+        return {"top1": 0.0, "top5": 0.0, "num_examples": 0.0}
+    out = {"top1": float(sums["correct_top1"]) / count, "top5": float(sums["correct_top5"]) / count}
+    if "loss" in sums:
+        out["loss"] = float(sums["loss"]) / count
+    return out | {"num_examples": count}
+
+
+def out_dir(eval_dir, split: str, step: int):
+    """Where the results of the main eval at `step` go: ``<eval_dir>/<split>_step<N>/``."""
+    return eval_dir / f"{split.replace('/', '_')}_step{step}"
+
+
+def write_and_log_per_class(out_dir, confusion, class_names, *, spec: EvalSpec, step: int, item: str):
+    """per_class.json (and confusion.png for <= 100 classes) of the main eval in `out_dir`, and the worst classes
+    and most confused pairs in the log."""
+    record = write_per_class(
+        out_dir, confusion, class_names, step=step, eval=spec.name, data=spec.data, split=spec.split, params=item
+    )
+    per = record["per_class"]
+    worst = sorted((t, n) for t, n in zip(per["top1"], record["class_names"]) if t is not None)[:3]
+    pairs = [f"{p['true_name']}->{p['predicted_name']} ({p['count']})" for p in record["most_confused"][:5]]
+    logging.info(
+        "Per-class top-1 of %r at step %d (%s): lowest %s; most confused: %s. Written to %s",
+        spec.name, step, item, ", ".join(f"{n}: {100 * t:.1f}%" for t, n in worst), ", ".join(pairs) or "none",
+        out_dir / PER_CLASS_FILE,
+    )  # fmt: skip

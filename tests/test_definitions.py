@@ -22,6 +22,7 @@ import optax
 import pytest
 
 import train_lib
+from s2mlp import evals
 from s2mlp.models import get_model, scan_params
 from s2mlp.models.s2mlpv2 import S2MLPv2Module, SplitAttention
 
@@ -521,7 +522,7 @@ def _nll(batch) -> np.ndarray:
 
 def test_eval_step_counts_top1_top5_and_masks():
     batch = _eval_batch(EVAL_CASES)
-    out = jax.device_get(jax.jit(lambda b: train_lib.eval_step({}, b, model=_LogitsModel()))(batch))
+    out = jax.device_get(jax.jit(lambda b: evals.eval_step({}, b, model=_LogitsModel()))(batch))
     assert int(out["correct_top1"]) == sum(c[2] for c in EVAL_CASES) == 1
     assert int(out["correct_top5"]) == sum(c[3] for c in EVAL_CASES) == 3
     assert float(out["count"]) == 5.0

@@ -18,7 +18,7 @@ import pytest
 
 from s2mlp.flops import FAST_COMPILE, cost_flops, count_macs, jaxpr_macs, xla_flops
 from s2mlp.models import PAPER_MODELS, from_config, get_model, model_names
-from s2mlp.models.layers import DropPath
+from s2mlp.models.blocks import DropPath
 from s2mlp.models.mixer import MlpMixer
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2

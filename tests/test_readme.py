@@ -120,38 +120,29 @@ _FENCE = re.compile(r"^\s*```\s*([\w+-]*)\s*$")
 _PROGRAM = re.compile(r"^(\./)?[A-Za-z_][\w.+-]*$")
 
 
-def readme_commands(text: str) -> list[str]:
-    """The shell commands of `text`'s fenced code blocks, normalised as the module docstring says, in order."""
-    commands, block, tag = [], None, ""
-    for line in text.splitlines():
-        fence = _FENCE.match(line)
-        if fence and block is None:
-            block, tag = [], fence.group(1).lower()
-            continue
-        if fence:
-            if tag in SHELL_TAGS:
-                commands.extend(_block_commands(block))
-            block = None
-            continue
-        if block is not None:
-            block.append(line)
-    return commands
-
-
-def readme_python_blocks(text: str) -> list[str]:
-    """The code of `text`'s fenced ``python`` blocks, in order."""
+def fenced_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """`text`'s fenced code blocks as (lower-case tag, lines), in order."""
     blocks, block, tag = [], None, ""
     for line in text.splitlines():
         fence = _FENCE.match(line)
         if fence and block is None:
             block, tag = [], fence.group(1).lower()
         elif fence:
-            if tag == "python":
-                blocks.append("\n".join(block) + "\n")
+            blocks.append((tag, block))
             block = None
         elif block is not None:
             block.append(line)
     return blocks
+
+
+def readme_commands(text: str) -> list[str]:
+    """The shell commands of `text`'s fenced code blocks, normalised as the module docstring says, in order."""
+    return [c for tag, lines in fenced_blocks(text) if tag in SHELL_TAGS for c in _block_commands(lines)]
+
+
+def readme_python_blocks(text: str) -> list[str]:
+    """The code of `text`'s fenced ``python`` blocks, in order."""
+    return ["\n".join(lines) + "\n" for tag, lines in fenced_blocks(text) if tag == "python"]
 
 
 def _block_commands(lines: list[str]) -> list[str]:

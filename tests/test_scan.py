@@ -24,7 +24,7 @@ from configs import tiny
 from s2mlp import checkpoint as ckpt
 from s2mlp import inference, models
 from s2mlp.models import convert_params, get_model, scan_params, unscan_params
-from s2mlp.models.layers import drop_path_rates
+from s2mlp.models.blocks import drop_path_rates
 from s2mlp.models.s2mlp import S2MLPBlock
 
 CASES = {

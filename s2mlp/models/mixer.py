@@ -22,16 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import (
-    DropPath,
-    Dtype,
-    classifier_head,
-    common_fields,
-    drop_path_rates,
-    invalid,
-    mlp,
-    patch_conv,
-)
+from s2mlp.models.blocks import DropPath, drop_path_rates
+from s2mlp.models.fields import common_fields, invalid
+from s2mlp.models.layers import Dtype, classifier_head, mlp, patch_conv
 
 
 class MlpBlock(nn.Module):

@@ -25,23 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import (
-    Dtype,
-    block_output,
-    block_stack,
-    branch_keys,
-    classifier_head,
-    common_fields,
-    dense,
-    drop_path,
-    drop_path_schedule,
-    invalid,
-    make_norm,
-    mlp,
-    patch_conv,
-    renamed_field,
-    resmlp_branch_scale,
-)
+from s2mlp.models.blocks import block_output, block_stack, branch_keys, drop_path, drop_path_schedule
+from s2mlp.models.fields import common_fields, invalid, renamed_field
+from s2mlp.models.layers import Dtype, classifier_head, dense, make_norm, mlp, patch_conv, resmlp_branch_scale
 from s2mlp.shift import PATTERNS, num_groups, spatial_shift
 
 
@@ -90,8 +76,8 @@ class S2MLP(nn.Module):
     `scan`: run the N identical blocks as one ``nn.scan`` (parameters ``blocks/...`` with a leading
     axis of length N, instead of ``block_0`` ... ``block_{N-1}``): the compiled program holds one
     block, so compile time does not grow with depth. Same function and parameters either way
-    (`s2mlp.models.convert_params` maps one layout to the other). `remat` ('none', 'full', 'dots'):
-    recompute each block's activations in the backward pass (`layers.REMAT_POLICIES`).
+    (`s2mlp.checkpoint.convert_params` maps one layout to the other). `remat` ('none', 'full', 'dots'):
+    recompute each block's activations in the backward pass (`blocks.REMAT_POLICIES`).
 
     `branch_scale_init` (norm='affine' only): initial scale of the Affine closing each
     residual branch; None picks ResMLP's rule from `num_blocks` (`resmlp_branch_scale`).
@@ -144,7 +130,7 @@ class S2MLP(nn.Module):
 
     @nn.nowrap
     def block_groups(self) -> list[tuple[str, list[str]]]:
-        """The run of identical blocks: [(scanned name, [unrolled names])] (see `s2mlp.models.convert_params`)."""
+        """The run of identical blocks: [(scanned name, [unrolled names])] (see `s2mlp.checkpoint.convert_params`)."""
         return [("blocks", [f"block_{i}" for i in range(self.num_blocks)])]
 
     @classmethod
@@ -158,7 +144,7 @@ class S2MLP(nn.Module):
 
         `fields` are constructor arguments (missing ones take the defaults); `name`, the class name by
         default, starts the message (`get_model` gives the registry name). The checks every model
-        shares are in `layers.common_fields`.
+        shares are in `fields.common_fields`.
         """
         name = name or cls.__name__
         kw = common_fields(cls, fields, name)

@@ -25,22 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from s2mlp.models.layers import (
-    Dtype,
-    block_output,
-    block_stack,
-    branch_keys,
-    classifier_head,
-    common_fields,
-    dense,
-    drop_path,
-    drop_path_schedule,
-    invalid,
-    make_norm,
-    mlp,
-    patch_conv,
-    renamed_field,
-)
+from s2mlp.models.blocks import block_output, block_stack, branch_keys, drop_path, drop_path_schedule
+from s2mlp.models.fields import common_fields, invalid, renamed_field
+from s2mlp.models.layers import Dtype, classifier_head, dense, make_norm, mlp, patch_conv
 from s2mlp.shift import PATTERNS, num_groups, spatial_shift
 
 
@@ -125,7 +112,7 @@ class S2MLPv2(nn.Module):
     of the stage's depth, instead of ``block_{i}`` numbered across stages); the stage's outputs are then
     one stacked entry ``intermediates['stage_{s}']['out']``. `remat` ('none', 'full', 'dots'):
     recompute each block's activations in the backward pass. See `s2mlp.S2MLP` and
-    `s2mlp.models.convert_params`.
+    `s2mlp.checkpoint.convert_params`.
     """
 
     num_classes: int
