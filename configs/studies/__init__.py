@@ -1,19 +1,19 @@
 """Study configs for ``python study.py`` (see study.py for the format).
 
 Wall-time estimates in the studies' docstrings for the 2-core development CPU are computed, not
-measured, from one measured rate: configs/fashion_mnist.py's S²-MLP (86.9 M MACs per image) trains
-at ~180 images/s uncontended (~90 when the machine is shared), i.e. ~15.6 G forward MACs of
+measured, from one measured rate: configs/fashion_mnist.py's S²-MLP (38.8 M MACs per image) trains
+at ~270 images/s uncontended (2026-12-05, AMD EPYC, 2 cores, AVX-512), i.e. ~10.5 G forward MACs of
 training images per second (`CPU_MACS_PER_S`; a train step costs about 3× the forward). For
 smaller models a step takes ``CPU_STEP_S + batch × MACs / CPU_MACS_PER_S``: an assumed floor of
 50 ms per step (dispatch, the input batch, the update) that bounds the speed-up of small models;
 an eval image costs a third of a train image. Runs add ~10 s of set-up (compiles, mostly cached
 after a study's first run of each program; reading the data). With the floor at 20-80 ms
-instead, the ~2 h estimates read 1.3-2.4 h.
+instead, the estimates move by about ±25%.
 """
 
 import ml_collections
 
-CPU_MACS_PER_S = 180 * 86.9e6
+CPU_MACS_PER_S = 270 * 38.8e6
 CPU_STEP_S = 0.050
 
 

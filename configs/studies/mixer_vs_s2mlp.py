@@ -24,7 +24,7 @@ The argument picks the data:
   Mixer 89%, S²-MLP 95%. The results in docs/studies/mixer_vs_s2mlp drew one subset
   (subset_seed=0) for all seeds, before the subset was tied to the seed; they are to be rerun.
 - ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (`studies.recipe`: Zalando's IDX
-  files where Debian puts them, 28×28, AdamW at lr 1e-3 for batch 128, mild inception crop, flip,
+  files where Debian puts them, 28×28, AdamW at lr 3e-3 for batch 128, mild inception crop, flip,
   random erasing, label smoothing) with ~117k-parameter models (``MODELS['fashion_mnist']``) on
   100%, 10% and 1% of the 60,000 train images (6,000 per class, so 600 and 60 per class). Mixer and
   S²-MLP at patch 4 (a 7×7 grid of 49 tokens) and width 48 match in parameters (116,970 vs
@@ -39,8 +39,8 @@ The argument picks the data:
   fraction (234, 23 and 2 steps), the same for the three models within a row. Eval every 400
   steps. Compute per run: ~5.5 M MACs × 3 × 128 × 2,400 ≈ 5.1 T MACs of training (+0.3 T for six
   evals of 10,000 images); ≈ 0.14 P MACs for the study. Estimated on the 2-core CPU
-  (configs/studies/__init__.py: computed from the measured rate, not measured): ~95 ms per step
-  (~1,350 img/s), ~4.1 min per run, ~1.9 h for the study uncontended (about twice that when the
+  (configs/studies/__init__.py: computed from the measured rate, not measured): ~117 ms per step
+  (~1,100 img/s), ~5 min per run, ~2.3 h for the study uncontended (about twice that when the
   machine is shared). Not yet run.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets; ~1-2M-parameter models, 100 epochs.
 - ``imagenet``: the papers' ~55-60M models at 224², S²-MLPv2's recipe for all three: mixer_b16

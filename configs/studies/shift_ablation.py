@@ -30,8 +30,8 @@ The argument picks the data:
   batch 128, a fixed number of steps: every run sees the whole train split), eval every epoch.
   Compute per run: 10.95 M MACs × 3 (forward and backward) × 128 × 1,404 ≈ 5.9 T MACs of training
   (+0.3 T for the three evals); ≈ 0.2 P MACs for the study. Estimated on the 2-core CPU
-  (configs/studies/__init__.py: computed from the measured rate, not measured): ~140 ms per step
-  (~920 img/s), ~3.6 min per run, ~2.0 h for the study uncontended (about twice that when the
+  (configs/studies/__init__.py: computed from the measured rate, not measured): ~185 ms per step
+  (~690 img/s), ~4.6 min per run, ~2.5 h for the study uncontended (about twice that when the
   machine is shared). Not yet run.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets (``--config.data.data_dir`` where they
   are prepared); a wider S²-MLP for 100 epochs, S²-MLP's DeiT recipe. An accelerator run.
@@ -85,7 +85,7 @@ FASHION_MNIST = {  # configs/fashion_mnist.py (its recipe and data) with a small
     "model.overrides.patch_size": 2,
     "model.overrides.hidden_dim": 48,
     "model.overrides.num_blocks": 4,
-    "num_epochs": 3,  # 1,404 steps at batch 128; ~3.3 min of training per run (an estimate, uncontended)
+    "num_epochs": 3,  # 1,404 steps at batch 128; ~4.3 min of training per run (an estimate, uncontended)
     "warmup_epochs": 0.5,
     "log_every_steps": 100,
     "eval_every_steps": 468,  # every epoch
