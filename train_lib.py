@@ -653,7 +653,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
         item = ckpt.EMA_PARAMS if state.ema_params is not None else ckpt.PARAMS
         out_dir = evals.out_dir(run.workdir / "eval", config.data.eval_split, step)
         names = run.saved_dataset["class_names"]
-        evals.write_and_log_per_class(out_dir, confusion, names, spec=run.evals[0].spec, step=step, item=item)
+        evals.write_per_class(out_dir, confusion, names, spec=run.evals[0].spec, step=step, item=item)
     if eval_metrics:
         logging.info(
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
@@ -774,7 +774,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
         tensorboard.write_scalars(step, out)
         tensorboard.close()
         item = ckpt.EMA_PARAMS if items[-1][0] == "ema_" else ckpt.PARAMS
-        evals.write_and_log_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=item)
+        evals.write_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=item)
     logging.info(
         "eval of %s step %d on %s: %s. Results: %s",
         directory, step, ", ".join(repr(s.name) for s in specs), " | ".join(f"{k} {v:.4f}" for k, v in out.items()),

@@ -158,7 +158,7 @@ def blocks_name(model) -> str:
 
 def fit_image_size(name: str, size: int) -> int:
     """`size`, or the nearest positive multiple of the model's input divisor (14 for S²-MLPv2)."""
-    divisor = models.input_divisor(models.get_model(name))
+    divisor = models.get_model(name).input_divisor
     return size if size % divisor == 0 else max(divisor, round(size / divisor) * divisor)
 
 

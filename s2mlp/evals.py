@@ -194,13 +194,16 @@ def per_class(confusion: np.ndarray, class_names: Sequence[str], top: int = MOST
     }
 
 
-def write_per_class(out_dir, confusion: np.ndarray, class_names: Sequence[str], **about) -> dict[str, Any]:
-    """Writes ``out_dir/per_class.json`` (`about`, then `per_class`'s fields) and, for at most PNG_MAX_CLASSES
-    classes, ``out_dir/confusion.png`` (the row-normalised matrix and the most confused pairs); returns the record."""
+def write_per_class(out_dir, confusion: np.ndarray, class_names: Sequence[str], *, spec: EvalSpec, step: int,
+                    item: str) -> dict[str, Any]:  # fmt: skip
+    """Writes ``out_dir/per_class.json`` (which eval, step and parameters `item`, then `per_class`'s fields) and, for
+    at most PNG_MAX_CLASSES classes, ``out_dir/confusion.png`` (the row-normalised matrix and the most confused
+    pairs); logs the worst classes and most confused pairs; returns the record."""
     from etils import epath
 
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    about = dict(step=step, eval=spec.name, data=spec.data, split=spec.split, params=item)
     record = {**about, **per_class(confusion, class_names)}
     # One item a line, the matrix one row a line: ~3 MB for 1000 classes (10 with json's indent).
     lines = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items() if k != "confusion"]
@@ -218,6 +221,14 @@ def write_per_class(out_dir, confusion: np.ndarray, class_names: Sequence[str], 
                 fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     elif png.exists():
         png.unlink()
+    per = record["per_class"]
+    worst = sorted((t, n) for t, n in zip(per["top1"], record["class_names"]) if t is not None)[:3]
+    pairs = [f"{p['true_name']}->{p['predicted_name']} ({p['count']})" for p in record["most_confused"][:5]]
+    logging.info(
+        "Per-class top-1 of %r at step %d (%s): lowest %s; most confused: %s. Written to %s",
+        spec.name, step, item, ", ".join(f"{n}: {100 * t:.1f}%" for t, n in worst), ", ".join(pairs) or "none",
+        out_dir / PER_CLASS_FILE,
+    )  # fmt: skip
     return record
 
 
@@ -303,19 +314,3 @@ def eval_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
 def out_dir(eval_dir, split: str, step: int):
     """Where the results of the main eval at `step` go: ``<eval_dir>/<split>_step<N>/``."""
     return eval_dir / f"{split.replace('/', '_')}_step{step}"
-
-
-def write_and_log_per_class(out_dir, confusion, class_names, *, spec: EvalSpec, step: int, item: str):
-    """per_class.json (and confusion.png for <= 100 classes) of the main eval in `out_dir`, and the worst classes
-    and most confused pairs in the log."""
-    record = write_per_class(
-        out_dir, confusion, class_names, step=step, eval=spec.name, data=spec.data, split=spec.split, params=item
-    )
-    per = record["per_class"]
-    worst = sorted((t, n) for t, n in zip(per["top1"], record["class_names"]) if t is not None)[:3]
-    pairs = [f"{p['true_name']}->{p['predicted_name']} ({p['count']})" for p in record["most_confused"][:5]]
-    logging.info(
-        "Per-class top-1 of %r at step %d (%s): lowest %s; most confused: %s. Written to %s",
-        spec.name, step, item, ", ".join(f"{n}: {100 * t:.1f}%" for t, n in worst), ", ".join(pairs) or "none",
-        out_dir / PER_CLASS_FILE,
-    )  # fmt: skip

@@ -57,11 +57,6 @@ def model_names() -> list[str]:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def input_divisor(model) -> int:
-    """Image sides must be multiples of this: the patch size (× 2 per S²-MLPv2 downsampling)."""
-    return model.input_divisor
-
-
 def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
     """Builds the registered model `name` with hyperparameters replaced by `overrides`.
 
