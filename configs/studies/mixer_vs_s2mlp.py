@@ -21,8 +21,8 @@ The argument picks the data:
   overrides to clash with Mixer's fields). Mixer and S²-MLP match exactly in parameters and MACs;
   S²-MLPv2 in parameters only (see ``MODELS['digits']``). 3 models × 3 fractions × 3 seeds = 27
   runs of 300 steps, about 40-60 s each on a 2-core CPU. Pilot runs (seed 0): at 10% of the data
-  Mixer 89%, S²-MLP 95%. The results in docs/studies/mixer_vs_s2mlp drew one subset
-  (subset_seed=0) for all seeds, before the subset was tied to the seed; they are to be rerun.
+  Mixer 89%, S²-MLP 95%. docs/studies/mixer_vs_s2mlp holds the run with the subset tied to the
+  seed (2026-12-05).
 - ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (`studies.recipe`: Zalando's IDX
   files where Debian puts them, 28×28, AdamW at lr 3e-3 for batch 128, mild inception crop, flip,
   random erasing, label smoothing) with ~117k-parameter models (``MODELS['fashion_mnist']``) on
