@@ -369,6 +369,17 @@ def test_drop_path_keeps_the_expectation():
     np.testing.assert_array_equal(np.asarray(DropPath(0.5).apply({}, x, deterministic=True)), np.asarray(x))
 
 
+def test_mixer_drop_path_scales_by_one_minus_rate_in_double_precision():
+    # Block 3 of 24 at drop_path_rate=0.3: float32(1 - rate) and 1 - float32(rate) differ in the last bit, and so
+    # do the scales 1 / keep. Mixer's DropPath has always taken 1 - rate in double precision (the S² blocks, whose
+    # rates are float32 arrays inside nn.scan, take the float32 form); sharing one implementation keeps both.
+    rate = 0.3 * 10 / 23
+    x = jnp.ones((1_000, 2))
+    out = np.asarray(DropPath(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    assert set(np.unique(out)) == {0.0, np.float32(1.0) / np.float32(1.0 - rate)}
+    assert np.float32(1.0) / np.float32(1.0 - rate) != np.float32(1.0) / (np.float32(1.0) - np.float32(rate))
+
+
 # ---- registry errors and shift patterns ------------------------------------------------
 @pytest.mark.parametrize(
     "name, kwargs, words",

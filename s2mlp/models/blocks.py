@@ -14,19 +14,23 @@ import jax.numpy as jnp
 
 
 def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None, *, deterministic: bool) -> jax.Array:
-    """DropPath with the rate as an array and an explicit key (the one implementation; `DropPath` wraps it).
-
-    The models draw one ``'dropout'`` key per forward pass and split it per block (`block_stack`),
-    so block i drops the same examples whether the blocks are unrolled or scanned.
+    """DropPath with the rate as an array and an explicit key: the S² blocks' DropPath in both layouts.
 
     Stochastic depth: identity when `deterministic` or `key` is None; otherwise each example's whole
-    residual branch is kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)``.
+    residual branch is kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)`` (`_keep_or_drop`).
     """
     if deterministic or key is None:
         return x
-    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    return _keep_or_drop(x, 1.0 - jnp.asarray(rate, jnp.float32), key)
+
+
+def _keep_or_drop(x: jax.Array, keep, key: jax.Array) -> jax.Array:
+    """Each example of `x` kept with probability `keep` and scaled by ``1 / keep``, else zeroed: the one
+    implementation of `drop_path` and `DropPath`. `keep` is a float32 array (`drop_path`, whose rates are arrays
+    inside ``nn.scan``) or a Python float (`DropPath`: 1 - rate in double precision, as the Mixer has always drawn
+    it; a float32 ``1 - float32(rate)`` can differ in the last bit)."""
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
 
 
 def drop_path_schedule(model: nn.Module, rate: float, depth: int, *, train: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -126,7 +130,7 @@ class DropPath(nn.Module):
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
-        return drop_path(x, self.rate, self.make_rng("dropout"), deterministic=False)
+        return _keep_or_drop(x, 1.0 - self.rate, self.make_rng("dropout"))
 
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
