@@ -1,5 +1,6 @@
 """TensorFlow image ops of the input pipeline: decoding, the inception crop, resizing, the eval image, timm's
-RandAugment and random erasing.
+RandAugment and random erasing, and `HOST_OPS`: the host implementations of the ops a config.augment.ops chain
+names (s2mlp/augment_chain.py registers them).
 
 Pure functions of tensors and explicit arguments; every random choice is a stateless op keyed by an explicit
 seed (a shape-[2] int64 tensor), so the same seed gives the same image whatever TF's global seed.
@@ -13,7 +14,10 @@ import dataclasses
 import functools
 import math
 
+import numpy as np
 import tensorflow as tf
+
+from s2mlp.augment_chain import Op, RandAugmentSpec
 
 RANDAUGMENT_OPS = (
     "AutoContrast",
@@ -78,9 +82,17 @@ def decode_inception_crop(image, kind, key, area_min):
     return tf.cond(tf.io.is_jpeg(image), jpeg, other)
 
 
-def resize(image, size) -> tf.Tensor:
-    """uint8 (H, W, 3) -> uint8 (size[0], size[1], 3), bicubic with antialiasing like timm's PIL resize."""
-    return _u8(tf.image.resize(image, size, method="bicubic", antialias=True))
+def resize(image, size, method: str = "bicubic") -> tf.Tensor:
+    """uint8 (H, W, 3) -> uint8 (size[0], size[1], 3): 'bicubic' with antialiasing like timm's PIL resize, or
+    'bilinear' without (tf.image.resize's default). An image already of that size is returned as it is (the same
+    pixels either resize gives, without the work)."""
+
+    def resized():
+        return _u8(tf.image.resize(image, size, method=method, antialias=method == "bicubic"))
+
+    same = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.cast(size, tf.int32)))
+    out = tf.cond(same, lambda: image, resized)
+    return tf.ensure_shape(out, [*size, 3]) if isinstance(size, list) else out
 
 
 def eval_image(image, kind, size: int, crop_pct: float):
@@ -98,44 +110,6 @@ def eval_image(image, kind, size: int, crop_pct: float):
 
 
 # ---------------------------------------------------------------- RandAugment (timm semantics, stateless)
-@dataclasses.dataclass(frozen=True)
-class RandAugmentSpec:
-    num_ops: int = 2
-    magnitude: float = 9.0
-    magnitude_std: float = 0.0
-    magnitude_max: float = 10.0
-    increasing: bool = False
-    prob: float = 0.5  # timm applies each chosen op with probability 0.5
-
-
-def parse_randaugment(spec: str) -> RandAugmentSpec | None:
-    """timm config string, e.g. 'rand-m9-mstd0.5' or 'rand-m9-n2-mstd0.5-inc1'; '' -> None (off)."""
-    if not spec:
-        return None
-    parts = spec.split("-")
-    keys = {
-        "m": "magnitude",
-        "n": "num_ops",
-        "mstd": "magnitude_std",
-        "mmax": "magnitude_max",
-        "inc": "increasing",
-        "p": "prob",
-    }
-    fields = {}
-    try:
-        if parts[0] != "rand":
-            raise ValueError(parts[0])
-        for part in parts[1:]:
-            key = next(k for k in sorted(keys, key=len, reverse=True) if part.startswith(k))
-            fields[keys[key]] = type(getattr(RandAugmentSpec, keys[key]))(float(part[len(key) :]))
-    except (StopIteration, ValueError):
-        raise ValueError(
-            f"config.augment.randaugment={spec!r} is not a timm RandAugment string like "
-            f"'rand-m9-mstd0.5' (keys m, n, mstd, mmax, inc, p); use '' to turn it off."
-        ) from None
-    return RandAugmentSpec(**fields)
-
-
 def _u8(x):
     return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
 
@@ -273,10 +247,52 @@ def random_erase(x, prob: float, seed):
     hs, ws = tf.cast(tf.round(tf.sqrt(area * ratio)), tf.int32), tf.cast(tf.round(tf.sqrt(area / ratio)), tf.int32)
     fits = (hs < h_img) & (ws < w_img)
     first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-    h, w = hs[first], ws[first]
+    h, w = tf.where(tf.reduce_any(fits), hs[first], 0), tf.where(tf.reduce_any(fits), ws[first], 0)  # none: erase none
     top = tf.random.stateless_uniform([], k[2], 0, h_img - h + 1, dtype=tf.int32)
     left = tf.random.stateless_uniform([], k[3], 0, w_img - w + 1, dtype=tf.int32)
     rows, cols = tf.range(h_img)[:, None, None], tf.range(w_img)[None, :, None]
     inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
     erase = (tf.random.stateless_uniform([], k[4]) < prob) & tf.reduce_any(fits)
     return tf.where(erase & inside, tf.random.stateless_normal(tf.shape(x), k[5]), x)
+
+
+# ---------------------------------------------------------------- the chain's ops on the host (s2mlp/augment_chain.py)
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What the ops of a chain read besides their arguments."""
+
+    kind: str  # how a record holds its image: 'encoded', 'path' or 'raw'
+    size: int  # config.image_size
+    mean: np.ndarray  # config.data.normalization, per channel
+    std: np.ndarray
+
+    @property
+    def fill(self) -> tuple[float, float, float]:
+        return tuple(float(round(v)) for v in self.mean)  # timm fills geometric ops with the mean colour
+
+
+def _flip(image, key):
+    return tf.cond(tf.random.stateless_uniform([], key) < 0.5, lambda: image[:, ::-1], lambda: image)
+
+
+HOST_OPS = {  # name -> (image, key, context, **arguments) -> image
+    "inception_crop": lambda image, key, c, area_min, method: resize(
+        decode_inception_crop(image, c.kind, key, area_min), [c.size, c.size], method
+    ),
+    "resize": lambda image, key, c, method: resize(decode(image, c.kind), [c.size, c.size], method),
+    "flip": lambda image, key, c: _flip(image, key),
+    "randaugment": lambda image, key, c, spec: randaugment(image, spec, key, c.fill),
+    "normalize": lambda image, key, c: (tf.cast(image, tf.float32) - c.mean) / c.std,
+    "erase": lambda image, key, c, prob: random_erase(image, prob, key) if prob > 0 else image,
+}
+
+
+def apply(ops: tuple[Op, ...], image, key, context: Context):
+    """Runs the host ops of a chain on one record; op slot s < 4 draws from key `s` of split(key, 4), a slot >= 4
+    from fold_in(key, s)."""
+    keys = tf.unstack(tf.random.experimental.stateless_split(key, 4))
+    for op in ops:
+        slot = op.spec.slot
+        op_key = None if slot < 0 else keys[slot] if slot < 4 else tf.random.experimental.stateless_fold_in(key, slot)
+        image = HOST_OPS[op.name](image, op_key, context, **op.kwargs)
+    return image

@@ -25,6 +25,7 @@ import tensorflow as tf
 import data_sources
 import image_ops
 from data_sources import DatasetInfo
+from s2mlp import augment_chain
 from s2mlp.preprocessing import mean_std
 
 _AUTO = tf.data.AUTOTUNE
@@ -62,8 +63,6 @@ def _validate(config, process_count: int):
             f"must be a positive multiple of the process count ({process_count}).",
         )
     need(config.image_size > 0, "image_size", "must be positive.")
-    need(0 < config.augment.crop_area_min <= 1, "augment.crop_area_min", "must be in (0, 1].")
-    need(0 <= config.augment.random_erase <= 1, "augment.random_erase", "is a probability in [0, 1].")
     need(0 < config.data.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1].")
     need(config.data.bad_images in ("fail", "skip"), "data.bad_images", "use 'fail' or 'skip'.")
     need(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1.")
@@ -100,7 +99,7 @@ def _validate(config, process_count: int):
         mean_std(config.data.normalization)
     except ValueError as e:
         raise ValueError(f"config.data.normalization: {e}") from None
-    image_ops.parse_randaugment(config.augment.randaugment)
+    augment_chain.parse(config.augment.ops)
     splits = ("data.train_split", "data.eval_split")
     if config.data.name == "digits":
         for field in splits:
@@ -191,18 +190,13 @@ class Recipe:
     num_threads: int  # tf.data threads per iterator; 0: tf.data's default pool
     mean: np.ndarray  # normalisation, per channel
     std: np.ndarray
-    inception_crop: bool
-    crop_area_min: float
-    flip: bool
-    randaugment: image_ops.RandAugmentSpec | None
-    random_erase: float
+    augment: augment_chain.Chain  # config.augment.ops; the pipeline runs its host ops
     eval_split: str
     eval_crop_pct: float
     repeats: int  # config.data.aug_repeats; 1: off (0 reads as 1)
 
     @classmethod
     def from_config(cls, config, process_count: int) -> Recipe:
-        aug = config.augment
         mean, std = mean_std(config.data.normalization)
         return cls(
             seed=config.seed,
@@ -213,11 +207,7 @@ class Recipe:
             num_threads=config.data.num_threads,
             mean=mean,
             std=std,
-            inception_crop=aug.inception_crop,
-            crop_area_min=aug.crop_area_min,
-            flip=aug.flip,
-            randaugment=image_ops.parse_randaugment(aug.randaugment),
-            random_erase=aug.random_erase,
+            augment=augment_chain.parse(config.augment.ops),
             eval_split=config.data.eval_split,
             eval_crop_pct=config.data.eval_crop_pct,
             repeats=max(int(config.data.aug_repeats), 1),
@@ -335,30 +325,18 @@ class Data:
         return self._augment_and_batch(ds, example_key)
 
     def _augment_and_batch(self, ds: tf.data.Dataset, example_key) -> tf.data.Dataset:
-        """(epoch, index, image, label) records -> augmented, normalised batches; each record's random choices are
-        keyed by (example_key, epoch, index)."""
-        source, r = self.source, self.recipe
-        fill = tuple(float(round(v)) for v in r.mean)  # timm fills geometric ops with the mean colour
-        size = [r.image_size, r.image_size]
+        """(epoch, index, image, label) records -> batches of images after the chain's host ops (normalised float32,
+        or uint8 when ops run on the device); each record's random choices are keyed by (example_key, epoch, index)."""
+        r = self.recipe
+        context = image_ops.Context(self.source.kind, r.image_size, r.mean, r.std)
+        shape = [r.image_size, r.image_size, 3]
 
         def augment(epoch, index, image, label):
             key = tf.random.experimental.stateless_fold_in(
                 tf.random.experimental.stateless_fold_in(example_key, epoch), index
             )
-            k = tf.unstack(tf.random.experimental.stateless_split(key, 4))
-            if r.inception_crop:
-                image = image_ops.decode_inception_crop(image, source.kind, k[0], r.crop_area_min)
-            else:
-                image = image_ops.decode(image, source.kind)
-            image = image_ops.resize(image, size)
-            if r.flip:
-                image = tf.cond(tf.random.stateless_uniform([], k[1]) < 0.5, lambda: image[:, ::-1], lambda: image)
-            if r.randaugment is not None:
-                image = image_ops.randaugment(image, r.randaugment, k[2], fill)
-            x = (tf.cast(image, tf.float32) - r.mean) / r.std
-            if r.random_erase > 0:
-                x = image_ops.random_erase(x, r.random_erase, k[3])
-            return {"image": tf.ensure_shape(x, size + [3]), "label": label}
+            image = image_ops.apply(r.augment.host, image, key, context)
+            return {"image": tf.ensure_shape(image, shape), "label": label}
 
         ds = ds.map(tf.autograph.experimental.do_not_convert(augment), num_parallel_calls=_AUTO)
         ds = ds.batch(r.batch, drop_remainder=True).prefetch(_AUTO)

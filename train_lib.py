@@ -40,8 +40,8 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from s2mlp import augment, augment_chain, evals, models, runs
 from s2mlp import checkpoint as ckpt
-from s2mlp import evals, models, runs
 from s2mlp.mixup import mix_batch, smooth_labels
 from s2mlp.report import hms
 from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
@@ -156,6 +156,8 @@ class StepOptions:
     mix_switch_prob: float = 0.5
     grad_accum_steps: int = 1
     ema_decay: float = 0.0  # 0 turns the EMA off
+    device_ops: tuple[augment_chain.Op, ...] = ()  # config.augment.ops after 'to_device': the batch arrives uint8
+    normalization: str = "imagenet"  # config.data.normalization, for a 'normalize' among device_ops
 
     @classmethod
     def from_config(cls, config) -> StepOptions:
@@ -167,6 +169,8 @@ class StepOptions:
             mix_switch_prob=aug.mix_switch_prob,
             grad_accum_steps=config.grad_accum_steps,
             ema_decay=config.ema_decay,
+            device_ops=augment_chain.parse(aug.ops).device,
+            normalization=config.data.normalization,
         )
 
 
@@ -244,16 +248,20 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
 
-    Label smoothing over `model.num_classes`, Mixup/CutMix on the whole batch, then
-    `grad_accum_steps` micro-batches whose gradients are averaged. A non-finite loss, gradient
+    The chain's device ops (`options.device_ops`, uint8 images in) with per-example keys of (seed, step, index in
+    the global batch), whatever the device count; label smoothing over `model.num_classes`, Mixup/CutMix on the
+    whole batch, then `grad_accum_steps` micro-batches whose gradients are averaged. A non-finite loss, gradient
     or updated parameter leaves the state unchanged and records the step in `bad_step`.
     """
     rng = jax.random.fold_in(rng, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
+    images = batch["image"]
+    if options.device_ops:  # a stream of its own: the other streams stay as without device ops
+        images = augment.apply(options.device_ops, images, jax.random.fold_in(rng, 1), options.normalization)
     targets = smooth_labels(batch["label"], model.num_classes, options.label_smoothing)
     images, targets = mix_batch(
         mix_rng,
-        batch["image"],
+        images,
         targets,
         mixup=options.mixup,
         cutmix=options.cutmix,
@@ -326,6 +334,7 @@ class Trainer:
     train_step: Callable
     eval_step: Callable
     multi_label_eval_step: Callable
+    image_dtype: Any = jnp.float32  # of the train batches: uint8 when the chain has device ops
 
     @property
     def replicated(self) -> NamedSharding:
@@ -345,7 +354,7 @@ class Trainer:
         """The global train batch's shapes, for compiling the train step before the first batch arrives."""
         shape = (batch_size, image_size, image_size, 3)
         return {
-            "image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.batch_sharding),
+            "image": jax.ShapeDtypeStruct(shape, self.image_dtype, sharding=self.batch_sharding),
             "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=self.batch_sharding),
         }
 
@@ -409,6 +418,7 @@ def setup(
         multi_label_eval_step=jax.jit(
             functools.partial(evals.multi_label_eval_step, model=model), in_shardings=eval_in
         ),
+        image_dtype=jnp.uint8 if options.device_ops else jnp.float32,
     )
 
 

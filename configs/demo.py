@@ -24,10 +24,8 @@ def get_config():
     config.data.eval_crop_pct = 1.0
     config.image_size = 32
 
-    config.augment.inception_crop = False  # digits are centred; a crop would cut strokes off
-    config.augment.flip = False  # a mirrored 3 is not a 3
-    config.augment.randaugment = ""
-    config.augment.random_erase = 0.0
+    # Resize only: digits are centred (a crop would cut strokes off) and a mirrored 3 is not a 3.
+    config.augment.ops = "resize|normalize"
     config.augment.mixup = 0.0
     config.augment.cutmix = 0.0
     config.augment.label_smoothing = 0.1

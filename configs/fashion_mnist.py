@@ -66,11 +66,7 @@ def get_config(model: str = "s2mlp"):
     config.data.normalization = "minus_one_to_one"  # no ImageNet colour statistics for grey images
     config.image_size = 28
 
-    config.augment.inception_crop = True
-    config.augment.crop_area_min = 0.6
-    config.augment.flip = True
-    config.augment.randaugment = ""
-    config.augment.random_erase = 0.25
+    config.augment.ops = "inception_crop(0.6)|flip|normalize|erase(0.25)"
     config.augment.mixup = 0.0
     config.augment.cutmix = 0.0
     config.augment.label_smoothing = 0.1

@@ -70,6 +70,13 @@ def dotted_fields(config, prefix: str = "") -> set[str]:
     return fields
 
 
+RETIRED = {  # fields earlier versions had -> what replaced them
+    f"augment.{name}": "the augmentation is one chain now, config.augment.ops (e.g. --config.augment.ops="
+    "'inception_crop(0.08)|flip|normalize'; README, 'Augmentation')."
+    for name in ("inception_crop", "crop_area_min", "flip", "randaugment", "random_erase")
+}
+
+
 def unknown_field(config, argv: list[str]) -> str | None:
     """'--config.FIELD=VALUE: the config has no field FIELD; did you mean ...?' for the first such flag of `argv`
     (the nearest fields of the same group first), or None when every ``--config.FIELD`` exists."""
@@ -78,6 +85,8 @@ def unknown_field(config, argv: list[str]) -> str | None:
         if arg.startswith("--config.") and not arg.startswith(OVERRIDES_FLAG):
             field = arg.removeprefix("--config.").partition("=")[0]
             if field not in fields and not any(f.startswith(field + ".") for f in fields):
+                if field in RETIRED:
+                    return f"{arg}: the config has no field {field!r}; {RETIRED[field]}"
                 parent = field.rpartition(".")[0]
                 siblings = sorted(f for f in fields if f.rpartition(".")[0] == parent)
                 near = difflib.get_close_matches(field, siblings, n=3, cutoff=0.5)

@@ -18,9 +18,7 @@ def get_config(model="s2mlp_tiny"):
     config.data.shuffle_buffer = 256
     config.data.eval_crop_pct = 1.0
     config.image_size = 16 if model != "s2mlpv2_tiny" else 24
-    config.augment.flip = False
-    config.augment.randaugment = ""
-    config.augment.random_erase = 0.0
+    config.augment.ops = "inception_crop(0.08)|normalize"
     config.batch_size = 16
     config.eval_batch_size = 64
     config.total_steps = 6

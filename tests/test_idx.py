@@ -31,16 +31,10 @@ NUM_CLASSES = 4
 SIZES = {"train": 40, "test": 20}  # 10 train and 5 test images of each class
 STEMS = {"train": "train", "test": "t10k"}
 NO_AUGMENT = {
-    "augment.inception_crop": False,
-    "augment.flip": False,
-    "augment.randaugment": "",
-    "augment.random_erase": 0.0,
+    "augment.ops": "resize|normalize",
 }
 AUGMENT_ALL = {
-    "augment.inception_crop": True,
-    "augment.flip": True,
-    "augment.randaugment": "rand-m9-mstd0.5",
-    "augment.random_erase": 0.5,
+    "augment.ops": "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.5)",
 }
 
 

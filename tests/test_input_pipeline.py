@@ -21,6 +21,7 @@ import data_sources
 import image_ops
 import input_pipeline as ip
 from configs.common import get_config
+from s2mlp.augment_chain import RandAugmentSpec
 from s2mlp.preprocessing import mean_std
 from tests.conftest import MOCK_EXAMPLES
 
@@ -89,10 +90,7 @@ def test_tfds_mock_train_shapes_and_resumption_across_epochs(mock_imagenet):
 
 # ---------------------------------------------------------------- digits: determinism
 AUGMENT_ALL = {
-    "augment.inception_crop": True,
-    "augment.flip": True,
-    "augment.randaugment": "rand-m9-mstd0.5",
-    "augment.random_erase": 0.5,
+    "augment.ops": "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.5)",
 }
 
 
@@ -113,7 +111,7 @@ def test_digits_info_batches_and_resumption_across_epoch_boundary():
 
 
 def test_seed_changes_order_and_is_repeatable():
-    config = make_config(**{"augment.randaugment": "", "augment.random_erase": 0.0})
+    config = make_config(**{"augment.ops": "inception_crop(0.08)|flip|normalize"})
     a = next(ip.create_train_iterator(config))
     tf.random.set_seed(7)  # TF's global seed must not matter: every random op is stateless
     try:
@@ -190,7 +188,7 @@ def image_dir(tmp_path):
             "data.eval_split": "val",
             "batch_size": 4,
             "eval_batch_size": 4,
-            "augment.randaugment": "",
+            "augment.ops": "inception_crop(0.08)|flip|normalize|erase(0.5)",
         },
     ), bad
 
@@ -244,8 +242,8 @@ def test_config_errors_name_the_field():
         ip.create_train_iterator(make_config(batch_size=30), process_count=4)
     with pytest.raises(ValueError, match="config.eval_batch_size"):
         ip.create_eval_iterator(make_config(eval_batch_size=30), process_count=4)
-    with pytest.raises(ValueError, match="config.augment.randaugment"):
-        ip.validate_data_config(make_config(**{"augment.randaugment": "rand-q9"}))
+    with pytest.raises(ValueError, match=r"config.augment.ops=.*op 3 'randaugment\(2, 99\)': magnitude=99"):
+        ip.validate_data_config(make_config(**{"augment.ops": "inception_crop|flip|randaugment(2, 99)|normalize"}))
     with pytest.raises(ValueError, match="config.data.eval_split"):
         ip.validate_data_config(make_config(**{"data.eval_split": "validation"}))
 
@@ -253,14 +251,6 @@ def test_config_errors_name_the_field():
 # ---------------------------------------------------------------- RandAugment and random erasing
 IMAGE = tf.constant(np.random.default_rng(1).integers(20, 250, (16, 16, 3)), tf.uint8)
 SEED = tf.constant([3, 4], tf.int64)
-
-
-def test_parse_randaugment():
-    assert image_ops.parse_randaugment("") is None
-    assert image_ops.parse_randaugment("rand-m9-mstd0.5") == image_ops.RandAugmentSpec(2, 9.0, 0.5, 10.0, False, 0.5)
-    assert image_ops.parse_randaugment("rand-n3-m7-inc1-mmax8") == image_ops.RandAugmentSpec(
-        3, 7.0, 0.0, 8.0, True, 0.5
-    )
 
 
 @pytest.mark.parametrize("name", image_ops.RANDAUGMENT_OPS)
@@ -305,7 +295,7 @@ def test_randaugment_op_values():
 
 
 def test_randaugment_and_erase_are_stateless():
-    spec = image_ops.parse_randaugment("rand-m9-mstd0.5")
+    spec = RandAugmentSpec(2, 9.0, 0.5)
     a = image_ops.randaugment(IMAGE, spec, SEED, (128.0,) * 3)
     assert a.shape == IMAGE.shape and a.dtype == tf.uint8
     np.testing.assert_array_equal(a.numpy(), image_ops.randaugment(IMAGE, spec, SEED, (128.0,) * 3).numpy())
@@ -333,10 +323,7 @@ def one_epoch(config, n, process_index=0, process_count=1):
 
 
 NO_AUGMENT = {
-    "augment.inception_crop": False,
-    "augment.flip": False,
-    "augment.randaugment": "",
-    "augment.random_erase": 0.0,
+    "augment.ops": "resize|normalize",
     "image_size": 8,
 }
 # Digits train split: class sizes 151, 157, 141, 155, 143, 157, 151, 148, 149, 145 (classes 0..9); a stratified
@@ -637,3 +624,9 @@ def test_verify_image_reads_the_format_from_the_content(tmp_path):
     for fmt in ("JPEG", "PNG", "GIF", "BMP"):  # whatever the extension says
         assert data_sources._verify_image(str(tmp_path / f"{fmt}.png")) is None, fmt
     assert "format WEBP is not decodable" in data_sources._verify_image(str(tmp_path / "WEBP.png"))
+
+
+def test_random_erase_erases_nothing_when_no_try_fits():
+    x = tf.random.stateless_normal([1, 60, 3], SEED)  # 1 pixel high: no rectangle of >= 2% of the area fits
+    for s in range(20):
+        np.testing.assert_array_equal(image_ops.random_erase(x, 1.0, tf.constant([s, 1], tf.int64)).numpy(), x.numpy())

@@ -59,6 +59,12 @@ RUN = {
     "python3 main.py --config=configs/demo.py --workdir=runs/demo": Run(
         append=SHORT_TRAINING, expect=r"Workdir: /\S+/runs/demo\n", creates="runs/demo/checkpoints/2/params"
     ),
+    "python3 main.py --config=configs/demo.py --workdir=runs/demo_device "
+    "--config.augment.ops='resize|to_device|randaugment(2, 9, 0.5)|normalize|erase(0.25)'": Run(
+        append=SHORT_TRAINING,
+        expect=r"Workdir: /\S+/runs/demo_device\n",
+        creates="runs/demo_device/checkpoints/2/params",
+    ),
     'python3 -m pip install -e ".[test]"': Run(expect=r"Would install s2mlp-"),
     "ruff check .": Run(expect=r"All checks passed"),
     "ruff format --check .": Run(expect=r"files? already formatted"),

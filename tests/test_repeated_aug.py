@@ -27,7 +27,7 @@ from tests.test_input_pipeline import (
 
 __all__ = ["tiny_tfds"]  # the fixture, shared with tests/test_input_pipeline.py
 
-CROP_ONLY = {**NO_AUGMENT, "augment.inception_crop": True, "image_size": 16}
+CROP_ONLY = {**NO_AUGMENT, "augment.ops": "inception_crop(0.08)|normalize", "image_size": 16}
 
 
 def digits(**overrides):

@@ -142,7 +142,7 @@ def test_tfds_imagenet_path_with_mock_data(imagenet_metadata, tmp_path):
     config = tiny.get_config("s2mlp_tiny")
     config.data.name, config.data.eval_split = "imagenet2012", "validation"
     config.data.data_dir = imagenet_metadata
-    config.augment.randaugment, config.augment.random_erase, config.augment.flip = "rand-m9-mstd0.5", 0.25, True
+    config.augment.ops = "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"
     config.total_steps, config.eval_every_steps, config.checkpoint_every_steps = 2, 2, 2
     config.batch_size, config.eval_batch_size = 8, 8
     with tfds.testing.mock_data(
@@ -232,3 +232,16 @@ def test_two_processes_with_two_devices_each(tmp_path):
     assert sorted(_losses(tmp_path)) == [2, 4, 6]
     assert [r["eval_num_examples"] for r in rows if "eval_num_examples" in r] == [300, 300]
     assert ckpt.locate(tmp_path)[1] == 6
+
+
+def test_device_augmentation_resumes_bit_exact(tmp_path):
+    """Ops after 'to_device' (RandAugment, erasing in the train step): resuming from a checkpoint replays the same
+    augmented batches, so the losses after it are the uninterrupted run's."""
+    config = tiny.get_config("s2mlp_tiny")
+    config.augment.ops = "inception_crop(0.08)|to_device|flip|randaugment(2, 9, 0.5)|normalize|erase(0.5)"
+    config.total_steps, config.checkpoint_every_steps, config.eval_every_steps, config.log_every_steps = 8, 4, 8, 1
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    reference = _losses(tmp_path)
+    shutil.rmtree(tmp_path / ckpt.CHECKPOINTS / "8")  # as if killed after the step-4 checkpoint
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    assert _losses(tmp_path) == reference and sorted(reference) == list(range(1, 9))

@@ -47,7 +47,7 @@ TFDS = {
     "image_size": 32,
     "data.eval_split": "test",
     "data.eval_crop_pct": 1.0,
-    "augment.inception_crop": False,
+    "augment.ops": "resize|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)",  # the v2 recipe without its crop
     "batch_size": 256,
     "eval_batch_size": 500,
     "num_epochs": 100,
@@ -57,4 +57,5 @@ TFDS = {
     "checkpoint_every_steps": 1000,
 }
 IMAGENETTE = {"image_size": 128, "model.overrides.patch_size": 8, "data.eval_split": "validation",
-              "data.eval_crop_pct": 0.875, "augment.inception_crop": True}  # fmt: skip
+              "data.eval_crop_pct": 0.875,
+              "augment.ops": "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"}  # fmt: skip

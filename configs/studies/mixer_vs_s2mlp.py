@@ -107,10 +107,7 @@ DIGITS = {  # configs/demo.py's recipe; total_steps sizes the study
     "data.shuffle_buffer": 2_000,
     "data.eval_crop_pct": 1.0,
     "image_size": 16,  # 16×16, patch 2: one token per pixel of the 8×8 originals, as the demo's 32×32 / patch 4
-    "augment.inception_crop": False,
-    "augment.flip": False,
-    "augment.randaugment": "",
-    "augment.random_erase": 0.0,
+    "augment.ops": "resize|normalize",
     "augment.mixup": 0.0,
     "augment.cutmix": 0.0,
     "batch_size": 64,
