@@ -350,7 +350,7 @@ class Data:
 
         def prepare(image, label):
             image = image_ops.eval_image(image, source.kind, s, r.eval_crop_pct)
-            return {"image": (tf.cast(image, tf.float32) - r.mean) / r.std, key: label, "mask": tf.constant(1.0)}
+            return {"image": image_ops.normalize(image, r.mean, r.std), key: label, "mask": tf.constant(1.0)}
 
         pad = {"image": tf.zeros([s, s, 3]), key: pad_label, "mask": tf.constant(0.0)}
         prepare = tf.autograph.experimental.do_not_convert(prepare)

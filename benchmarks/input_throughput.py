@@ -1,21 +1,49 @@
-"""``python -m benchmarks.run --input_pipeline``: images/s per CPU core of the tf.data input pipeline.
+"""``python -m benchmarks.run --input_pipeline``: the tf.data input pipeline's images/s, as ratios to anchors.
 
 Writes ``--num_images`` JPEGs of ImageNet-like size (default 500×375, quality 90, smooth
 random content plus noise) into a temporary image folder ``<tmp>/train/<class>/`` (and
-links to them in ``<tmp>/validation/<class>/``, enough for one eval pass), then times the repo's own
-iterators on it, ``input_pipeline.build(config)``'s ``train_iterator`` and ``eval_iterator``, with
-``configs.common.get_config()``'s recipe and ``config.data.name='directory'``:
+links to them in ``<tmp>/validation/<class>/``, enough for one eval window), then times seven
+pipelines on those files, each batching ``--batch`` images of side ``--image_size``:
 
-* train: JPEG decode of the inception-crop window, bicubic resize, flip, RandAugment
-  rand-m9-mstd0.5, normalisation, random erasing 0.25, batching;
-* eval: JPEG decode, resize of the shorter side to image_size / 0.875, centre crop,
-  normalisation, batching.
+* anchor "decode floor": plain tf.data, ``tf.io.decode_jpeg`` of the whole file and nothing else
+  (each example returns only its shape, so batching costs nothing);
+* anchor "plain tf.data crop+flip": plain tf.data, ``tf.image.decode_and_crop_jpeg`` of an
+  inception-crop window (``tf.image.stateless_sample_distorted_bounding_box``: area 0.08–1, aspect
+  3/4–4/3, 10 attempts, the whole image as the box), ``tf.image.resize`` bilinear without antialiasing,
+  ``tf.image.stateless_random_flip_left_right``, scaled to [0, 1] float32; per-example stateless keys
+  folded in from the element index;
+* "train: crop+flip": the repo's ``input_pipeline.build(config).train_iterator`` with
+  ``configs.common.get_config('v2')``, ``config.data.name='directory'`` and its chain (``augment.ops``)
+  without the ``randaugment`` and ``erase`` ops (`crop_flip_config`): decode of the inception-crop window,
+  bicubic antialiased resize, flip, normalisation;
+* "train: crop+flip, bilinear": the same with ``inception_crop(0.08, 'bilinear')``: bilinear resize without
+  antialiasing, as the plain anchor;
+* "train: full v2 recipe": the same with the v2 chain unchanged (adds RandAugment rand-m9-mstd0.5 and
+  random erasing 0.25);
+* "train: v2, to_device after flip (host part)": the v2 chain with ``to_device`` after ``flip``: what the host
+  still does when RandAugment, normalisation and erasing run in the train step (uint8 batches);
+* "eval": the repo's ``eval_iterator`` (decode, resize of the shorter side to image_size / 0.875, centre
+  crop, normalisation).
 
-Each setting runs with every thread of this process pinned to k CPU cores (Linux
-``sched_setaffinity`` on every task) and tf.data's private threadpool set to k threads
-(``config.data.num_threads = k``), for k = 1 and k = all cores; images/s is the median
-[min–max] over ``--repeats`` windows of 4 batches each, after 2 warm-up batches. Needs
-TensorFlow and ml_collections (imported here only).
+The anchors read the same JPEG files, loaded into memory once
+(``Dataset.from_tensor_slices(bytes).repeat()``), so no file IO is timed; the repo's 'directory'
+source reads each file from disk (``tf.io.read_file``, page-cached after the first pass) inside its map.
+Every pipeline maps with ``num_parallel_calls=AUTOTUNE``, batches, prefetches (AUTOTUNE) and is
+iterated with ``as_numpy_iterator``.
+
+For each core count k (``--input_cores``) every thread of this process is pinned to k CPU cores
+(Linux ``sched_setaffinity`` on every task) and each pipeline gets a tf.data private threadpool of k
+threads with intra-op parallelism 1 (``config.data.num_threads = k`` for the repo's; the same options,
+set directly, for the anchors). Timing runs in ``--repeats`` rounds: round r times every pipeline once,
+in the same order, each on a fresh iterator (only one alive at a time, so no background prefetching
+overlaps another's window): 2 untimed warm-up batches, then one window of 4 batches. Slow drifts of a
+shared machine's load thus reach every row alike. ``input_pipeline.build(config)`` runs once per (config,
+k); each round only makes a new iterator. images/s is the median [min–max] over rounds; "vs plain
+crop+flip" and "vs decode floor" divide a row's median by that anchor's median at the same k, so they
+hold on any host. After the table, the targets at 1 core (printed, never asserted): train
+crop+flip ≥ 0.9× plain crop+flip, full v2 recipe ≥ 0.5× plain crop+flip, eval ≥ 0.8× decode floor,
+and the full recipe's per-core scaling from 1 core to the largest k (linear ≈ 1.0). Needs TensorFlow
+and ml_collections (imported here only).
 """
 
 from __future__ import annotations
@@ -30,14 +58,47 @@ import time
 
 import numpy as np
 
-COLUMNS = ("pipeline", "cores", "image", "JPEG", "batch", "images/s", "images/s per core")
+COLUMNS = (
+    "pipeline",
+    "cores",
+    "image",
+    "JPEG",
+    "batch",
+    "images/s",
+    "images/s per core",
+    "vs plain crop+flip",
+    "vs decode floor",
+)
+DECODE_FLOOR = "anchor: decode floor (tf.data, files in memory)"
+PLAIN_CROP_FLIP = "anchor: plain tf.data crop+flip (files in memory)"
+TRAIN_CROP_FLIP = "train: crop+flip"
+TRAIN_CROP_FLIP_BILINEAR = "train: crop+flip, bilinear"
+TRAIN_FULL = "train: full v2 recipe"
+TRAIN_TO_DEVICE = "train: v2, to_device after flip (host part)"
+EVAL = "eval"
+PIPELINES = (
+    DECODE_FLOOR,
+    PLAIN_CROP_FLIP,
+    TRAIN_CROP_FLIP,
+    TRAIN_CROP_FLIP_BILINEAR,
+    TRAIN_FULL,
+    TRAIN_TO_DEVICE,
+    EVAL,
+)  # fmt: skip  (timing order within a round)
 WARMUP_BATCHES = 2
 WINDOW_BATCHES = 4
+ANCHOR_SEED = 0
+# (name, the pipeline timed, the anchor, the least ratio); all at 1 core.
+TARGETS = (
+    (TRAIN_CROP_FLIP, PLAIN_CROP_FLIP, 0.9),
+    (TRAIN_FULL, PLAIN_CROP_FLIP, 0.5),
+    (EVAL, DECODE_FLOOR, 0.8),
+)
 
 
-def write_jpegs(root: str, count: int, eval_count: int, size: tuple[int, int], *, quality: int = 90) -> float:
+def write_jpegs(root: str, count: int, eval_count: int, size: tuple[int, int], *, quality: int = 90) -> list[str]:
     """Writes `count` JPEGs to root/train/c{k}/ (2 classes) and links `eval_count` of them (cycling) into
-    root/validation/c{k}/; returns the mean bytes per file."""
+    root/validation/c{k}/; returns the train files' paths."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -59,7 +120,7 @@ def write_jpegs(root: str, count: int, eval_count: int, size: tuple[int, int], *
             os.link(source, target)
         except OSError:
             shutil.copyfile(source, target)
-    return sum(os.path.getsize(p) for p in paths) / count
+    return paths
 
 
 def _tasks() -> list[int]:
@@ -84,19 +145,106 @@ def pinned(cores: list[int]):
                 os.sched_setaffinity(tid, before)
 
 
-def _rates(batches, batch: int, repeats: int) -> list[float]:
+def anchor_datasets(files: list[bytes], *, image_size: int, batch: int, threads: int) -> dict:
+    """{name: tf.data.Dataset} of the two anchors, plain tf.data on the JPEG bytes `files` (held in memory),
+    with a private threadpool of `threads` threads and intra-op parallelism 1, like the repo's pipelines."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    records = tf.data.Dataset.from_tensor_slices(files).repeat().enumerate()  # the bytes are in memory
+    base = tf.constant([ANCHOR_SEED, 0], tf.int64)
+    size = [image_size, image_size]
+
+    def decode_floor(index, jpeg):
+        return tf.shape(tf.io.decode_jpeg(jpeg, channels=3))
+
+    def crop_flip(index, jpeg):
+        keys = tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(base, index), 2)
+        begin, window, _ = tf.image.stateless_sample_distorted_bounding_box(
+            tf.image.extract_jpeg_shape(jpeg),
+            tf.zeros([1, 0, 4]),
+            seed=keys[0],
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
+        crop = tf.stack([begin[0], begin[1], window[0], window[1]])
+        image = tf.image.decode_and_crop_jpeg(jpeg, crop, channels=3)
+        image = tf.image.resize(image, size, method="bilinear", antialias=False)
+        image = tf.image.stateless_random_flip_left_right(image, keys[1])
+        return tf.ensure_shape(image / 255.0, size + [3])
+
+    out = {}
+    for name, fn in ((DECODE_FLOOR, decode_floor), (PLAIN_CROP_FLIP, crop_flip)):
+        ds = records.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=tf.data.AUTOTUNE)
+        out[name] = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(options)
+    return out
+
+
+def crop_flip_config(config):
+    """A copy of `config` whose chain (``augment.ops``, s2mlp/augment_chain.py) drops its randaugment and erase ops."""
+    from s2mlp import augment_chain
+
+    config = config.copy_and_resolve_references()
+    chain = augment_chain.parse(config.augment.ops)
+    config.augment.ops = "|".join(op.text for op in chain.host if op.name not in ("randaugment", "erase"))
+    return config
+
+
+def augment_text(config) -> str:
+    return f"augment.ops={config.augment.ops!r}"
+
+
+def window_rate(make, batch: int) -> float:
+    """images/s of one window of WINDOW_BATCHES batches of a fresh iterator `make()`, after WARMUP_BATCHES
+    untimed ones; the iterator (and its background threads) is gone before this returns."""
+    batches = make()
     for _ in range(WARMUP_BATCHES):
         next(batches)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(WINDOW_BATCHES):
-            next(batches)
-        rates.append(WINDOW_BATCHES * batch / (time.perf_counter() - start))
-    return rates
+    start = time.perf_counter()
+    for _ in range(WINDOW_BATCHES):
+        next(batches)
+    rate = WINDOW_BATCHES * batch / (time.perf_counter() - start)
+    del batches
+    gc.collect()
+    return rate
+
+
+def ratio(x: float) -> str:
+    return f"{x:.2f}×"
+
+
+def targets(medians: dict, core_counts: list[int]) -> list[str]:
+    """The throughput targets at 1 core (BENCHMARKS.md) with the measured ratios, and the full recipe's scaling."""
+    lines = []
+    if 1 not in core_counts:
+        lines.append("targets: not checked (they are at 1 core; run with --input_cores including 1)")
+    else:
+        for name, anchor, least in TARGETS:
+            got = medians[name, 1] / medians[anchor, 1]
+            lines.append(
+                f"target: {name} ≥ {least}× {anchor.split(' (')[0].removeprefix('anchor: ')} at 1 core: "
+                f"{ratio(got)} {'PASS' if got >= least else 'MISS'}"
+            )
+    top = max(core_counts)
+    if 1 in core_counts and top > 1:
+        scale = (medians[TRAIN_FULL, top] / top) / medians[TRAIN_FULL, 1]
+        lines.append(
+            f"scaling: {TRAIN_FULL}, images/s per core at {top} cores ÷ at 1 core: {ratio(scale)} (linear ≈ 1.00×)"
+        )
+    else:
+        lines.append(f"scaling: {TRAIN_FULL}: not measured (needs 1 core and more than 1 in --input_cores)")
+    return lines
 
 
 def main(args, argv: list[str], started: str) -> dict:
+    import tensorflow as tf
+
     import input_pipeline
     from benchmarks.common import fmt, header, markdown_table
     from configs import common
@@ -107,56 +255,95 @@ def main(args, argv: list[str], started: str) -> dict:
         {len(allowed) if k == "all" else min(int(k), len(allowed)) for k in args.input_cores.split(",")}
     )
     batch = args.batch
-    rows = []
+    rates = {(name, cores): [] for cores in core_counts for name in PIPELINES}
     with tempfile.TemporaryDirectory(prefix="s2mlp_jpegs_") as root:
-        # The eval iterator makes one pass: give it enough images for the warm-up and every window.
-        eval_count = (WARMUP_BATCHES + WINDOW_BATCHES * args.repeats + 1) * batch
-        mean_bytes = write_jpegs(root, args.num_images, eval_count, (width, height))
-        config = common.get_config("v2")
-        config.data.name = "directory"
-        config.data.data_dir = root
-        config.image_size = args.image_size
-        config.batch_size = config.eval_batch_size = batch
+        # Each round's eval iterator makes a fresh pass: give it enough images for the warm-up and one window.
+        eval_count = (WARMUP_BATCHES + WINDOW_BATCHES + 1) * batch
+        paths = write_jpegs(root, args.num_images, eval_count, (width, height))
+        files = []
+        for path in paths:
+            with open(path, "rb") as f:
+                files.append(f.read())
+        mean_bytes = sum(map(len, files)) / len(files)
+        full = common.get_config("v2")
+        full.data.name = "directory"
+        full.data.data_dir = root
+        full.image_size = args.image_size
+        full.batch_size = full.eval_batch_size = batch
+        crop_flip = crop_flip_config(full)
+        bilinear = crop_flip.copy_and_resolve_references()
+        bilinear.augment.ops = bilinear.augment.ops.replace("inception_crop(0.08)", "inception_crop(0.08, 'bilinear')")
+        to_device = full.copy_and_resolve_references()
+        to_device.augment.ops = to_device.augment.ops.replace("|flip|", "|flip|to_device|")
         pinning = True
         for cores in core_counts:
-            config.data.num_threads = cores  # tf.data's private pool: one thread per pinned core
+            for config in (full, crop_flip, bilinear, to_device):
+                config.data.num_threads = cores  # tf.data's private pool: k threads
             with pinned(allowed[:cores]) as ok:
                 pinning &= ok
-                data = input_pipeline.build(config)  # the folder is scanned once for both iterators
-                for name, make in (
-                    ("train (decode+inception crop+flip+RandAugment+erase)", data.train_iterator),
-                    ("eval (decode+resize+center crop)", data.eval_iterator),
-                ):
-                    batches = make()  # made inside the pinned block; only one iterator alive at a time
-                    rates = _rates(batches, batch, args.repeats)
-                    del batches
-                    gc.collect()
-                    row = {
-                        "pipeline": name,
-                        "cores": cores,
-                        "images_per_s": rates,
-                        "images_per_s_per_core": [r / cores for r in rates],
-                    }
-                    per_core = row["images_per_s_per_core"]
-                    row["cells"] = [
-                        name, str(cores), str(args.image_size), f"{width}×{height} q90 ({mean_bytes / 1024:.0f} KiB)",
-                        str(batch),
-                        f"{fmt(statistics.median(rates))} [{fmt(min(rates))}–{fmt(max(rates))}]",
-                        f"{fmt(statistics.median(per_core))} [{fmt(min(per_core))}–{fmt(max(per_core))}]",
-                    ]  # fmt: skip
-                    rows.append(row)
-    import tensorflow as tf
+                anchors = anchor_datasets(files, image_size=args.image_size, batch=batch, threads=cores)
+                full_data = input_pipeline.build(full)  # each source is scanned once per (config, k)
+                crop_flip_data = input_pipeline.build(crop_flip)
+                bilinear_data, to_device_data = input_pipeline.build(bilinear), input_pipeline.build(to_device)
+                makers = {
+                    DECODE_FLOOR: anchors[DECODE_FLOOR].as_numpy_iterator,
+                    PLAIN_CROP_FLIP: anchors[PLAIN_CROP_FLIP].as_numpy_iterator,
+                    TRAIN_CROP_FLIP: crop_flip_data.train_iterator,
+                    TRAIN_CROP_FLIP_BILINEAR: bilinear_data.train_iterator,
+                    TRAIN_FULL: full_data.train_iterator,
+                    TRAIN_TO_DEVICE: to_device_data.train_iterator,
+                    EVAL: full_data.eval_iterator,
+                }
+                for _ in range(args.repeats):  # rounds: every pipeline once, same order, one iterator alive
+                    for name in PIPELINES:
+                        rates[name, cores].append(window_rate(makers[name], batch))
+    medians = {key: statistics.median(values) for key, values in rates.items()}
+    rows = []
+    for cores in core_counts:
+        for name in PIPELINES:
+            values = rates[name, cores]
+            per_core = [r / cores for r in values]
+            row = {
+                "pipeline": name,
+                "cores": cores,
+                "images_per_s": values,
+                "images_per_s_per_core": per_core,
+                "vs_plain_crop_flip": medians[name, cores] / medians[PLAIN_CROP_FLIP, cores],
+                "vs_decode_floor": medians[name, cores] / medians[DECODE_FLOOR, cores],
+            }
+            row["cells"] = [
+                name, str(cores), str(args.image_size), f"{width}×{height} q90 ({mean_bytes / 1024:.0f} KiB)",
+                str(batch),
+                f"{fmt(statistics.median(values))} [{fmt(min(values))}–{fmt(max(values))}]",
+                f"{fmt(statistics.median(per_core))} [{fmt(min(per_core))}–{fmt(max(per_core))}]",
+                ratio(row["vs_plain_crop_flip"]), ratio(row["vs_decode_floor"]),
+            ]  # fmt: skip
+            rows.append(row)
+    target_lines = targets(medians, core_counts)
 
     extra = [
-        f"tensorflow {tf.__version__}; input_pipeline.build(config).train_iterator / eval_iterator on a "
-        f"'directory' dataset of {args.num_images} JPEGs per split, configs.common.get_config('v2') augmentation",
+        f"tensorflow {tf.__version__}; {args.num_images} JPEGs; anchors: plain tf.data on the files' bytes read "
+        f"into memory once (no file IO timed); train/eval: input_pipeline.build(config) iterators on the "
+        f"'directory' dataset, which reads each file from disk (page-cached) in its map; "
+        f"configs.common.get_config('v2'): {TRAIN_FULL} with {augment_text(full)}; {TRAIN_CROP_FLIP} with "
+        f"{augment_text(crop_flip)}; {TRAIN_CROP_FLIP_BILINEAR} with {augment_text(bilinear)}; {TRAIN_TO_DEVICE} "
+        f"with {augment_text(to_device)} (uint8 batches; the ops after to_device run in the train step)",
         f"k cores: every thread pinned to k cores ({'sched_setaffinity' if pinning else 'NOT pinned: no affinity API'})"
-        f" and config.data.num_threads = k (tf.data private_threadpool_size); images/s: median [min–max] of "
-        f"{args.repeats} windows of {WINDOW_BATCHES} batches after {WARMUP_BATCHES} warm-up batches",
+        f" and a tf.data private threadpool of k threads (config.data.num_threads = k) for every pipeline",
+        f"{args.repeats} rounds, each timing every pipeline once in table order on a fresh iterator (one alive at a "
+        f"time): {WARMUP_BATCHES} warm-up batches, then a window of {WINDOW_BATCHES} batches; images/s: median "
+        f"[min–max] over rounds; vs columns: median ÷ the anchor's median at the same k",
     ]
-    text = header(argv, extra, started) + "\n\n" + markdown_table(COLUMNS, rows) + "\n"
+    text = (
+        header(argv, extra, started)
+        + "\n\n"
+        + markdown_table(COLUMNS, rows)
+        + "\n\n"
+        + "\n".join(f"- {line}" for line in target_lines)
+        + "\n"
+    )
     print(text)
     if args.output:
         with open(args.output, "a") as f:
             f.write(text + "\n")
-    return {"rows": rows, "markdown": text}
+    return {"rows": rows, "markdown": text, "targets": target_lines}

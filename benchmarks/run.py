@@ -29,10 +29,16 @@ effect shows in "XLA train mem" (per compiled program); "peak mem" is process-wi
 by the identity (same shapes and parameters) and times both in one process, alternating
 shift / identity calls (ABBA order), and reports the shift's overhead from the medians.
 
+``--device_augment`` adds, for every model, the same train step with the v2 recipe's RandAugment,
+normalisation and random erasing inside it (``DEVICE_AUGMENT``: the ops after ``to_device`` in
+``config.augment.ops``, on a uint8 batch), timed interleaved with the plain step: what moving the
+augmentation to the device costs there (``model + device aug`` rows).
+
 Examples::
 
     python -m benchmarks.run --models=s2mlp_wide,mixer_b16 --batch=8 --dtype=float32 --image_size=224 --repeats=5
     python -m benchmarks.run --models=s2mlp_wide --shift_identity --repeats=7
+    python -m benchmarks.run --models=s2mlpv2_small --device_augment --batch=4 --repeats=5
     python -m benchmarks.run --models=s2mlp_deep --blocks=unrolled,scan,scan+remat=full --batch=2 --image_size=112
     python -m benchmarks.run --models=s2mlp_wide,s2mlpv2_small --image_sizes=160,224,288 --batches=4,8,16
     python -m benchmarks.run --input_pipeline          # see benchmarks/input_throughput.py
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import gc
 import math
@@ -61,7 +68,7 @@ from jax.sharding import PartitionSpec as P
 
 import train_lib
 from benchmarks.common import fmt, header, markdown_table, now, spread
-from s2mlp import models
+from s2mlp import augment_chain, models
 from s2mlp.flops import cost_flops, count_macs
 from s2mlp.models.s2mlp import S2MLP
 from s2mlp.models.s2mlpv2 import S2MLPv2
@@ -116,6 +123,7 @@ def recipe(batch_size: int) -> tuple[train_lib.OptimizerOptions, train_lib.StepO
     return optimizer, options
 
 
+DEVICE_AUGMENT = "inception_crop|flip|to_device|randaugment(2, 9, 0.5)|normalize|erase(0.25)"  # the v2 chain, split
 DROP_PATH_RATE = 0.1
 NUM_CLASSES = 1000
 STEPS_PER_EPOCH = 1_281_167 // 1024  # ImageNet-1K at batch 1024: only shapes the lr schedule
@@ -240,9 +248,10 @@ class ModelBench:
         mesh,
         overrides: dict | None = None,
         blocks: dict | None = None,
+        device_augment: bool = False,
     ):
         self.name, self.image_size, self.batch, self.dtype = name, image_size, batch, dtype
-        self.identity, self.blocks_variant = bool(overrides), bool(blocks)
+        self.identity, self.blocks_variant, self.device_augment = bool(overrides), bool(blocks), device_augment
         self.model = models.get_model(
             name,
             image_size=image_size,
@@ -253,6 +262,8 @@ class ModelBench:
             **(blocks or {}),
         )
         optimizer, options = recipe(batch)
+        if device_augment:
+            options = dataclasses.replace(options, device_ops=augment_chain.parse(DEVICE_AUGMENT).device)
         self.trainer = train_lib.setup(
             self.model,
             image_size=image_size,
@@ -268,7 +279,8 @@ class ModelBench:
         rng = np.random.default_rng(0)
         images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
         labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
-        self.train_batch = self.trainer.to_global({"image": images, "label": labels})
+        pixels = rng.integers(0, 256, images.shape, dtype=np.uint8)  # what the host sends with device augmentation
+        self.train_batch = self.trainer.to_global({"image": pixels if device_augment else images, "label": labels})
         self.eval_batch = self.trainer.to_global({"image": images, "label": labels, "mask": np.ones(batch, np.float32)})
         self.rng = jax.device_put(jax.random.key(1), self.trainer.replicated)
         self.train_cpu_s: list[float] = []
@@ -390,7 +402,9 @@ def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
         "blocks": blocks_name(bench.model),
     }
     row["cells"] = [
-        f"{row['model']} ({row['blocks']})" if bench.blocks_variant else row["model"],
+        f"{row['model']} ({row['blocks']})"
+        if bench.blocks_variant
+        else row["model"] + (" + device aug" if bench.device_augment else ""),
         row["shift"],
         str(row["image"]),
         str(row["batch"]),
@@ -469,6 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--blocks", default="", help="S² block-stack variants timed interleaved, e.g. unrolled,scan,scan+remat=dots"
     )
     p.add_argument("--shift_identity", action="store_true", help="also time each S² model with an identity shift")
+    p.add_argument(
+        "--device_augment", action="store_true", help="also time each train step with RandAugment etc. inside it"
+    )
     p.add_argument("--matmul_size", type=int, default=0, help="N of the N³ matmul (default 2048 on CPU, else 8192)")
     p.add_argument("--matmul_repeats", type=int, default=10)
     p.add_argument("--output", default="", help="append the markdown tables to this file")
@@ -492,8 +509,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             models.get_model("s2mlp_tiny", **variant)  # remat's choices
     except ValueError as e:
         p.error(str(e))
-    if args.block_variants and args.shift_identity:
-        p.error("--blocks and --shift_identity: time one comparison per run")
+    if sum(map(bool, (args.block_variants, args.shift_identity, args.device_augment))) > 1:
+        p.error("--blocks, --shift_identity and --device_augment: time one comparison per run")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     devices = 1 if args.input_pipeline else jax.device_count()
@@ -545,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
                     swap = identity_overrides(benches[0].model) if args.shift_identity else None
                     if swap:
                         benches.append(make(overrides=swap))
+                    if args.device_augment:
+                        benches.append(make(device_augment=True))
                     measure(benches, repeats=args.repeats, warmup=args.warmup, peak=peak)
                     results.append(benches)
                     print(f"[benchmarks] {name} {size}px batch {batch}: " + ", ".join(
@@ -576,6 +595,11 @@ def main(argv: list[str] | None = None) -> dict:
         "allocator kept from earlier ones: run one model per process for exact peaks); XLA train mem: arguments + "
         "outputs − donated + temporaries of the compiled train step, per model",
     ]
+    if args.device_augment:
+        extra.append(
+            f"+ device aug: the same train step with the ops after to_device of config.augment.ops "
+            f"{DEVICE_AUGMENT!r} inside it, on a uint8 batch, timed alternately with the plain one"
+        )
     if args.shift_identity:
         extra.append(
             "shift = none: the same model with the shift replaced by the identity (same shapes and parameters), "

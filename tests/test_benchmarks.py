@@ -129,21 +129,30 @@ def test_recipe_is_the_training_recipe():
 def test_input_pipeline_table(capsys):
     pytest.importorskip("tensorflow")
     pytest.importorskip("ml_collections")
+    from benchmarks import input_throughput as it
+
     out = run.main(
         ["--input_pipeline", "--input_cores=1", "--num_images=4", "--jpeg_size=64,48", "--image_size=32", "--batch=4"]
         + ["--repeats=1"]
     )
     header, rows = tables(out["markdown"])[0]
-    assert tuple(header) == run_input_columns()
-    assert {r[0].split(" ")[0] for r in rows} == {"train", "eval"}
+    assert tuple(header) == it.COLUMNS
+    assert "vs plain crop+flip" in header and "vs decode floor" in header
+    assert [r[0] for r in rows] == list(it.PIPELINES)  # the two anchors, then the repo's five pipelines
+    assert [r["pipeline"] for r in out["rows"]] == list(it.PIPELINES)
     for row in rows:
         for cell in row[1:]:
             if cell[0].isdigit():
                 assert all(math.isfinite(v) and v > 0 for v in numbers(cell)), cell
+        cells = dict(zip(header, row, strict=True))
+        assert cells["vs plain crop+flip"].endswith("×") and cells["vs decode floor"].endswith("×")
+    by_name = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+    assert by_name[it.PLAIN_CROP_FLIP]["vs plain crop+flip"] == "1.00×"
+    assert by_name[it.DECODE_FLOOR]["vs decode floor"] == "1.00×"
+    for row in out["rows"]:
+        assert row["vs_plain_crop_flip"] > 0 and row["vs_decode_floor"] > 0
+    # The targets follow the table, each with its measured ratio and PASS or MISS; one core count: no scaling.
+    assert len(out["targets"]) == len(it.TARGETS) + 1
+    assert all(re.search(r"\d\.\d\d× (PASS|MISS)$", line) for line in out["targets"][:-1])
+    assert "not measured" in out["targets"][-1]
     assert out["markdown"] in capsys.readouterr().out
-
-
-def run_input_columns():
-    from benchmarks import input_throughput
-
-    return input_throughput.COLUMNS

@@ -630,3 +630,12 @@ def test_random_erase_erases_nothing_when_no_try_fits():
     x = tf.random.stateless_normal([1, 60, 3], SEED)  # 1 pixel high: no rectangle of >= 2% of the area fits
     for s in range(20):
         np.testing.assert_array_equal(image_ops.random_erase(x, 1.0, tf.constant([s, 1], tf.int64)).numpy(), x.numpy())
+
+
+def test_posterize_keeps_the_top_bits_of_every_value():
+    """The bit mask equals PIL's/timm's definition, f - f mod 2^(8 - bits), for every uint8 value and bit count."""
+    values = tf.reshape(tf.range(256, dtype=tf.int32), [16, 16, 1]) * tf.ones([1, 1, 3], tf.int32)
+    f = tf.cast(values, tf.float32)
+    for bits in range(9):
+        want = (f - tf.math.floormod(f, 2.0 ** (8 - bits))).numpy().astype(np.uint8)
+        np.testing.assert_array_equal(image_ops._posterize(f, tf.constant(float(bits))).numpy(), want)
