@@ -293,12 +293,21 @@ def normalize(image, mean: np.ndarray, std: np.ndarray):
     return (tf.cast(image, tf.float32) - mean) / std
 
 
+def pad_crop(image, key, padding: int):
+    """uint8 (H, W, C) -> (H, W, C): zero-padded by `padding` on every side, then cropped back at a uniform offset."""
+    shape = tf.shape(image)
+    offset = tf.random.stateless_uniform([2], key, 0, 2 * padding + 1, dtype=tf.int32)
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    return tf.slice(padded, tf.concat([offset, [0]], 0), shape)
+
+
 HOST_OPS = {  # name -> (image, key, context, **arguments) -> image
     "inception_crop": lambda image, key, c, area_min, method: resize(
         decode_inception_crop(image, c.kind, key, area_min), [c.size, c.size], method
     ),
     "resize": lambda image, key, c, method: resize(decode(image, c.kind), [c.size, c.size], method),
     "flip": lambda image, key, c: _flip(image, key),
+    "pad_crop": lambda image, key, c, padding: tf.ensure_shape(pad_crop(image, key, padding), image.shape),
     "randaugment": lambda image, key, c, spec: randaugment(image, spec, key, c.fill),
     "normalize": lambda image, key, c: normalize(image, c.mean, c.std),
     "erase": lambda image, key, c, prob: random_erase(image, prob, key) if prob > 0 else image,

@@ -409,12 +409,25 @@ def flip(images: jax.Array, keys: jax.Array) -> jax.Array:
     return jnp.where(mirror[:, None, None, None], images[:, :, ::-1], images)
 
 
+def pad_crop(images: jax.Array, keys: jax.Array, padding: int) -> jax.Array:
+    """Each (H, W, C) image zero-padded by `padding` on every side and cropped back at a uniform offset per example."""
+    height, width = images.shape[1:3]
+    pad = ((padding, padding), (padding, padding), (0, 0))
+
+    def one(image, key):
+        top, left = jax.random.randint(key, (2,), 0, 2 * padding + 1)
+        return jax.lax.dynamic_slice(jnp.pad(image, pad), (top, left, 0), image.shape)
+
+    return jax.vmap(one)(images, keys)
+
+
 def _fill(mean) -> tuple[float, float, float]:
     return tuple(float(round(float(v))) for v in mean)  # timm fills geometric ops with the mean colour
 
 
 DEVICE_OPS = {  # name -> (images, keys (B,), mean, std, **arguments) -> images
     "flip": lambda images, keys, mean, std: flip(images, keys),
+    "pad_crop": lambda images, keys, mean, std, padding: pad_crop(images, keys, padding),
     "randaugment": lambda images, keys, mean, std, spec: randaugment(
         images, keys, **dataclasses.asdict(spec), fill=_fill(mean)
     ),

@@ -79,6 +79,12 @@ def _resize(method="bicubic"):
     return {"method": _method(method)}
 
 
+def _pad_crop(padding=4):
+    """Pads `padding` pixels of 0 on every side and crops image_size x image_size at a uniform offset: a shift of
+    up to ±padding pixels (torchvision's RandomCrop(size, padding), the CIFAR and Fashion-MNIST recipe)."""
+    return {"padding": _number(padding, "padding", 1, 64, integer=True)}
+
+
 def _flip():
     """Mirrors left-right with probability 1/2."""
     return {}
@@ -133,6 +139,7 @@ OPS: dict[str, OpSpec] = {
     "randaugment": OpSpec(_randaugment, "uint8", "uint8", slot=2),
     "normalize": OpSpec(_normalize, "uint8", "float", slot=-1),
     "erase": OpSpec(_erase, "float", "float", slot=3),
+    "pad_crop": OpSpec(_pad_crop, "uint8", "uint8", slot=4),
 }
 
 
@@ -185,7 +192,7 @@ def parse(text: str, field: str = "config.augment.ops") -> Chain:
             fix = {
                 "record": "the chain must start with a decoding op (inception_crop or resize)",
                 "uint8": "a chain decodes once, first",
-                "float": "pixel ops (flip, randaugment) come before normalize, once",
+                "float": "pixel ops (flip, pad_crop, randaugment) come before normalize, once",
             }[kind]
             if spec.takes == "float":
                 fix = "erase comes after normalize"

@@ -223,3 +223,37 @@ def test_a_retired_augment_switch_points_to_the_chain():
     message = overrides.unknown_field(tiny.get_config(), ["--config.augment.randaugment="])
     assert message.startswith("--config.augment.randaugment=: the config has no field 'augment.randaugment'; ")
     assert "config.augment.ops" in message
+
+
+def _offset_of(out: np.ndarray, image: np.ndarray, padding: int) -> tuple[int, int]:
+    """The (top, left) at which `out` was cropped from `image` zero-padded by `padding` (asserts there is one)."""
+    padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+    h, w = image.shape[:2]
+    found = [
+        (t, l)
+        for t in range(2 * padding + 1)
+        for l in range(2 * padding + 1)  # noqa: E741
+        if np.array_equal(padded[t : t + h, l : l + w], out)
+    ]
+    assert found, "not a crop of the padded image"
+    return found[0]
+
+
+def test_pad_crop_on_the_host_and_on_the_device_shift_by_up_to_padding_pixels():
+    import jax
+
+    from s2mlp import augment
+
+    image = np.random.default_rng(0).integers(1, 256, (10, 12, 3), dtype=np.uint8)  # no 0: padding is visible
+    host = {
+        _offset_of(image_ops.pad_crop(tf.constant(image), tf.constant([s, 5], tf.int64), 2).numpy(), image, 2)
+        for s in range(200)
+    }
+    assert host == {(t, l) for t in range(5) for l in range(5)}  # noqa: E741 - every offset of ±2 pixels, no other
+    keys = jax.random.split(jax.random.key(0), 200)
+    device = np.asarray(augment.pad_crop(np.broadcast_to(image, (200, *image.shape)), keys, 2))
+    assert {_offset_of(out, image, 2) for out in device} == host
+    chain = parse("resize|pad_crop(2)|to_device|pad_crop|normalize")
+    assert chain.host[1].kwargs == {"padding": 2} and chain.device[0].kwargs == {"padding": 4}
+    with pytest.raises(ValueError, match=r"op 2 'pad_crop\(0\)': padding=0 must be an int in \[1, 64\]"):
+        parse("resize|pad_crop(0)|normalize")
