@@ -148,17 +148,39 @@ def _equalize(image):
 
 
 def _affine(f, matrix, fill):
-    """Output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f); outside -> `fill` (RGB)."""
-    x = tf.concat([f, tf.ones_like(f[..., :1])], -1)[None]  # 4th channel tracks what came from inside
+    """Output pixel (x, y) samples the input at (a x + b y + c, d x + e y + f), bilinearly; outside -> `fill` (RGB).
+
+    The share of each output pixel that came from inside the image (the bilinear interpolation of an all-ones
+    image with 0 outside) weights the fill. It is computed in closed form, with the float32 operations of TF's
+    ImageProjectiveTransformV3 in its order, rather than as a 4th channel through the transform: the same values
+    (tests pin them against the 4-channel form), ~4x faster."""
     out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=x,
+        images=f[None],
         transforms=tf.concat([tf.stack(matrix), [0.0, 0.0]], 0)[None],
         output_shape=tf.shape(f)[:2],
         fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
     )[0]
-    return _u8(out[..., :3] + (1.0 - out[..., 3:]) * fill)
+    return _u8(out + (1.0 - _inside(tf.shape(f)[0], tf.shape(f)[1], matrix)) * fill)
+
+
+def _inside(height, width, matrix):
+    """(H, W, 1): bilinear interpolation, at each output pixel's sample point, of 1 inside the image and 0 outside."""
+    a, b, c, d, e, f = (tf.cast(m, tf.float32) for m in matrix)
+    oy = tf.cast(tf.range(height), tf.float32)[:, None]
+    ox = tf.cast(tf.range(width), tf.float32)[None, :]
+    x, y = (a * ox + b * oy) + c, (d * ox + e * oy) + f
+    x0, y0 = tf.floor(x), tf.floor(y)
+    x1, y1 = x0 + 1.0, y0 + 1.0
+
+    def within(v, n):
+        return tf.cast((v >= 0.0) & (v < tf.cast(n, tf.float32)), tf.float32)
+
+    in_x0, in_x1, in_y0, in_y1 = within(x0, width), within(x1, width), within(y0, height), within(y1, height)
+    top = (x1 - x) * (in_y0 * in_x0) + (x - x0) * (in_y0 * in_x1)
+    bottom = (x1 - x) * (in_y1 * in_x0) + (x - x0) * (in_y1 * in_x1)
+    return ((y1 - y) * top + (y - y0) * bottom)[..., None]
 
 
 def _rotate(f, degrees, fill):

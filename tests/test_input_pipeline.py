@@ -7,6 +7,7 @@ by the test), 'digits' is scikit-learn's bundled data and 'directory' images are
 
 import collections
 import logging
+import math
 import os
 import re
 
@@ -639,3 +640,33 @@ def test_posterize_keeps_the_top_bits_of_every_value():
     for bits in range(9):
         want = (f - tf.math.floormod(f, 2.0 ** (8 - bits))).numpy().astype(np.uint8)
         np.testing.assert_array_equal(image_ops._posterize(f, tf.constant(float(bits))).numpy(), want)
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (16, 16)])
+def test_geometric_ops_fill_exactly_as_a_transformed_ones_channel(shape):
+    """`_affine` weights the fill by the closed-form share of the sample that fell inside the image; that is the
+    4th channel of ones TF's ImageProjectiveTransformV3 would interpolate, value for value."""
+    f = tf.constant(np.random.default_rng(2).integers(0, 256, (*shape, 3)), tf.float32)
+    fill = tf.constant([124.0, 116.0, 104.0])
+    h, w = shape
+    c, s = math.cos(0.4), math.sin(0.4)
+    matrices = [
+        [1.0, 0.27, 0.0, 0.0, 1.0, 0.0],  # ShearX
+        [1.0, 0.0, 0.0, -0.3, 1.0, 0.0],  # ShearY
+        [1.0, 0.0, 0.43 * w, 0.0, 1.0, 0.0],  # TranslateXRel
+        [1.0, 0.0, 0.0, 0.0, 1.0, -0.37 * h],  # TranslateYRel
+        [c, s, (w - 1) / 2 * (1 - c) - s * (h - 1) / 2, -s, c, (h - 1) / 2 * (1 - c) + s * (w - 1) / 2],  # Rotate
+    ]
+    for matrix in matrices:
+        matrix = [tf.constant(v, tf.float32) for v in matrix]
+        with_ones = tf.concat([f, tf.ones_like(f[..., :1])], -1)[None]
+        out = tf.raw_ops.ImageProjectiveTransformV3(
+            images=with_ones,
+            transforms=tf.concat([tf.stack(matrix), [0.0, 0.0]], 0)[None],
+            output_shape=tf.shape(f)[:2],
+            fill_value=0.0,
+            interpolation="BILINEAR",
+            fill_mode="CONSTANT",
+        )[0]
+        want = image_ops._u8(out[..., :3] + (1.0 - out[..., 3:]) * fill)
+        np.testing.assert_array_equal(image_ops._affine(f, matrix, fill).numpy(), want.numpy())
