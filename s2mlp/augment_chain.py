@@ -102,7 +102,9 @@ def _randaugment(num_ops=2, magnitude=9.0, magnitude_std=0.0, magnitude_max=10.0
         num_ops=_number(num_ops, "num_ops", 0, 16, integer=True),
         magnitude=float(_number(magnitude, "magnitude", 0.0, 30.0)),
         magnitude_std=float(std),
-        magnitude_max=float(_number(magnitude_max, "magnitude_max", 0.0, 30.0)),
+        # Above 10 timm clamps some ops' arguments (Solarize's threshold, the enhance factors), which the ops here
+        # do not: magnitudes are clipped to at most 10.
+        magnitude_max=float(_number(magnitude_max, "magnitude_max", 0.0, 10.0)),
         increasing=increasing,
         prob=float(_number(prob, "prob", 0.0, 1.0)),
     )

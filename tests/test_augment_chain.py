@@ -54,6 +54,7 @@ def test_to_device_splits_the_chain():
         ("resize|randaugment(2, 9, 0.5, 10, False, 0.5, 1)|normalize", r"too many positional arguments; randaugment\("),
         ("resize|flip(0.5)|normalize", r"too many positional arguments; flip\(\)"),
         ("resize|randaugment(mag=9)|normalize", r"unexpected keyword argument 'mag'"),
+        ("resize|randaugment(magnitude_max=12)|normalize", r"magnitude_max=12 must be a number in \[0.0, 10.0\]"),
         ("resize|flip[0]|normalize", r"write an op as name or name\(arguments\)"),
         ("to_device|resize|normalize", r"op 2 'resize' runs on the host only; move 'to_device' after it"),
         ("resize|to_device|normalize|to_device", r"'to_device' may appear once"),
