@@ -17,25 +17,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from s2mlp.augment_chain import Op, RandAugmentSpec
-
-RANDAUGMENT_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
+from s2mlp.augment_chain import RANDAUGMENT_OPS, Op, RandAugmentSpec
 
 
 # ---------------------------------------------------------------- decoding, cropping, resizing

@@ -39,23 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RANDAUGMENT_OPS = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "Rotate",
-    "Posterize",
-    "Solarize",
-    "SolarizeAdd",
-    "Color",
-    "Contrast",
-    "Brightness",
-    "Sharpness",
-    "ShearX",
-    "ShearY",
-    "TranslateXRel",
-    "TranslateYRel",
-)
+from s2mlp.augment_chain import RANDAUGMENT_OPS
+
 IDENTITY = len(RANDAUGMENT_OPS)  # the op index of "not applied" in `draw_ops`
 _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 _ENHANCE = ("Color", "Contrast", "Brightness", "Sharpness")  # blends with a degenerate image, 1 = identity

@@ -32,6 +32,23 @@ from collections.abc import Callable
 
 SEPARATOR = "|"
 TO_DEVICE = "to_device"
+RANDAUGMENT_OPS = (  # timm's rand_augment_ops, in its order (the host and the device draw by index)
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "Rotate",
+    "Posterize",
+    "Solarize",
+    "SolarizeAdd",
+    "Color",
+    "Contrast",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
 
 
 @dataclasses.dataclass(frozen=True)
