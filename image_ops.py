@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from s2mlp.augment_chain import RANDAUGMENT_OPS, Op, RandAugmentSpec
+from s2mlp.preprocessing import fill_colour
 
 
 # ---------------------------------------------------------------- decoding, cropping, resizing
@@ -278,10 +279,6 @@ class Context:
     mean: np.ndarray  # config.data.normalization, per channel
     std: np.ndarray
 
-    @property
-    def fill(self) -> tuple[float, float, float]:
-        return tuple(float(round(v)) for v in self.mean)  # timm fills geometric ops with the mean colour
-
 
 def _flip(image, key):
     # tf.reverse, not image[:, ::-1]: the same pixels, ~9x faster (a negative-stride slice is a slow path in TF).
@@ -312,7 +309,7 @@ HOST_OPS = {  # name -> (image, key, context, **arguments) -> image
     "resize": lambda image, key, c, method: resize(decode(image, c.kind), [c.size, c.size], method),
     "flip": lambda image, key, c: _flip(image, key),
     "pad_crop": lambda image, key, c, padding: tf.ensure_shape(pad_crop(image, key, padding), image.shape),
-    "randaugment": lambda image, key, c, spec: randaugment(image, spec, key, c.fill),
+    "randaugment": lambda image, key, c, spec: randaugment(image, spec, key, fill_colour(c.mean)),
     "normalize": lambda image, key, c: normalize(image, c.mean, c.std),
     "erase": lambda image, key, c, prob: random_erase(image, prob, key) if prob > 0 else image,
 }

@@ -186,14 +186,39 @@ def anchor_datasets(files: list[bytes], *, image_size: int, batch: int, threads:
     return out
 
 
-def crop_flip_config(config):
-    """A copy of `config` whose chain (``augment.ops``, s2mlp/augment_chain.py) drops its randaugment and erase ops."""
+def chain_variant(config, edit):
+    """A copy of `config` whose chain (``augment.ops``, s2mlp/augment_chain.py, host ops) becomes ``edit(ops)``: the
+    ops' texts, joined."""
     from s2mlp import augment_chain
 
     config = config.copy_and_resolve_references()
-    chain = augment_chain.parse(config.augment.ops)
-    config.augment.ops = "|".join(op.text for op in chain.host if op.name not in ("randaugment", "erase"))
+    config.augment.ops = "|".join(edit(augment_chain.parse(config.augment.ops).host))
     return config
+
+
+def crop_flip_config(config):
+    """`config` without its randaugment and erase ops."""
+    return chain_variant(config, lambda ops: [op.text for op in ops if op.name not in ("randaugment", "erase")])
+
+
+def bilinear_config(config):
+    """`config` with its inception crop resized bilinearly."""
+    crop = "inception_crop({area_min}, 'bilinear')"
+    return chain_variant(
+        config, lambda ops: [crop.format(**op.kwargs) if op.name == "inception_crop" else op.text for op in ops]
+    )
+
+
+def to_device_config(config):
+    """`config` with the ops after its flip sent to the device."""
+
+    def edit(ops):
+        texts = []
+        for op in ops:
+            texts += [op.text, "to_device"] if op.name == "flip" else [op.text]
+        return texts
+
+    return chain_variant(config, edit)
 
 
 def augment_text(config) -> str:
@@ -271,10 +296,7 @@ def main(args, argv: list[str], started: str) -> dict:
         full.image_size = args.image_size
         full.batch_size = full.eval_batch_size = batch
         crop_flip = crop_flip_config(full)
-        bilinear = crop_flip.copy_and_resolve_references()
-        bilinear.augment.ops = bilinear.augment.ops.replace("inception_crop(0.08)", "inception_crop(0.08, 'bilinear')")
-        to_device = full.copy_and_resolve_references()
-        to_device.augment.ops = to_device.augment.ops.replace("|flip|", "|flip|to_device|")
+        bilinear, to_device = bilinear_config(crop_flip), to_device_config(full)
         pinning = True
         for cores in core_counts:
             for config in (full, crop_flip, bilinear, to_device):

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from s2mlp.augment_chain import RANDAUGMENT_OPS
+from s2mlp.preprocessing import fill_colour, mean_std
 
 IDENTITY = len(RANDAUGMENT_OPS)  # the op index of "not applied" in `draw_ops`
 _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
@@ -406,15 +407,11 @@ def pad_crop(images: jax.Array, keys: jax.Array, padding: int) -> jax.Array:
     return jax.vmap(one)(images, keys)
 
 
-def _fill(mean) -> tuple[float, float, float]:
-    return tuple(float(round(float(v))) for v in mean)  # timm fills geometric ops with the mean colour
-
-
 DEVICE_OPS = {  # name -> (images, keys (B,), mean, std, **arguments) -> images
     "flip": lambda images, keys, mean, std: flip(images, keys),
     "pad_crop": lambda images, keys, mean, std, padding: pad_crop(images, keys, padding),
     "randaugment": lambda images, keys, mean, std, spec: randaugment(
-        images, keys, **dataclasses.asdict(spec), fill=_fill(mean)
+        images, keys, **dataclasses.asdict(spec), fill=fill_colour(mean)
     ),
     "normalize": lambda images, keys, mean, std: normalize(images, mean, std),
     "erase": lambda images, keys, mean, std, prob: random_erase(images, keys, prob),
@@ -426,8 +423,6 @@ def apply(ops, images: jax.Array, rng: jax.Array, normalization: str) -> jax.Arr
 
     Example i of the global batch gets the key fold_in(rng, i) and op slot s draws from fold_in(that key, s): a
     function of `rng` (the step's) and the example's position, not of how the batch is sharded."""
-    from s2mlp.preprocessing import mean_std
-
     mean, std = mean_std(normalization)
     keys = _fold_each(rng, jnp.arange(images.shape[0]))
     for op in ops:

@@ -186,11 +186,6 @@ class Chain:
     host: tuple[Op, ...]
     device: tuple[Op, ...]
 
-    @property
-    def host_output(self) -> str:
-        """'uint8' or 'float': what the host sends to the device."""
-        return self.host[-1].spec.gives
-
 
 def parse(text: str, field: str = "config.augment.ops") -> Chain:
     """The chain `text` -> Chain; ValueError naming `field`, the op and the fix when it is not a valid recipe."""
@@ -261,16 +256,6 @@ def _parse_op(part: str, where: str) -> Op:
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return Op(name, tuple(sorted(checked.items())), part)
-
-
-def describe() -> str:
-    """One line per registered op: its signature, placement and what it does (the README's table has the same)."""
-    lines = []
-    for name, spec in OPS.items():
-        where = "host, device" if spec.device else "host"
-        doc = " ".join((spec.signature.__doc__ or "").split())
-        lines.append(f"{name}{inspect.signature(spec.signature)} [{where}]: {doc}")
-    return "\n".join(lines)
 
 
 EXAMPLE = "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"  # configs/common.py's

@@ -21,6 +21,11 @@ NORMALIZATIONS = {
 }
 
 
+def fill_colour(mean) -> tuple[float, float, float]:
+    """The RGB colour RandAugment's geometric ops fill with: the normalisation mean, rounded (timm's choice)."""
+    return tuple(float(round(float(v))) for v in mean)
+
+
 def mean_std(kind: str) -> tuple[np.ndarray, np.ndarray]:
     if kind not in NORMALIZATIONS:
         raise ValueError(f"normalization={kind!r} is unknown; choose one of {sorted(NORMALIZATIONS)}.")
