@@ -43,7 +43,6 @@ def numbers(cell: str) -> list[float]:
 
 def test_model_benchmark_table():
     common = [
-        "--shift_identity",
         "--image_size=16",
         "--batch=2",
         "--repeats=1",
@@ -54,20 +53,29 @@ def test_model_benchmark_table():
     # Two processes side by side: XLA:CPU compiles mostly on one thread, and compiling is most of the time.
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.run", f"--models={models}", *common],
+            [sys.executable, "-m", "benchmarks.run", f"--models={models}", flag, *common],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )  # fmt: skip
-        for models in ("s2mlp_tiny,mixer_tiny", "s2mlpv2_tiny")
+        for models, flag in (
+            ("s2mlp_tiny,mixer_tiny", "--shift_identity"),
+            ("s2mlpv2_tiny", "--shift_identity"),
+            ("s2mlp_tiny", "--device_augment"),
+        )
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_, stderr) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, stderr[-3000:]
+    # --device_augment: the same model and shapes, its train step with the chain's device ops on a uint8 batch.
+    (header, augmented), *others = tables(outputs[2][0])
+    assert not others and [r[0] for r in augmented] == ["s2mlp_tiny", "s2mlp_tiny + device aug"]
+    assert augmented[0][1:7] == augmented[1][1:7]  # shift, image, batch, dtype, parameters, MACs
+    assert "+ device aug: the same train step with the ops after to_device" in outputs[2][0]
     main_rows, shift_rows = [], []
-    for stdout, _ in outputs:
+    for stdout, _ in outputs[:2]:
         assert "2 × cpu" in stdout  # the batch really was sharded over 2 devices
         (main_header, rows), (shift_header, shifts) = tables(stdout)
         main_rows += rows
@@ -123,6 +131,13 @@ def test_recipe_is_the_training_recipe():
     for field in ("label_smoothing", "mixup", "cutmix", "mix_switch_prob"):
         assert getattr(options, field) == recipe.augment[field], field
     assert options == train_lib.StepOptions.from_config(recipe)
+    # --device_augment runs the v2 chain's ops, split after its flip.
+    from s2mlp import augment_chain
+
+    split = augment_chain.parse(run.DEVICE_AUGMENT)
+    v2 = augment_chain.parse(recipe.augment.ops).host
+    assert [(op.name, op.args) for op in split.host + split.device] == [(op.name, op.args) for op in v2]
+    assert [op.name for op in split.host] == ["inception_crop", "flip"]
     assert run.DROP_PATH_RATE == recipe.model.drop_path_rate and run.NUM_EPOCHS == recipe.num_epochs
 
 
