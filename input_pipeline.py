@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 import data_sources
 import image_ops
@@ -441,3 +442,26 @@ def build_eval(config, *, data: str, split: str, labels: str = "", process_index
     return (MultiLabelData if labels else Data)(
         source.info, source, recipe, process_index, process_count, 0, eval_batches
     )
+
+
+def build_evals(config, data: Data, specs: list, process_index: int = 0, process_count: int = 1) -> list[tuple]:
+    """(spec, data) of each eval of `specs` (`s2mlp.evals.from_config`): the main eval on `data` (the run's `build`),
+    then each other eval's data (`build_eval`, its split only). ValueError naming config.evals when one cannot be
+    read or labels other classes than the run's dataset."""
+    sets = [(specs[0], data)]
+    for spec in specs[1:]:
+        try:
+            extra = build_eval(config, data=spec.data, split=spec.split, labels=spec.labels,
+                               process_index=process_index, process_count=process_count)  # fmt: skip
+        except ValueError as e:
+            raise ValueError(f"config.evals: eval {spec.name!r} ({spec.describe()}): {e}") from None
+        if list(extra.info.class_names) != list(data.info.class_names):
+            raise ValueError(
+                f"config.evals: eval {spec.name!r} ({spec.describe()}) has {extra.info.num_classes} classes "
+                f"{list(extra.info.class_names)[:5]}..., the run's dataset {config.data.name} has "
+                f"{data.info.num_classes} {list(data.info.class_names)[:5]}...; an eval must label the same classes "
+                "in the same order."
+            )
+        logging.info("Eval %r: %s, %s images.", spec.name, spec.describe(), f"{extra.info.num_eval:,}")
+        sets.append((spec, extra))
+    return sets

@@ -47,33 +47,11 @@ _model_overrides: dict = {}  # from the command line; merged into FLAGS.config.m
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing for `app.run`, with the model overrides taken off first (kept in `_model_overrides`)."""
-    try:
-        rest, fields = overrides.split_model_overrides(argv)
-    except ValueError as e:
-        sys.exit(f"FATAL Flags parsing error: {e}")
+    """absl's flag parsing for `app.run`, through the config boundary (the model overrides kept aside)."""
+    rest, fields = overrides.parse_command_line(argv, app.parse_flags_with_usage)
     _model_overrides.clear()
     _model_overrides.update(fields)
-    missing = overrides.missing_file(_config_spec(rest))
-    if missing:
-        sys.exit(f"ERROR {missing}")
-    saved, sys.argv = sys.argv, rest  # config_flags reads its --config.* overrides from sys.argv
-    try:
-        return app.parse_flags_with_usage(rest)
-    except (AttributeError, KeyError) as e:  # ml_collections: a --config.FIELD the config does not have
-        sys.exit(f"ERROR {overrides.unknown_field(overrides.load(_config_spec(rest)), rest) or e}")
-    finally:
-        sys.argv = saved
-
-
-def _config_spec(argv: list[str]) -> str:
-    """The value of --config (``path.py`` or ``path.py:arg``) in `argv`."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.removeprefix("--config=")
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return ""
+    return rest
 
 
 def get_config():
@@ -113,26 +91,13 @@ def main(argv):
     except train_lib.Stopped:
         # The message is logged, the checkpoint complete and the metrics flushed: exit now. The interpreter's
         # teardown (TensorFlow's and XLA's threads and destructors) would take seconds of a preemption notice.
-        _exit_now(train_lib.EXIT_STOPPED)
+        runs.exit_now(train_lib.EXIT_STOPPED)
     except train_lib.CLEAR_ERRORS as e:
         # A checked failure: its message says what is wrong and the fix; a traceback would only bury it.
         logging.error("%s: %s", type(e).__name__, e)
         if isinstance(e, train_lib.ckpt.SaveFailed):  # Orbax's save threads may wait for ever: do not join them
-            _exit_now(1)
+            runs.exit_now(1)
         sys.exit(1)
-
-
-def _exit_now(status: int):
-    """Exits with `status` once the logs are flushed, without the interpreter's teardown (joining library threads,
-    TensorFlow's and XLA's destructors: seconds, or for ever after a failed save)."""
-    import jax
-
-    if jax.process_count() > 1:
-        jax.distributed.shutdown()
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 if __name__ == "__main__":

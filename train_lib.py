@@ -1,6 +1,6 @@
 """Training and evaluation of S²-MLP, S²-MLPv2 and Mixer: read top to bottom.
 
-Sections: recipe checks · recipe and state · mesh and sharding · the train step · the trainer
+Sections: the train state · mesh and sharding · the train step · the trainer
 (`setup`: what the trainer, `evaluate`, the benchmarks and the tests all compile) ·
 train loop · eval-only.
 
@@ -11,8 +11,8 @@ batch through `jax.make_array_from_process_local_data`.
 
 Importing this module needs no TensorFlow: the input pipeline is imported inside
 `train_and_evaluate`/`evaluate`, so the train step and the benchmarks run on hosts
-without TensorFlow. The config arrives checked (`configs/overrides.py` is the boundary; this
-module owns the recipe fields' checks, `validate_config`). Around it: the workdir's lock, metric
+without TensorFlow. The config arrives checked (`configs/overrides.py` is the boundary; the recipe's fields,
+their checks and the typed options built from them are `s2mlp/recipe.py`'s). Around it: the workdir's lock, metric
 writers, stop signals and progress in `s2mlp/runs.py`; the train state on disk (save, resume,
 fine-tune, block-layout conversion) in `s2mlp/checkpoint.py`; eval steps, metrics and per-class
 results in `s2mlp/evals.py`.
@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,9 +39,10 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from s2mlp import augment, augment_chain, evals, models, runs
+from s2mlp import augment, evals, models, runs
 from s2mlp import checkpoint as ckpt
 from s2mlp.mixup import mix_batch, smooth_labels
+from s2mlp.recipe import OptimizerOptions, StepOptions, learning_rate_schedule, make_optimizer, validate_config
 from s2mlp.report import hms
 from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
 
@@ -54,126 +54,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 # =============================================================================
-# Recipe checks: every bad value fails here, before anything is compiled.
+# The train state.
 # =============================================================================
-def validate_config(config, *, num_devices: int) -> None:
-    """Checks the recipe and model fields; raises ValueError naming `config.<field>` and the fix.
-
-    The data fields (and the batch's split over processes) are checked by `input_pipeline.build`.
-    """
-
-    def check(ok: bool, field: str, why: str):
-        if not ok:
-            raise ValueError(f"config.{field}={_get(config, field)!r} {why}.")
-
-    _check_finite_floats(config)  # base_lr=inf, weight_decay=nan, ...
-    if config.model.name not in models.model_names():
-        raise ValueError(f"config.model.name={config.model.name!r} is unknown; choose one of {models.model_names()}.")
-    check(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
-    per_step = num_devices * config.grad_accum_steps
-    check(
-        config.batch_size > 0 and config.batch_size % per_step == 0,
-        "batch_size",
-        f"must be a positive multiple of devices ({num_devices}) × grad_accum_steps ({config.grad_accum_steps}) "
-        f"= {per_step}; e.g. {max(per_step, config.batch_size // per_step * per_step)}",
-    )
-    check(
-        config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
-        "eval_batch_size",
-        f"must be a positive multiple of the device count {num_devices}",
-    )
-    check(config.base_lr > 0, "base_lr", "must be positive")
-    check(config.min_lr >= 0, "min_lr", "must be >= 0")
-    check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
-    check(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
-    check(config.num_epochs > 0 or config.total_steps > 0, "num_epochs", "must be positive (or set total_steps)")
-    check(config.total_steps >= 0, "total_steps", "must be >= 0 (0 means num_epochs worth of steps)")
-    check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1); 0 turns the EMA off")
-    check(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0; 0 turns clipping off")
-    check(0 <= config.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)")
-    check(config.augment.mixup >= 0, "augment.mixup", "must be >= 0 (the Beta alpha; 0 turns Mixup off)")
-    check(config.augment.cutmix >= 0, "augment.cutmix", "must be >= 0 (the Beta alpha; 0 turns CutMix off)")
-    check(0 <= config.augment.mix_switch_prob <= 1, "augment.mix_switch_prob", "must be in [0, 1]")
-    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
-        check(config[field] >= 1, field, "must be >= 1")
-    profile = tuple(config.get("profile_steps") or (0, 0))
-    check(
-        len(profile) == 2
-        and all(isinstance(v, int) and v >= 0 for v in profile)
-        and (profile[0] >= 1 or not profile[1]),
-        "profile_steps",
-        "must be (first_step, num_steps) with first_step >= 1, e.g. (10, 5); (0, 0) turns profiling off",
-    )
-    check(
-        config.compute_dtype in ("float32", "bfloat16", "float16"),
-        "compute_dtype",
-        "must be float32, bfloat16 or float16",
-    )
-    models.from_config(config, num_classes=1000)  # model name, overrides, rates and image_size
-    evals.from_config(config)  # config.evals (presets, names) and config.best_eval
-
-
-def _get(config, dotted: str):
-    """``_get(config, "augment.mixup")`` is ``config.augment.mixup``."""
-    return functools.reduce(lambda node, key: node[key], dotted.split("."), config)
-
-
-def _check_finite_floats(config, prefix: str = "config") -> None:
-    """Every float field of `config` must be finite: ``--config.base_lr=inf`` is refused here."""
-    for key, value in config.items():
-        if hasattr(value, "items"):  # a nested ConfigDict or dict
-            _check_finite_floats(value, f"{prefix}.{key}")
-        elif isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{prefix}.{key}={value} must be a finite number.")
-
-
-# =============================================================================
-# Recipe and state.
-# =============================================================================
-@dataclasses.dataclass(frozen=True)
-class OptimizerOptions:
-    """The config fields the learning-rate schedule and the optimizer read."""
-
-    batch_size: int
-    base_lr: float
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0
-
-    @classmethod
-    def from_config(cls, config) -> OptimizerOptions:
-        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOptions:
-    """The config fields `train_step` reads (``augment.*`` for the first four)."""
-
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # Beta alpha; 0 turns Mixup off
-    cutmix: float = 0.0  # Beta alpha; 0 turns CutMix off
-    mix_switch_prob: float = 0.5
-    grad_accum_steps: int = 1
-    ema_decay: float = 0.0  # 0 turns the EMA off
-    device_ops: tuple[augment_chain.Op, ...] = ()  # config.augment.ops after 'to_device': the batch arrives uint8
-    normalization: str = "imagenet"  # config.data.normalization, for a 'normalize' among device_ops
-
-    @classmethod
-    def from_config(cls, config) -> StepOptions:
-        aug = config.augment
-        return cls(
-            label_smoothing=aug.label_smoothing,
-            mixup=aug.mixup,
-            cutmix=aug.cutmix,
-            mix_switch_prob=aug.mix_switch_prob,
-            grad_accum_steps=config.grad_accum_steps,
-            ema_decay=config.ema_decay,
-            device_ops=augment_chain.parse(aug.ops).device,
-            normalization=config.data.normalization,
-        )
-
-
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -181,22 +63,6 @@ class TrainState:
     opt_state: Any
     ema_params: Any  # None when the EMA is off
     bad_step: jax.Array  # first step (1-based, as logged) whose loss, gradient or update was not finite; -1 if none
-
-
-def learning_rate_schedule(options: OptimizerOptions, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0, then cosine to `min_lr`; peak lr = base_lr × batch_size / 1024."""
-    peak = options.base_lr * options.batch_size / 1024
-    warmup = min(int(options.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), options.min_lr)
-
-
-def make_optimizer(options: OptimizerOptions, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW; no weight decay on biases and norm scales (every parameter with ndim < 2)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
-    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=options.weight_decay, mask=decay_mask)
-    if options.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(options.grad_clip_norm), adamw)
-    return adamw
 
 
 def create_state(params, tx: optax.GradientTransformation, use_ema: bool) -> TrainState:
@@ -439,48 +305,14 @@ def setup_from_config(config, num_classes: int, *, steps_per_epoch: int = 1, tot
 # =============================================================================
 # Train loop.
 # =============================================================================
-@dataclasses.dataclass(frozen=True)
-class _EvalSet:
-    """One eval of the run (`s2mlp.evals`): what it is, and its data (`Data.eval_iterator` gives a pass)."""
-
-    spec: evals.EvalSpec
-    data: Any  # input_pipeline.Data, or MultiLabelData when spec.labels
-
-
-def _eval_sets(config, data, specs: list[evals.EvalSpec]) -> list[_EvalSet]:
-    """The main eval on `data` (the run's `input_pipeline.Data`), then each other eval's data, opened once (only its
-    split); ValueError naming config.evals when one cannot be read or has other classes than the run's dataset."""
-    import input_pipeline
-
-    sets = [_EvalSet(specs[0], data)]
-    for spec in specs[1:]:
-        try:
-            extra = input_pipeline.build_eval(
-                config, data=spec.data, split=spec.split, labels=spec.labels,
-                process_index=jax.process_index(), process_count=jax.process_count(),
-            )  # fmt: skip
-        except ValueError as e:
-            raise ValueError(f"config.evals: eval {spec.name!r} ({spec.describe()}): {e}") from None
-        if list(extra.info.class_names) != list(data.info.class_names):
-            raise ValueError(
-                f"config.evals: eval {spec.name!r} ({spec.describe()}) has {extra.info.num_classes} classes "
-                f"{list(extra.info.class_names)[:5]}..., the run's dataset {config.data.name} has "
-                f"{data.info.num_classes} {list(data.info.class_names)[:5]}...; an eval must label the same classes "
-                "in the same order."
-            )
-        logging.info("Eval %r: %s, %s images.", spec.name, spec.describe(), f"{extra.info.num_eval:,}")
-        sets.append(_EvalSet(spec, extra))
-    return sets
-
-
-def _evaluate_sets(trainer: Trainer, eval_sets: list[_EvalSet], items: list[tuple[str, Any]]):
-    """Every eval of `eval_sets` with each (key infix, params) of `items` ('' for the parameters, 'ema_' for their
-    EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item: the EMA's when on)."""
+def _evaluate_sets(trainer: Trainer, eval_sets: list[tuple[evals.EvalSpec, Any]], items: list[tuple[str, Any]]):
+    """Every (spec, data) of `eval_sets` with each (key infix, params) of `items` ('' for the parameters, 'ema_' for
+    their EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item: the EMA's when
+    on)."""
     out, confusion = {}, None
-    for eval_set in eval_sets:
-        spec = eval_set.spec
+    for spec, data in eval_sets:
         for infix, params in items:
-            sums = trainer.eval_sums(params, eval_set.data.eval_iterator(), multi_label=bool(spec.labels))
+            sums = trainer.eval_sums(params, data.eval_iterator(), multi_label=bool(spec.labels))
             out |= {f"{spec.prefix}{infix}{k}": v for k, v in evals.eval_metrics(sums).items()}
             if spec.main:
                 confusion = sums["confusion"]
@@ -503,7 +335,7 @@ class _Run:
     stop: runs.StopSignals
     saved_config: dict  # the JSON items saved with every checkpoint
     saved_dataset: dict
-    evals: list[_EvalSet]  # the main eval first, then config.evals
+    evals: list[tuple[evals.EvalSpec, Any]]  # (spec, data): the main eval first, then config.evals
     best: evals.EvalSpec  # the eval whose top-1 ranks the best checkpoint (config.best_eval)
 
     @property
@@ -525,23 +357,30 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         return _train(*prepared)
 
 
+def _checked_data(config) -> tuple[Any, list[tuple[evals.EvalSpec, Any]]]:
+    """Checks `config` (the recipe, model and evals, then the data), then opens its data: (the run's
+    `input_pipeline.Data`, each eval's (spec, data) with the main eval first)."""
+    import input_pipeline  # TensorFlow lives behind this import.
+
+    validate_config(config, num_devices=jax.device_count())
+    index, count = jax.process_index(), jax.process_count()
+    data = input_pipeline.build(config, process_index=index, process_count=count)
+    return data, input_pipeline.build_evals(config, data, evals.from_config(config), index, count)
+
+
 def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tuple[_Run, TrainState] | None:
     """Checks, data, trainer, the state (resumed, fine-tuned or fresh) and the writers; None when already done."""
     from clu import metric_writers
 
-    import input_pipeline  # TensorFlow lives behind this import.
-
-    validate_config(config, num_devices=jax.device_count())
     logging.info("Workdir: %s", workdir)
-    data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
+    data, eval_sets = _checked_data(config)
     info = data.info
     logging.info(
         "Dataset %s: train split %r %s images, eval split %r %s images, %d classes.",
         config.data.name, config.data.train_split, f"{info.num_train:,}", config.data.eval_split,
         f"{info.num_eval:,}", info.num_classes,
     )  # fmt: skip
-    specs = evals.from_config(config)
-    eval_sets = _eval_sets(config, data, specs)
+    specs = [spec for spec, _ in eval_sets]
     steps_per_epoch = max(info.num_train // config.batch_size, 1)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
     trainer = setup_from_config(config, info.num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -663,7 +502,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
         item = ckpt.EMA_PARAMS if state.ema_params is not None else ckpt.PARAMS
         out_dir = evals.out_dir(run.workdir / "eval", config.data.eval_split, step)
         names = run.saved_dataset["class_names"]
-        evals.write_per_class(out_dir, confusion, names, spec=run.evals[0].spec, step=step, item=item)
+        evals.write_per_class(out_dir, confusion, names, spec=run.evals[0][0], step=step, item=item)
     if eval_metrics:
         logging.info(
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
@@ -750,14 +589,10 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     no point to the training curves, and nothing else is written, so a read-only run can be evaluated with
     ``--eval_dir`` elsewhere.
     """
-    import input_pipeline
-
     workdir = ckpt.absolute(workdir)
     eval_dir = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval"
-    validate_config(config, num_devices=jax.device_count())
-    data = input_pipeline.build(config, process_index=jax.process_index(), process_count=jax.process_count())
-    specs = evals.from_config(config)
-    eval_sets = _eval_sets(config, data, specs)
+    data, eval_sets = _checked_data(config)
+    specs = [spec for spec, _ in eval_sets]
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)

@@ -9,12 +9,12 @@ main.py and study.py both come through here:
   into the config's own model overrides, as `split_model_overrides` + `merge_model_overrides` do for main.py's
   ``--config.model.overrides.FIELD=VALUE`` (ml_collections only takes fields a config already defines);
 - `check` runs every field's checks, each written once next to the code that reads the field (the recipe in
-  `train_lib.validate_config`, the model in its class's ``check_fields``, the evals in `s2mlp.evals`, the data
+  `s2mlp.recipe.validate_config`, the model in its class's ``check_fields``, the evals in `s2mlp.evals`, the data
   in `input_pipeline.validate_data_config`), before anything is compiled or written. Messages name
   ``config.<field>=value`` and the fix.
 
 Below the boundary, code receives the checked ConfigDict (and reads its own fields) or typed options built
-from it (`train_lib.OptimizerOptions`, `StepOptions`, `input_pipeline.Recipe`).
+from it (`s2mlp.recipe.OptimizerOptions`, `StepOptions`, `input_pipeline.Recipe`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import difflib
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_collections
@@ -96,6 +97,36 @@ def unknown_field(config, argv: list[str]) -> str | None:
                     f"; did you mean {', '.join(near)}?" if near else "; see the config file for its fields."
                 )
     return None
+
+
+def config_spec(argv: list[str]) -> str:
+    """The value of --config (``path.py`` or ``path.py:arg``) in `argv`."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=")
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def parse_command_line(argv: list[str], parse: Callable[[list[str]], list[str]]) -> tuple[list[str], dict]:
+    """main.py's command line: takes the model overrides off `argv` (`split_model_overrides`), then `parse`s the
+    rest (absl's, which loads --config and applies its ``--config.FIELD`` flags); returns what `parse` returns and
+    the model overrides. A bad override, a missing config file or an unknown field exits with one line."""
+    try:
+        rest, fields = split_model_overrides(argv)
+    except ValueError as e:
+        sys.exit(f"FATAL Flags parsing error: {e}")
+    spec = config_spec(rest)
+    if message := missing_file(spec):
+        sys.exit(f"ERROR {message}")
+    saved, sys.argv = sys.argv, rest  # config_flags reads its --config.* overrides from sys.argv
+    try:
+        return parse(rest), fields
+    except (AttributeError, KeyError) as e:  # ml_collections: a --config.FIELD the config does not have
+        sys.exit(f"ERROR {unknown_field(load(spec), rest) or e}")
+    finally:
+        sys.argv = saved
 
 
 # ---- overrides ----------------------------------------------------------------------------------------------
@@ -194,7 +225,7 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
     Imports the input pipeline (TensorFlow) for the data fields; nothing is compiled or written.
     """
     import input_pipeline
-    import train_lib
+    from s2mlp import recipe
 
-    train_lib.validate_config(config, num_devices=num_devices)
+    recipe.validate_config(config, num_devices=num_devices)
     input_pipeline.validate_data_config(config, process_count=process_count)

@@ -143,6 +143,45 @@ def test_invalid_config_names_the_field(field, value, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "compute_dtype",
+            "fp8",
+            "config.compute_dtype='fp8' is unknown; choose one of ['bfloat16', 'float16', 'float32']",
+        ),
+        (
+            "model.overrides",
+            {"num_classes": 7},
+            "config.model.overrides.num_classes=7: num_classes is set by the dataset",
+        ),
+        ("model.overrides", {"dtype": "bfloat16"}, "dtype is set by config.compute_dtype; remove the override"),
+    ],
+)
+def test_fields_the_trainer_sets_are_refused_as_model_overrides(field, value, message):
+    config = tiny.get_config("s2mlp_tiny")
+    parent, _, leaf = field.rpartition(".")
+    (config[parent] if parent else config)[leaf] = value
+    with pytest.raises(ValueError) as e:
+        train_lib.validate_config(config, num_devices=1)
+    assert message in str(e.value)
+
+
+def test_the_config_check_builds_no_model(monkeypatch):
+    """The boundary checks the model's fields without building it; the run builds it once (`models.from_config`)."""
+    from s2mlp import models
+    from s2mlp.models.s2mlp import S2MLP
+
+    built, real = [], S2MLP.__post_init__
+    monkeypatch.setattr(S2MLP, "__post_init__", lambda self: (built.append(self), real(self))[1])
+    config = tiny.get_config("s2mlp_tiny")
+    train_lib.validate_config(config, num_devices=1)
+    assert built == []
+    model = models.from_config(config, 10)
+    assert built == [model] and model.num_classes == 10
+
+
 def test_batch_must_divide_by_devices_times_accumulation():
     config = tiny.get_config("s2mlp_tiny")
     config.batch_size, config.grad_accum_steps = 24, 2

@@ -70,6 +70,12 @@ def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
     """
     if name not in _REGISTRY:
         raise ValueError(f"model name {name!r} is unknown; choose one of {model_names()}.")
+    cls, kwargs = _checked_fields(name, image_size, overrides)
+    return cls(**kwargs)
+
+
+def _checked_fields(name: str, image_size: int | None, overrides: dict[str, Any]) -> tuple[type, dict[str, Any]]:
+    """`get_model`'s checks of a registered `name`: the model class and the fields to build it with."""
     cls, kwargs = _REGISTRY[name]
     overrides = cls.upgrade_fields(overrides, name)
     fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
@@ -84,17 +90,16 @@ def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
             raise ValueError(f"model dtype={kwargs['dtype']!r} is unknown; choose one of {sorted(_DTYPES)}.")
         kwargs["dtype"] = _DTYPES[kwargs["dtype"]]
     cls.check_fields(kwargs, name)
-    model = cls(**kwargs)
     if image_size is not None:
-        divisor = model.input_divisor
+        divisor = cls.divisor_of(kwargs)  # every registered model sets its patch size (and stages)
         if image_size <= 0 or image_size % divisor:
-            downsampling = " × 2 for the downsampling" if divisor != model.patch_size else ""
+            downsampling = " × 2 for the downsampling" if divisor != kwargs["patch_size"] else ""
             raise ValueError(
                 f"image_size={image_size} is not a positive multiple of {divisor} "
                 f"(the patch size{downsampling} of {name}); "
                 f"use e.g. {max(divisor, round(image_size / divisor) * divisor)}."
             )
-    return model
+    return cls, kwargs
 
 
 def changed_fields(model, name: str) -> dict[str, Any]:
@@ -117,17 +122,34 @@ def from_config(config, num_classes: int, *, dtype: str | None = None):
     (`dtype` replaces the latter). JSON lists (e.g. ``hidden_dims``) become tuples. Raises ValueError
     starting ``config.model:`` that names the bad field.
     """
+    cls, kwargs = _config_fields(config, num_classes, dtype)
+    return cls(**kwargs)
+
+
+def check_config(config) -> None:
+    """`from_config`'s checks, building nothing: the config boundary's model check (`s2mlp.recipe`)."""
+    _config_fields(config, num_classes=1000, dtype=None)
+
+
+def _config_fields(config, num_classes: int, dtype: str | None) -> tuple[type, dict[str, Any]]:
     model = config["model"]
+    if model["name"] not in _REGISTRY:
+        raise ValueError(f"config.model.name={model['name']!r} is unknown; choose one of {model_names()}.")
+    dtype = dtype or config.get("compute_dtype", "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"config.compute_dtype={dtype!r} is unknown; choose one of {sorted(_DTYPES)}.")
     overrides = _as_tuples(dict(model.get("overrides") or {}))
-    try:
-        return get_model(
-            model["name"],
-            image_size=config["image_size"],
-            num_classes=num_classes,
-            drop_path_rate=model.get("drop_path_rate", 0.0),
-            dtype=dtype or config.get("compute_dtype", "float32"),
-            **overrides,
+    fixed = {"num_classes": num_classes, "drop_path_rate": model.get("drop_path_rate", 0.0), "dtype": _DTYPES[dtype]}
+    for field in sorted(fixed.keys() & overrides.keys()):
+        where = {"num_classes": "the dataset", "drop_path_rate": "config.model.drop_path_rate"}.get(
+            field, "config.compute_dtype"
         )
+        raise ValueError(
+            f"config.model.overrides.{field}={overrides[field]!r}: {field} is set by {where}; remove the override."
+        )
+    overrides |= fixed
+    try:
+        return _checked_fields(model["name"], config["image_size"], overrides)
     except ValueError as e:
         raise ValueError(f"config.model: {e}") from None
 

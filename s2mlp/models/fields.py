@@ -16,6 +16,10 @@ import flax.linen as nn
 from s2mlp.models.blocks import REMAT_POLICIES
 from s2mlp.models.layers import INITS
 
+# Each model class's ``input_divisor``: what image sides must be multiples of, its ``divisor_of`` its own fields
+# (a staticmethod, so that the registry checks an image size before it builds anything).
+INPUT_DIVISOR = property(lambda self: self.divisor_of(vars(self)), doc="Image sides must be multiples of this.")
+
 
 def invalid(name: str, fields: Mapping[str, Any], field: str, why: str) -> ValueError:
     """The error of a bad model field: ``"{name}: {field}={value!r} {why}."``."""

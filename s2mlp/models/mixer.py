@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from s2mlp.models.blocks import DropPath, drop_path_rates
-from s2mlp.models.fields import common_fields, invalid
+from s2mlp.models.fields import INPUT_DIVISOR, common_fields, invalid
 from s2mlp.models.layers import Dtype, classifier_head, mlp, patch_conv
 
 
@@ -99,10 +99,12 @@ class MlpMixer(nn.Module):
         return classifier_head(self, jnp.mean(x, axis=1), self.num_classes, self.dtype)
 
     # ---- the model's fields -------------------------------------------------------------
-    @property
-    def input_divisor(self) -> int:
-        """Image sides must be multiples of this: the patch size."""
-        return self.patch_size
+    @staticmethod
+    def divisor_of(fields: Mapping[str, Any]) -> int:
+        """Image sides must be multiples of this: the patch size, of a model with `fields`."""
+        return fields["patch_size"]
+
+    input_divisor = INPUT_DIVISOR
 
     @nn.nowrap
     def block_groups(self) -> list[tuple[str, list[str]]]:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from s2mlp.models.blocks import block_output, block_stack, branch_keys, drop_path, drop_path_schedule
-from s2mlp.models.fields import common_fields, invalid, renamed_field
+from s2mlp.models.fields import INPUT_DIVISOR, common_fields, invalid, renamed_field
 from s2mlp.models.layers import Dtype, classifier_head, dense, make_norm, mlp, patch_conv
 from s2mlp.shift import PATTERNS, num_groups, spatial_shift
 
@@ -148,10 +148,12 @@ class S2MLPv2(nn.Module):
         return classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
     # ---- the model's fields, and its parameter layouts -----------------------------------
-    @property
-    def input_divisor(self) -> int:
-        """Image sides must be multiples of this: the patch size × 2 per downsampling."""
-        return self.patch_size * 2 ** (len(self.hidden_dims) - 1)
+    @staticmethod
+    def divisor_of(fields: Mapping[str, Any]) -> int:
+        """Image sides must be multiples of this: the patch size × 2 per downsampling, of a model with `fields`."""
+        return fields["patch_size"] * 2 ** (len(fields["hidden_dims"]) - 1)
+
+    input_divisor = INPUT_DIVISOR
 
     @nn.nowrap
     def block_groups(self) -> list[tuple[str, list[str]]]:

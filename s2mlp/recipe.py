@@ -1,0 +1,142 @@
+"""The training recipe: the checks of the trainer's config fields, and what the train step reads of them.
+
+`validate_config` checks every field the trainer reads (and asks the model registry and `s2mlp.evals` to
+check theirs) before anything is compiled or written; `configs/overrides.py:check` calls it, with the data
+fields' checks, for main.py and study.py. Below it, the trainer reads typed options, not the ConfigDict:
+`OptimizerOptions` (the schedule and AdamW) and `StepOptions` (label smoothing, Mixup/CutMix, accumulation,
+EMA, device augmentation). Imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import optax
+
+from s2mlp import augment_chain, evals, models
+
+
+def validate_config(config, *, num_devices: int) -> None:
+    """Checks the trainer's fields, the model's (`models.check_config`) and the evals' (`evals.from_config`);
+    raises ValueError naming `config.<field>` and the fix. The data fields (and the batch's split over processes)
+    are `input_pipeline.validate_data_config`'s; `configs/overrides.py:check` runs both."""
+
+    def check(ok: bool, field: str, why: str):
+        if not ok:
+            raise ValueError(f"config.{field}={_get(config, field)!r} {why}.")
+
+    _check_finite_floats(config)  # base_lr=inf, weight_decay=nan, ...
+    check(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    per_step = num_devices * config.grad_accum_steps
+    check(
+        config.batch_size > 0 and config.batch_size % per_step == 0,
+        "batch_size",
+        f"must be a positive multiple of devices ({num_devices}) × grad_accum_steps ({config.grad_accum_steps}) "
+        f"= {per_step}; e.g. {max(per_step, config.batch_size // per_step * per_step)}",
+    )
+    check(
+        config.eval_batch_size > 0 and config.eval_batch_size % num_devices == 0,
+        "eval_batch_size",
+        f"must be a positive multiple of the device count {num_devices}",
+    )
+    check(config.base_lr > 0, "base_lr", "must be positive")
+    check(config.min_lr >= 0, "min_lr", "must be >= 0")
+    check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
+    check(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+    check(config.num_epochs > 0 or config.total_steps > 0, "num_epochs", "must be positive (or set total_steps)")
+    check(config.total_steps >= 0, "total_steps", "must be >= 0 (0 means num_epochs worth of steps)")
+    check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1); 0 turns the EMA off")
+    check(config.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0; 0 turns clipping off")
+    check(0 <= config.augment.label_smoothing < 1, "augment.label_smoothing", "must be in [0, 1)")
+    check(config.augment.mixup >= 0, "augment.mixup", "must be >= 0 (the Beta alpha; 0 turns Mixup off)")
+    check(config.augment.cutmix >= 0, "augment.cutmix", "must be >= 0 (the Beta alpha; 0 turns CutMix off)")
+    check(0 <= config.augment.mix_switch_prob <= 1, "augment.mix_switch_prob", "must be in [0, 1]")
+    for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        check(config[field] >= 1, field, "must be >= 1")
+    profile = tuple(config.get("profile_steps") or (0, 0))
+    check(
+        len(profile) == 2
+        and all(isinstance(v, int) and v >= 0 for v in profile)
+        and (profile[0] >= 1 or not profile[1]),
+        "profile_steps",
+        "must be (first_step, num_steps) with first_step >= 1, e.g. (10, 5); (0, 0) turns profiling off",
+    )
+    models.check_config(config)  # model name, overrides, rates, compute_dtype and image_size
+    evals.from_config(config)  # config.evals (presets, names) and config.best_eval
+
+
+def _get(config, dotted: str):
+    """``_get(config, "augment.mixup")`` is ``config.augment.mixup``."""
+    return functools.reduce(lambda node, key: node[key], dotted.split("."), config)
+
+
+def _check_finite_floats(config, prefix: str = "config") -> None:
+    """Every float field of `config` must be finite: ``--config.base_lr=inf`` is refused here."""
+    for key, value in config.items():
+        if hasattr(value, "items"):  # a nested ConfigDict or dict
+            _check_finite_floats(value, f"{prefix}.{key}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}.{key}={value} must be a finite number.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+    """The config fields the learning-rate schedule and the optimizer read."""
+
+    batch_size: int
+    base_lr: float
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> OptimizerOptions:
+        return cls(**{f.name: config[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """The config fields `train_step` reads (``augment.*`` for the first four)."""
+
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta alpha; 0 turns Mixup off
+    cutmix: float = 0.0  # Beta alpha; 0 turns CutMix off
+    mix_switch_prob: float = 0.5
+    grad_accum_steps: int = 1
+    ema_decay: float = 0.0  # 0 turns the EMA off
+    device_ops: tuple[augment_chain.Op, ...] = ()  # config.augment.ops after 'to_device': the batch arrives uint8
+    normalization: str = "imagenet"  # config.data.normalization, for a 'normalize' among device_ops
+
+    @classmethod
+    def from_config(cls, config) -> StepOptions:
+        aug = config.augment
+        return cls(
+            label_smoothing=aug.label_smoothing,
+            mixup=aug.mixup,
+            cutmix=aug.cutmix,
+            mix_switch_prob=aug.mix_switch_prob,
+            grad_accum_steps=config.grad_accum_steps,
+            ema_decay=config.ema_decay,
+            device_ops=augment_chain.parse(aug.ops).device,
+            normalization=config.data.normalization,
+        )
+
+
+def learning_rate_schedule(options: OptimizerOptions, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then cosine to `min_lr`; peak lr = base_lr × batch_size / 1024."""
+    peak = options.base_lr * options.batch_size / 1024
+    warmup = min(int(options.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), options.min_lr)
+
+
+def make_optimizer(options: OptimizerOptions, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW; no weight decay on biases and norm scales (every parameter with ndim < 2)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=options.weight_decay, mask=decay_mask)
+    if options.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(options.grad_clip_norm), adamw)
+    return adamw
