@@ -63,7 +63,6 @@ def _validate(config, process_count: int):
             field,
             f"must be a positive multiple of the process count ({process_count}).",
         )
-    need(config.image_size > 0, "image_size", "must be positive.")
     need(0 < config.data.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1].")
     need(config.data.bad_images in ("fail", "skip"), "data.bad_images", "use 'fail' or 'skip'.")
     need(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1.")
