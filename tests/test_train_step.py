@@ -168,6 +168,13 @@ def test_fields_the_trainer_sets_are_refused_as_model_overrides(field, value, me
     assert message in str(e.value)
 
 
+def test_a_dtype_argument_is_named_as_the_callers_not_the_configs():
+    from s2mlp import models
+
+    with pytest.raises(ValueError, match=r"^dtype='fp8' is unknown; choose one of"):
+        models.from_config(tiny.get_config("s2mlp_tiny"), 10, dtype="fp8")
+
+
 def test_the_config_check_builds_no_model(monkeypatch):
     """The boundary checks the model's fields without building it; the run builds it once (`models.from_config`)."""
     from s2mlp import models

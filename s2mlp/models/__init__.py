@@ -135,9 +135,10 @@ def _config_fields(config, num_classes: int, dtype: str | None) -> tuple[type, d
     model = config["model"]
     if model["name"] not in _REGISTRY:
         raise ValueError(f"config.model.name={model['name']!r} is unknown; choose one of {model_names()}.")
+    field = "dtype" if dtype else "config.compute_dtype"
     dtype = dtype or config.get("compute_dtype", "float32")
     if dtype not in _DTYPES:
-        raise ValueError(f"config.compute_dtype={dtype!r} is unknown; choose one of {sorted(_DTYPES)}.")
+        raise ValueError(f"{field}={dtype!r} is unknown; choose one of {sorted(_DTYPES)}.")
     overrides = _as_tuples(dict(model.get("overrides") or {}))
     fixed = {"num_classes": num_classes, "drop_path_rate": model.get("drop_path_rate", 0.0), "dtype": _DTYPES[dtype]}
     for field in sorted(fixed.keys() & overrides.keys()):
