@@ -88,12 +88,10 @@ class Run:
 # =============================================================================
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """``path.py`` or ``path.py:arg`` (relative to the checkout) -> its config, as main.py loads it."""
-    try:
-        return overrides_lib.load(spec, root=ROOT)
-    except FileNotFoundError as e:
-        raise ValueError(
-            f"study.base={spec!r}: no config file {e.filename}; give a path like configs/demo.py[:arg]."
-        ) from None
+    file = overrides_lib.config_file(spec, root=ROOT)
+    if not file.is_file():
+        raise ValueError(f"study.base={spec!r}: no config file {file}; give a path like configs/demo.py[:arg].")
+    return overrides_lib.load(spec, root=ROOT)
 
 
 def _name_part(value) -> str:

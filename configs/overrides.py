@@ -38,14 +38,19 @@ OVERRIDES_FLAG = "--config." + MODEL_OVERRIDES
 def load(spec: str, *, root: Path | None = None) -> ml_collections.ConfigDict:
     """``path.py`` or ``path.py:arg`` -> its ``get_config()`` / ``get_config(arg)``. A relative path starts at
     `root` when given (study files name their base config from the checkout), else the working directory."""
-    path, _, arg = spec.partition(":")
-    file = Path(path) if root is None or Path(path).is_absolute() else root / path
+    file, arg = config_file(spec, root=root), spec.partition(":")[2]
     module_spec = importlib.util.spec_from_file_location(f"_config_file_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))  # `from configs import common`
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def config_file(spec: str, *, root: Path | None = None) -> Path:
+    """The file of ``path.py`` or ``path.py:arg``, as `load` resolves it."""
+    path = Path(spec.partition(":")[0])
+    return path if root is None or path.is_absolute() else root / path
 
 
 def missing_file(spec: str) -> str | None:

@@ -157,6 +157,11 @@ def test_invalid_config_names_the_field(field, value, message):
             "config.model.overrides.num_classes=7: num_classes is set by the dataset",
         ),
         ("model.overrides", {"dtype": "bfloat16"}, "dtype is set by config.compute_dtype; remove the override"),
+        (
+            "model.overrides",
+            {"drop_path_rate": 0.2},
+            "config.model.overrides.drop_path_rate=0.2: drop_path_rate is set by config.model.drop_path_rate",
+        ),
     ],
 )
 def test_fields_the_trainer_sets_are_refused_as_model_overrides(field, value, message):

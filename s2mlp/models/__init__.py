@@ -135,20 +135,23 @@ def _config_fields(config, num_classes: int, dtype: str | None) -> tuple[type, d
     model = config["model"]
     if model["name"] not in _REGISTRY:
         raise ValueError(f"config.model.name={model['name']!r} is unknown; choose one of {model_names()}.")
-    field = "dtype" if dtype else "config.compute_dtype"
+    dtype_field = "dtype" if dtype else "config.compute_dtype"
     dtype = dtype or config.get("compute_dtype", "float32")
     if dtype not in _DTYPES:
-        raise ValueError(f"{field}={dtype!r} is unknown; choose one of {sorted(_DTYPES)}.")
+        raise ValueError(f"{dtype_field}={dtype!r} is unknown; choose one of {sorted(_DTYPES)}.")
     overrides = _as_tuples(dict(model.get("overrides") or {}))
-    fixed = {"num_classes": num_classes, "drop_path_rate": model.get("drop_path_rate", 0.0), "dtype": _DTYPES[dtype]}
-    for field in sorted(fixed.keys() & overrides.keys()):
-        where = {"num_classes": "the dataset", "drop_path_rate": "config.model.drop_path_rate"}.get(
-            field, "config.compute_dtype"
-        )
+    set_by = {"num_classes": "the dataset", "drop_path_rate": "config.model.drop_path_rate", "dtype": dtype_field}
+    if clash := sorted(set_by.keys() & overrides.keys()):
+        field = clash[0]
         raise ValueError(
-            f"config.model.overrides.{field}={overrides[field]!r}: {field} is set by {where}; remove the override."
+            f"config.model.overrides.{field}={overrides[field]!r}: {field} is set by {set_by[field]}; "
+            "remove the override."
         )
-    overrides |= fixed
+    overrides |= {
+        "num_classes": num_classes,
+        "drop_path_rate": model.get("drop_path_rate", 0.0),
+        "dtype": _DTYPES[dtype],
+    }
     try:
         return _checked_fields(model["name"], config["image_size"], overrides)
     except ValueError as e:
