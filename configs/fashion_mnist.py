@@ -21,19 +21,27 @@ width 64-96, against 75% for patch 4 at width 128), so within the time budget th
 - ``s2mlpv2``: S²-MLPv2, patch 2, widths (48, 96), depths (2, 6), mlp_ratio 2: 569,026 parameters
   and 30.0 M MACs (its pyramid starts at 14×14 tokens and puts most blocks at 7×7).
 
-Recipe: the S²-MLPv2 paper's AdamW / cosine / label smoothing / DropPath, with augmentations that suit
-small grey, centred images: a mild inception crop (area 60-100%), horizontal flip (clothes are
-left-right symmetric), random erasing 0.25; no RandAugment (its colour ops do little on grey images),
-no Mixup/CutMix, no EMA. The lr is higher than ImageNet's (a short run of a small model).
+Recipe: the S²-MLPv2 paper's AdamW / cosine / label smoothing / DropPath (0.05), with augmentations that suit
+small grey, centred images: a shift of up to ±2 pixels (``pad_crop(2)``: torchvision's RandomCrop(28,
+padding=2)), horizontal flip (clothes are left-right symmetric), random erasing 0.25; no RandAugment (its
+colour ops do little on grey images), no Mixup/CutMix, no EMA. The lr is higher than ImageNet's (a short run
+of a small model). 32 epochs fill the 2-hour budget on the 2-core CPU.
 
 Measured (``:s2mlp``, 2026-12-05): ``python main.py --config=configs/fashion_mnist.py
 --workdir=runs/fashion_mnist`` on the 2-core development machine (``lscpu``: AMD EPYC, 2 cores,
-AVX-512; Python 3.11, JAX 0.10.2), which also ran the test suite at low priority for most of it:
-11,700 steps in 1 h 49 min of wall time (median 236 img/s, 297 uncontended) reached **91.63% test
-top-1** (99.84% top-5; 84.4, 87.6, 89.6, 91.2% at epochs 5, 10, 15, 20). Short of the 94.0% goal:
-above Zalando's MLP rows (88.3%), below its two-convolution rows (92.5-93.4%). Shirt is the weak
-class (71.8%; confused with T-shirt/top, coat and pullover). The ``mixer`` and ``s2mlpv2`` runs of
-this config have not run yet.
+AVX-512; Python 3.11, JAX 0.10.2): 14,976 steps at batch 128 in 1 h 55 min of wall time, start to exit
+(median 288 img/s; another job shared the cores for about 3 minutes) reached **92.88% test top-1** (99.87%
+top-5; 86.1, 88.9, 90.1, 90.9, 92.1, 92.8% at epochs 5, 10, 15, 20, 25, 30). Short of the 94.0% goal: above
+Zalando's MLP rows (88.3%) and its "2 Conv, < 100K parameters" row (92.5%), below "2 Conv + pooling + BN"
+(93.4%). Shirt is the weak class (74.7%; confused with T-shirt/top, coat and pullover).
+
+The first recipe of this config, a mild inception crop (``inception_crop(0.6)``: area 60-100%, aspect 3/4-4/3,
+resized back to 28×28), DropPath 0.1 and 25 epochs, reached 91.63% (one seed; 1 h 49 min with a test suite
+sharing the cores): its train loss stayed at 0.72 (the label-smoothing floor is about 0.5), the model
+underfitting the augmented images, so the crop became a plain shift, DropPath halved and the schedule
+lengthened to the budget (train loss 0.66 at the end). Both are single seeds; the two Fashion-MNIST studies keep
+the first recipe (``configs/studies``: ``FASHION_MNIST_AS_RUN``). The ``mixer`` and ``s2mlpv2`` runs of this
+config have not run yet.
 """
 
 from configs import common
@@ -54,7 +62,7 @@ def get_config(model: str = "s2mlp"):
         raise ValueError(f"model={model!r} is unknown; choose one of {list(MODELS)}.")
     config = common.get_config("v2")
     config.model.name, config.model.overrides = MODELS[model]
-    config.model.drop_path_rate = 0.1
+    config.model.drop_path_rate = 0.05
     config.compute_dtype = "float32"  # CPU: bfloat16 matmuls are slower than float32 here
 
     config.data.name = "idx"
@@ -66,14 +74,14 @@ def get_config(model: str = "s2mlp"):
     config.data.normalization = "minus_one_to_one"  # no ImageNet colour statistics for grey images
     config.image_size = 28
 
-    config.augment.ops = "inception_crop(0.6)|flip|normalize|erase(0.25)"
+    config.augment.ops = "resize|pad_crop(2)|flip|normalize|erase(0.25)"  # resize: none at 28×28, the uint8 pixels
     config.augment.mixup = 0.0
     config.augment.cutmix = 0.0
     config.augment.label_smoothing = 0.1
 
     config.batch_size = 128
     config.eval_batch_size = 1000  # 10,000 test images: 10 batches, a multiple of 1, 2, 4 and 8 devices
-    config.num_epochs = 25
+    config.num_epochs = 32
     config.warmup_epochs = 2
     config.base_lr = 0.024  # per 1024 images: 3e-3 at batch 128
     config.min_lr = 1e-5

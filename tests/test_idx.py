@@ -21,7 +21,7 @@ from tensorflow_datasets.core import naming, splits
 import data_sources
 import input_pipeline as ip
 import train_lib
-from configs import tiny
+from configs import fashion_mnist, tiny
 from configs.common import get_config
 from s2mlp import checkpoint as ckpt
 from s2mlp.preprocessing import mean_std
@@ -181,6 +181,35 @@ def test_28x28_images_at_another_image_size(tmp_path):
     (batch,) = list(data.eval_iterator())
     assert batch["image"].shape == (4, 16, 16, 3)
     assert batch["label"].tolist() == written["test"][1].tolist()
+
+
+def test_the_shipped_fashion_mnist_recipe_shifts_and_mirrors_each_stored_image(tmp_path):
+    """configs/fashion_mnist.py's train chain without its erasing: an epoch holds every stored image once, shifted
+    by at most 2 pixels with zeros shifted in (`pad_crop(2)`), mirrored or not, with its own label."""
+    written = write_dataset(tmp_path, shape=(28, 28), sizes={"train": 8, "test": 4})
+    config = fashion_mnist.get_config()
+    assert config.augment.ops == "resize|pad_crop(2)|flip|normalize|erase(0.25)"
+    config.augment.ops = "resize|pad_crop(2)|flip|normalize"
+    config.data.data_dir, config.batch_size, config.eval_batch_size = str(tmp_path), 8, 4
+    (batch,) = take(ip.build(config).train_iterator(), 1)  # one epoch
+    images, labels, _ = written["train"]
+    padded = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+    views = {  # (stored index, dy, dx, mirrored) -> the 28×28 image it gives
+        (i, dy, dx, m): (v[:, ::-1] if m else v)
+        for i in range(len(images))
+        for dy in range(5)
+        for dx in range(5)
+        for m in (False, True)
+        for v in [padded[i, dy : dy + 28, dx : dx + 28]]
+    }
+    found = []
+    for image, label in zip(pixels(batch["image"]), batch["label"]):
+        assert (image == image[..., :1]).all()  # grey, as read
+        match = [key for key, view in views.items() if np.array_equal(view, image[..., 0])]
+        assert match, "a train image that is no shift (|dy|, |dx| <= 2) or mirror of a stored image"
+        assert labels[match[0][0]] == label
+        found.append(match[0][0])
+    assert sorted(found) == list(range(len(images)))
 
 
 # ---------------------------------------------------------------- damaged files: one-line errors naming the file

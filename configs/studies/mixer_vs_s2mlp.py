@@ -23,30 +23,28 @@ The argument picks the data:
   runs of 300 steps, about 40-60 s each on a 2-core CPU. Pilot runs (seed 0): at 10% of the data
   Mixer 89%, S²-MLP 95%. docs/studies/mixer_vs_s2mlp holds the run with the subset tied to the
   seed (2026-12-05).
-- ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (`studies.recipe`: Zalando's IDX
-  files where Debian puts them, 28×28, AdamW at lr 3e-3 for batch 128, mild inception crop, flip,
-  random erasing, label smoothing) with ~117k-parameter models (``MODELS['fashion_mnist']``) on
-  100%, 10% and 1% of the 60,000 train images (6,000 per class, so 600 and 60 per class). Mixer and
-  S²-MLP at patch 4 (a 7×7 grid of 49 tokens) and width 48 match in parameters (116,970 vs
-  116,986) and within 0.7% in MACs (5.49 M vs 5.53 M): both match exactly only when the token
-  count equals the width, and a width of 49 does not split into the shift's 4 groups, so 48 it
-  is, with Mixer's token MLP 49 -> 47 -> 49 (patch 2's 196 tokens would need width 196). S²-MLPv2
-  needs patch 2 (its side must divide by twice the patch): widths (24, 48), depths (1, 5), 118,180
-  parameters (+1.0%) and 5.71 M MACs (+3.3%). 3 models × 3 fractions × 3 seeds = 27 runs of a
-  fixed 2,400 steps at batch 128 (5 epochs at 100%, 51 at 10%, 512 at 1%): fixed steps, not
-  epochs, as the digits study does, so every run gets the same updates and compute (a fixed epoch
-  count would give the 1% runs 4 steps an epoch). Warmup is half an epoch, so it shrinks with the
-  fraction (234, 23 and 2 steps), the same for the three models within a row. Eval every 400
-  steps. Compute per run: ~5.5 M MACs × 3 × 128 × 2,400 ≈ 5.1 T MACs of training (+0.3 T for six
+- ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (`studies.recipe`: Zalando's IDX files where
+  Debian puts them, 28×28, AdamW at lr 3e-3 for batch 128, flip, random erasing, label smoothing; the mild
+  inception crop and DropPath 0.1 the study ran with, ``studies.FASHION_MNIST_AS_RUN``) with ~117k-parameter
+  models (``MODELS['fashion_mnist']``) on 100%, 10% and 1% of the 60,000 train images (6,000 per class, so 600
+  and 60 per class). Mixer and S²-MLP at patch 4 (a 7×7 grid of 49 tokens) and width 48 match in parameters
+  (116,970 vs 116,986) and within 0.7% in MACs (5.49 M vs 5.53 M): both match exactly only when the token
+  count equals the width, and a width of 49 does not split into the shift's 4 groups, so 48 it is, with
+  Mixer's token MLP 49 -> 47 -> 49 (patch 2's 196 tokens would need width 196). S²-MLPv2 needs patch 2 (its
+  side must divide by twice the patch): widths (24, 48), depths (1, 5), 118,180 parameters (+1.0%) and 5.71 M
+  MACs (+3.3%). 3 models × 3 fractions × 3 seeds = 27 runs of a fixed 2,400 steps at batch 128 (5 epochs at
+  100%, 51 at 10%, 512 at 1%): fixed steps, not epochs, as the digits study does, so every run gets the same
+  updates and compute (a fixed epoch count would give the 1% runs 4 steps an epoch). Warmup is half an epoch,
+  so it shrinks with the fraction (234, 23 and 2 steps), the same for the three models within a row. Eval
+  every 400 steps. Compute per run: ~5.5 M MACs × 3 × 128 × 2,400 ≈ 5.1 T MACs of training (+0.3 T for six
   evals of 10,000 images); ≈ 0.14 P MACs for the study. Estimated on the 2-core CPU
-  (configs/studies/__init__.py: computed from the measured rate, not measured): ~117 ms per step
-  (~1,100 img/s), ~5 min per run, ~2.3 h for the study uncontended (about twice that when the
-  machine is shared). Measured (2026-12-05, `lscpu`: AMD EPYC, 2 cores, AVX-512; Python 3.11, JAX
-  0.10.2): 431-627 s per run (median 506 s; 530-790 img/s), 4 h 20 min summed over three sittings;
-  the estimate was low by half. Test top-1, mean ± std over 3 seeds (docs/studies/mixer_vs_s2mlp_fmnist):
-  at 100% Mixer 84.68 ± 0.15, S²-MLP 85.25 ± 0.37, S²-MLPv2 85.06 ± 0.27 (a tie); at 10% 84.39 ± 0.30,
-  85.43 ± 0.08, 84.83 ± 0.68; at 1% 78.18 ± 0.42, 80.74 ± 0.14, 78.18 ± 0.20 (README, "Results on
-  Fashion-MNIST", says which differences are ties).
+  (configs/studies/__init__.py: computed from the measured rate, not measured): ~117 ms per step (~1,100
+  img/s), ~5 min per run, ~2.3 h for the study uncontended (about twice that when the machine is shared).
+  Measured (2026-12-05, `lscpu`: AMD EPYC, 2 cores, AVX-512; Python 3.11, JAX 0.10.2): 431-627 s per run
+  (median 506 s; 530-790 img/s), 4 h 20 min summed over three sittings; the estimate was low by half. Test
+  top-1, mean ± std over 3 seeds (docs/studies/mixer_vs_s2mlp_fmnist): at 100% Mixer 84.68 ± 0.15, S²-MLP
+  85.25 ± 0.37, S²-MLPv2 85.06 ± 0.27 (a tie); at 10% 84.39 ± 0.30, 85.43 ± 0.08, 84.83 ± 0.68; at 1% 78.18 ±
+  0.42, 80.74 ± 0.14, 78.18 ± 0.20 (README, "Results on Fashion-MNIST", says which differences are ties).
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets; ~1-2M-parameter models, 100 epochs.
 - ``imagenet``: the papers' ~55-60M models at 224², S²-MLPv2's recipe for all three: mixer_b16
   (12.6 GMACs), s2mlp_deep (10.5), s2mlpv2_medium (16.3). Compute per run: GMACs × 3 (forward
@@ -127,6 +125,7 @@ DIGITS = {  # configs/demo.py's recipe; total_steps sizes the study
 }
 FASHION_MNIST = {  # configs/fashion_mnist.py's recipe and data (the base is configs/common.py:v2), sized here
     **{k: v for k, v in studies.recipe(fashion_mnist.get_config()).items() if k != "num_epochs"},  # total_steps
+    **studies.FASHION_MNIST_AS_RUN,
     "total_steps": 2_400,  # at every fraction; ~3.8 min of training per run (an estimate, uncontended)
     "warmup_epochs": 0.5,
     "log_every_steps": 100,

@@ -21,18 +21,18 @@ The argument picks the data:
   patterns. The results in docs/studies/shift_ablation were trained before the subset was tied to
   the seed (one fifth, subset_seed=0, for all three seeds); they are to be rerun.
 - ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (Zalando's IDX files where Debian's
-  dataset-fashion-mnist puts them, 28×28, the whole 60,000-image train split, the 10,000 test
-  images) with a smaller S²-MLP than its own: patch 2 (the config's uses 4), width 48, 4 blocks,
-  mlp_ratio 2, 58,234 parameters and
-  10.95 M MACs per image for every pattern (the shift has no weights and no MACs). Patch 2 leaves
-  a 14×14 token grid, the grid of Table 7's models (patch 16 at 224²); width 48 splits into the
-  eight groups of ``eight``. 11 patterns × 3 seeds = 33 runs of 3 epochs each (1,404 steps at
-  batch 128, a fixed number of steps: every run sees the whole train split), eval every epoch.
-  Compute per run: 10.95 M MACs × 3 (forward and backward) × 128 × 1,404 ≈ 5.9 T MACs of training
-  (+0.3 T for the three evals); ≈ 0.2 P MACs for the study. Estimated on the 2-core CPU
-  (configs/studies/__init__.py: computed from the measured rate, not measured): ~185 ms per step
-  (~690 img/s), ~4.6 min per run, ~2.5 h for the study uncontended (about twice that when the
-  machine is shared). Not yet run.
+  dataset-fashion-mnist puts them, 28×28, the whole 60,000-image train split, the 10,000 test images; the
+  recipe's crop and DropPath as the study first ran them, ``studies.FASHION_MNIST_AS_RUN``) with a smaller
+  S²-MLP than its own: patch 2 (the config's uses 4), width 48, 4 blocks, mlp_ratio 2, 58,234 parameters and
+  10.95 M MACs per image for every pattern (the shift has no weights and no MACs). Patch 2 leaves a 14×14
+  token grid, the grid of Table 7's models (patch 16 at 224²); width 48 splits into the eight groups of
+  ``eight``. 11 patterns × 3 seeds = 33 runs of 3 epochs each (1,404 steps at batch 128, a fixed number of
+  steps: every run sees the whole train split), eval every epoch. Compute per run: 10.95 M MACs × 3 (forward
+  and backward) × 128 × 1,404 ≈ 5.9 T MACs of training (+0.3 T for the three evals); ≈ 0.2 P MACs for the
+  study. Estimated on the 2-core CPU (configs/studies/__init__.py: computed from the measured rate, not
+  measured): ~185 ms per step (~690 img/s), ~4.6 min per run, ~2.5 h for the study uncontended (about twice
+  that when the machine is shared). Measured (2026-12-05, AMD EPYC, 2 cores, AVX-512): ~460 img/s, ~7 min a
+  run uncontended, ~3.9 h for the study: the estimate is low by a third. In progress: 2 of 33 runs done.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets (``--config.data.data_dir`` where they
   are prepared); a wider S²-MLP for 100 epochs, S²-MLP's DeiT recipe. An accelerator run.
 - ``imagenet100``: Table 7 as the paper ran it (§4.2): S²-MLP-wide (configs/s2mlp_wide.py: the
@@ -82,6 +82,7 @@ DIGITS = {
 FASHION_MNIST = {  # configs/fashion_mnist.py (its recipe and data) with a smaller S²-MLP at patch 2, 3 epochs
     # 14×14 tokens (Table 7's grid; the config's own model uses patch 4) of width 48 (8 shift groups of 6
     # channels), 4 blocks: 58,234 parameters, 10.95 M MACs.
+    **studies.FASHION_MNIST_AS_RUN,
     "model.overrides.patch_size": 2,
     "model.overrides.hidden_dim": 48,
     "model.overrides.num_blocks": 4,
