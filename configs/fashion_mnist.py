@@ -74,7 +74,8 @@ def get_config(model: str = "s2mlp"):
     config.data.normalization = "minus_one_to_one"  # no ImageNet colour statistics for grey images
     config.image_size = 28
 
-    config.augment.ops = "resize|pad_crop(2)|flip|normalize|erase(0.25)"  # resize: none at 28×28, the uint8 pixels
+    # A chain starts by turning the record into uint8 pixels at image_size: at 28×28 `resize` passes them through.
+    config.augment.ops = "resize|pad_crop(2)|flip|normalize|erase(0.25)"
     config.augment.mixup = 0.0
     config.augment.cutmix = 0.0
     config.augment.label_smoothing = 0.1
