@@ -8,7 +8,8 @@ Runs are grouped into configurations (identical config.json except ``seed`` and 
 per configuration with the fields that vary (short names), the final and the best held-out top-1
 (mean ± sample std over seeds, and n), parameters and forward GMACs (from the model code, no
 compile), the median logged train images/s, steps done / total, and the mean wall time per run
-(from the study runner's ``result.json``). The EMA top-1 (``eval_ema_top1``) is used where a run
+(from the study runner's ``result.json``; a run resumed from a checkpoint is timed from its last start
+only, so it is left out of that mean and named in the caption). The EMA top-1 (``eval_ema_top1``) is used where a run
 logs it. A study's runs that have no workdir yet are listed on one "not started" line.
 Writes ``report.md``, ``top1_vs_step.png`` and, where configurations differ in MACs,
 ``top1_vs_gmacs.png`` (final top-1 against forward MACs), else ``top1_by_config.png`` (final
@@ -224,7 +225,7 @@ def table(rows: list[Row], varying: list[str], key: str) -> str:
             lines.append("| " + " | ".join([*label, "no metrics yet", *["—"] * 6]) + " |")
             continue
         ips = [m["images_per_s"] for r in row.runs for m in r.metrics.values() if "images_per_s" in m]
-        walls = [r.result["wall_s"] for r in row.runs if r.result]
+        walls = [r.result["wall_s"] for r in row.runs if r.result and not r.result.get("resumed_from_step")]
         cells = [
             mean_std(row.final),
             mean_std(row.best),
@@ -397,6 +398,12 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         f"Machine: {machine()}. Total wall time of the finished runs: {hms(sum(walls))}"
         + (f"; {unfinished} run(s) not finished." if unfinished else ".")
     )
+    resumed = sorted(r.name for r in runs if r.result and r.result.get("resumed_from_step"))
+    if resumed:  # study.py times the attempt that finished a run; the time of the attempts before is unknown
+        caption += (
+            f" {len(resumed)} run(s) resumed from a checkpoint ({', '.join(resumed)}): their wall time counts "
+            "the last attempt only, so they are left out of the wall time per run and the total is a lower bound."
+        )
     models = {}  # the model behind each configuration, where models differ: name (overrides), once each
     for row in rows:
         if "workdir" not in row.label and any(k.startswith("model.") for k in varying):

@@ -385,6 +385,19 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_leaves_resumed_runs_out_of_the_wall_time_per_run_and_names_them(tmp_path):
+    _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7], result={"wall_s": 60, "resumed_from_step": None})
+    _workdir(tmp_path / "a1", 1, "ss1", [0.4, 0.8], result={"wall_s": 10, "resumed_from_step": 12})
+    _workdir(tmp_path / "b0", 0, "none", [0.3, 0.3], result={"wall_s": 30, "resumed_from_step": 5})
+    assert report.main([str(tmp_path / n) for n in ("a0", "a1", "b0")] + [f"--out={tmp_path / 'out'}"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    # a1's 10 s is its last attempt only: ss1's wall per run is a0's alone; b0 has no run timed whole.
+    assert "| shift_pattern=ss1 | s2mlp_tiny | 75.00 ± 7.07 (2) |" in text and "| 10/20 | 0:01:00 |" in text
+    assert "| shift_pattern=none | s2mlp_tiny | 30.00 (1) | 30.00 (1) | 14,826 | 0.222 | 150 | 10/20 | — |" in text
+    assert "Total wall time of the finished runs: 0:01:40." in text
+    assert "2 run(s) resumed from a checkpoint (a1, b0): their wall time counts the last attempt only" in text
+
+
 def test_report_on_a_partly_run_study_lists_the_runs_not_started_on_one_line(tmp_path):
     s = tmp_path / "s"
     names = [f"shift={p},seed={k}" for p in ("ss1", "none", "up") for k in (0, 1)]
