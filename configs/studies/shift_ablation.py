@@ -32,7 +32,7 @@ The argument picks the data:
   study. Estimated on the 2-core CPU (configs/studies/__init__.py: computed from the measured rate, not
   measured): ~185 ms per step (~690 img/s), ~4.6 min per run, ~2.5 h for the study uncontended (about twice
   that when the machine is shared). Measured (2026-12-05, AMD EPYC, 2 cores, AVX-512): ~460 img/s, ~7 min a
-  run uncontended, ~3.9 h for the study: the estimate is low by a third. In progress: 2 of 33 runs done.
+  run uncontended, ~3.9 h for the study: the estimate is low by a third. In progress: 6 of 33 runs done.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets (``--config.data.data_dir`` where they
   are prepared); a wider S²-MLP for 100 epochs, S²-MLP's DeiT recipe. An accelerator run.
 - ``imagenet100``: Table 7 as the paper ran it (§4.2): S²-MLP-wide (configs/s2mlp_wide.py: the
