@@ -9,8 +9,8 @@ per configuration with the fields that vary (short names), the final and the bes
 (mean ± sample std over seeds, and n), parameters and forward GMACs (from the model code, no
 compile), the median logged train images/s, steps done / total, and the mean wall time per run
 (from the study runner's ``result.json``; a run resumed from a checkpoint is timed from its last start
-only, so it is left out of that mean and named in the caption). The EMA top-1 (``eval_ema_top1``) is used where a run
-logs it. A study's runs that have no workdir yet are listed on one "not started" line.
+only, so it is left out of that mean and named in the caption). The EMA top-1 (``eval_ema_top1``) is
+used where a run logs it. A study's runs that have no workdir yet are listed on one "not started" line.
 Writes ``report.md``, ``top1_vs_step.png`` and, where configurations differ in MACs,
 ``top1_vs_gmacs.png`` (final top-1 against forward MACs), else ``top1_by_config.png`` (final
 top-1 per configuration with its spread over seeds) into the output directory (default: the study
@@ -207,6 +207,11 @@ def _finished(run: RunInfo) -> bool:
     return bool(run.metrics and total and max(run.metrics) >= total)
 
 
+def _resumed(run: RunInfo) -> bool:
+    """Finished after a resume: study.py timed only the last attempt, the attempts before are unknown."""
+    return bool(run.result and run.result.get("resumed_from_step"))
+
+
 def _steps(row: Row) -> str:
     done = [max(r.metrics) if r.metrics else 0 for r in row.runs]
     total = row.runs[0].config and row.runs[0].config.get("total_steps")
@@ -225,7 +230,7 @@ def table(rows: list[Row], varying: list[str], key: str) -> str:
             lines.append("| " + " | ".join([*label, "no metrics yet", *["—"] * 6]) + " |")
             continue
         ips = [m["images_per_s"] for r in row.runs for m in r.metrics.values() if "images_per_s" in m]
-        walls = [r.result["wall_s"] for r in row.runs if r.result and not r.result.get("resumed_from_step")]
+        walls = [r.result["wall_s"] for r in row.runs if r.result and not _resumed(r)]
         cells = [
             mean_std(row.final),
             mean_std(row.best),
@@ -398,8 +403,8 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         f"Machine: {machine()}. Total wall time of the finished runs: {hms(sum(walls))}"
         + (f"; {unfinished} run(s) not finished." if unfinished else ".")
     )
-    resumed = sorted(r.name for r in runs if r.result and r.result.get("resumed_from_step"))
-    if resumed:  # study.py times the attempt that finished a run; the time of the attempts before is unknown
+    resumed = sorted(r.name for r in runs if _resumed(r))
+    if resumed:
         caption += (
             f" {len(resumed)} run(s) resumed from a checkpoint ({', '.join(resumed)}): their wall time counts "
             "the last attempt only, so they are left out of the wall time per run and the total is a lower bound."
