@@ -23,16 +23,15 @@ The argument picks the data:
 - ``fashion_mnist``: configs/fashion_mnist.py's data and recipe (Zalando's IDX files where Debian's
   dataset-fashion-mnist puts them, 28×28, the whole 60,000-image train split, the 10,000 test images; the
   recipe's crop and DropPath as the study first ran them, ``studies.FASHION_MNIST_AS_RUN``) with a smaller
-  S²-MLP than its own: patch 2 (the config's uses 4), width 48, 4 blocks, mlp_ratio 2, 58,234 parameters and
-  10.95 M MACs per image for every pattern (the shift has no weights and no MACs). Patch 2 leaves a 14×14
-  token grid, the grid of Table 7's models (patch 16 at 224²); width 48 splits into the eight groups of
-  ``eight``. 11 patterns × 3 seeds = 33 runs of 3 epochs each (1,404 steps at batch 128, a fixed number of
-  steps: every run sees the whole train split), eval every epoch. Compute per run: 10.95 M MACs × 3 (forward
-  and backward) × 128 × 1,404 ≈ 5.9 T MACs of training (+0.3 T for the three evals); ≈ 0.2 P MACs for the
-  study. Estimated on the 2-core CPU (configs/studies/__init__.py: computed from the measured rate, not
-  measured): ~185 ms per step (~690 img/s), ~4.6 min per run, ~2.5 h for the study uncontended (about twice
-  that when the machine is shared). Measured (2026-12-05, AMD EPYC, 2 cores, AVX-512): ~460 img/s, ~7 min a
-  run uncontended, ~3.9 h for the study: the estimate is low by a third. In progress: 6 of 33 runs done.
+  S²-MLP than its own: patch 2 (the config's uses 4), width 32, 4 blocks, mlp_ratio 2, 26,538 parameters and
+  4.89 M MACs per image for every pattern (the shift has no weights and no MACs). Patch 2 leaves a 14×14
+  token grid, the grid of Table 7's models (patch 16 at 224²); width 32 splits into the eight groups of
+  ``eight``. 11 patterns × 3 seeds = 33 runs of 2 epochs each (936 steps at batch 128, a fixed number of
+  steps: every run sees the whole train split twice), eval every epoch. Sized to the 2-hour budget: a first
+  sizing (width 48, 3 epochs: 58,234 parameters, 10.95 M MACs) measured ~460 img/s and ~7 min a run
+  uncontended, ~3.9 h for the study; pilots of 200 steps (2026-12-05, AMD EPYC, 2 cores, AVX-512) gave
+  ~420 img/s at width 48 and ~650 img/s at width 32 (the small model is bound by its elementwise work, not
+  its MACs), so width 32 and 2 epochs: ~3 min of training and ~35 s of start-up, compilation and evals per run.
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets (``--config.data.data_dir`` where they
   are prepared); a wider S²-MLP for 100 epochs, S²-MLP's DeiT recipe. An accelerator run.
 - ``imagenet100``: Table 7 as the paper ran it (§4.2): S²-MLP-wide (configs/s2mlp_wide.py: the
@@ -55,7 +54,7 @@ The argument picks the data:
   i.e. about 72 GPU-hours on an A100 at 40% of its 312 bf16 TFLOP/s (about 22 H100-hours at 40%
   of 989), so 11 runs ≈ 800 A100-hours.
 
-All sizes are in the knobs below; pilot runs sized the digits, the fashion_mnist sizes are computed.
+All sizes are in the knobs below; pilot runs sized the digits and fashion_mnist.
 """
 
 from configs import studies
@@ -79,14 +78,14 @@ DIGITS = {
     "eval_every_steps": 50,  # the top-1-vs-step curve of the report
     "checkpoint_every_steps": 100,
 }
-FASHION_MNIST = {  # configs/fashion_mnist.py (its recipe and data) with a smaller S²-MLP at patch 2, 3 epochs
-    # 14×14 tokens (Table 7's grid; the config's own model uses patch 4) of width 48 (8 shift groups of 6
-    # channels), 4 blocks: 58,234 parameters, 10.95 M MACs.
+FASHION_MNIST = {  # configs/fashion_mnist.py (its recipe and data) with a smaller S²-MLP at patch 2, 2 epochs
+    # 14×14 tokens (Table 7's grid; the config's own model uses patch 4) of width 32 (8 shift groups of 4
+    # channels), 4 blocks: 26,538 parameters, 4.89 M MACs. Sized to ~2 h for the study on the 2-core CPU.
     **studies.FASHION_MNIST_AS_RUN,
     "model.overrides.patch_size": 2,
-    "model.overrides.hidden_dim": 48,
+    "model.overrides.hidden_dim": 32,
     "model.overrides.num_blocks": 4,
-    "num_epochs": 3,  # 1,404 steps at batch 128; ~4.3 min of training per run (an estimate, uncontended)
+    "num_epochs": 2,  # 936 steps at batch 128; ~3 min of training per run (pilot: ~650 img/s, uncontended)
     "warmup_epochs": 0.5,
     "log_every_steps": 100,
     "eval_every_steps": 468,  # every epoch
