@@ -42,8 +42,17 @@ k); each round only makes a new iterator. images/s is the median [min–max] ove
 crop+flip" and "vs decode floor" divide a row's median by that anchor's median at the same k, so they
 hold on any host. After the table, the targets at 1 core (printed, never asserted): train
 crop+flip ≥ 0.9× plain crop+flip, full v2 recipe ≥ 0.5× plain crop+flip, eval ≥ 0.8× decode floor,
-and the full recipe's per-core scaling from 1 core to the largest k (linear ≈ 1.0). Needs TensorFlow
-and ml_collections (imported here only).
+and the full recipe's per-core scaling from 1 core to the largest k (linear ≈ 1.0).
+
+Then, at 1 core, the **per-op cost table**: each op of the chain registry (s2mlp/augment_chain.py) once, with
+where it may run. Its host cost is timed in the same rounds as the table above, as the repo's iterator of a
+chain (``PER_OP``): a decoding op's (``inception_crop`` bicubic and bilinear, ``resize``) is its whole
+pipeline's ms per image (file read, decode, resize, batching, with the uint8 batch sent on ``to_device``); every
+other op's is the ms per image of the chain through it minus that of the chain without it, paired round by round
+(so a cheap op can read slightly negative on a noisy machine). Its device cost is the op alone,
+``s2mlp.augment.apply`` jitted on a batch of ``--batch`` random uint8 images of ``--image_size`` (erase: on
+normalised ones) on JAX's default backend, timed ``--repeats`` times after a compile. Needs TensorFlow and
+ml_collections (imported here only).
 """
 
 from __future__ import annotations
@@ -85,6 +94,22 @@ PIPELINES = (
     TRAIN_TO_DEVICE,
     EVAL,
 )  # fmt: skip  (timing order within a round)
+# The per-op cost table (1 core): (op as a chain writes it, the host chain timed with it, the chain without it).
+# An op's host cost is the time per image of its chain minus that of the chain without it, in the same round; a
+# decoding op's is its whole chain's (file read, decode, resize, batching). Chains that end on uint8 send their
+# batches to the device (`to_device|normalize`, not timed); `normalize` therefore also pays for float32 batches.
+_CROP, _FLIP, _RANDAUG = "inception_crop(0.08)", "flip", "randaugment(2, 9, 0.5)"
+PER_OP = (
+    (_CROP, _CROP, None),
+    ("inception_crop(0.08, 'bilinear')", "inception_crop(0.08, 'bilinear')", None),
+    ("resize", "resize", None),
+    (_FLIP, f"{_CROP}|{_FLIP}", _CROP),
+    ("pad_crop(4)", f"{_CROP}|pad_crop(4)", _CROP),
+    (_RANDAUG, f"{_CROP}|{_FLIP}|{_RANDAUG}", f"{_CROP}|{_FLIP}"),
+    ("normalize", f"{_CROP}|{_FLIP}|{_RANDAUG}|normalize", f"{_CROP}|{_FLIP}|{_RANDAUG}"),
+    ("erase(0.25)", f"{_CROP}|{_FLIP}|{_RANDAUG}|normalize|erase(0.25)", f"{_CROP}|{_FLIP}|{_RANDAUG}|normalize"),
+)
+PER_OP_COLUMNS = ("op", "runs on", "host ms/image (1 core)", "host: timed as", "device ms/image (jitted)")
 WARMUP_BATCHES = 2
 WINDOW_BATCHES = 4
 ANCHOR_SEED = 0
@@ -221,6 +246,84 @@ def to_device_config(config):
     return chain_variant(config, edit)
 
 
+def host_chain(chain: str) -> str:
+    """`chain` as a whole recipe: a chain of host ops ending on uint8 sends its batches to the device (the
+    `to_device|normalize` after it, not timed here)."""
+    from s2mlp import augment_chain
+
+    try:
+        augment_chain.parse(chain)  # ends on normalised images: a whole recipe already
+        return chain
+    except ValueError:
+        return f"{chain}|to_device|normalize"
+
+
+def last_op(chain: str):
+    """The last host op of `chain`, parsed (s2mlp/augment_chain.py): the op a PER_OP row times."""
+    from s2mlp import augment_chain
+
+    return augment_chain.parse(host_chain(chain)).host[-1]
+
+
+def host_chain_config(config, chain: str):
+    """A copy of `config` whose recipe is `host_chain(chain)`."""
+    config = config.copy_and_resolve_references()
+    config.augment.ops = host_chain(chain)
+    return config
+
+
+def device_costs(config, batch: int, repeats: int) -> dict[str, list[float]]:
+    """{op text: ms per image of each timed call} for every op of PER_OP that can run on the device: the op alone,
+    jitted on a batch of `batch` uint8 images of config.image_size (erase: on normalised ones), as the train step
+    runs it (`s2mlp.augment.apply`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from s2mlp import augment, preprocessing
+
+    size, norm = config.image_size, config.data.normalization
+    images = jax.random.randint(jax.random.key(0), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
+    floats = augment.normalize(images, *preprocessing.mean_std(norm))
+    out = {}
+    for text, chain, _ in PER_OP:
+        op = last_op(chain)
+        if not op.spec.device:
+            continue
+        run = jax.jit(lambda x, key, ops=(op,): augment.apply(ops, x, key, norm))
+        x = floats if op.spec.takes == "float" else images
+        run(x, jax.random.key(2)).block_until_ready()  # compile
+        times = []
+        for r in range(repeats):
+            start = time.perf_counter()
+            run(x, jax.random.key(3 + r)).block_until_ready()
+            times.append(1000 * (time.perf_counter() - start) / batch)
+        out[text] = times
+    return out
+
+
+def per_op_rows(host_rates: dict[str, list[float]], device_ms: dict[str, list[float]]) -> list[dict]:
+    """The per-op cost table's rows: host ms/image per round (an op's chain minus the chain without it), device ms."""
+    from benchmarks.common import spread
+
+    rows = []
+    for text, chain, base in PER_OP:
+        spec = last_op(chain).spec
+        ms = [1000 / r for r in host_rates[chain]]
+        if base is not None:
+            ms = [a - 1000 / b for a, b in zip(ms, host_rates[base], strict=True)]
+        device = device_ms.get(text)
+        row = {"op": text, "host_ms": ms, "device_ms": device}
+        row["cells"] = [
+            text,
+            "host, device" if spec.device else "host",
+            spread(ms),
+            f"added to {base.replace('|', ' + ')}" if base else "the whole pipeline",
+            spread(device) if device else "—",
+        ]
+        rows.append(row)
+    return rows
+
+
 def augment_text(config) -> str:
     return f"augment.ops={config.augment.ops!r}"
 
@@ -268,6 +371,7 @@ def targets(medians: dict, core_counts: list[int]) -> list[str]:
 
 
 def main(args, argv: list[str], started: str) -> dict:
+    import jax
     import tensorflow as tf
 
     import input_pipeline
@@ -297,9 +401,12 @@ def main(args, argv: list[str], started: str) -> dict:
         full.batch_size = full.eval_batch_size = batch
         crop_flip = crop_flip_config(full)
         bilinear, to_device = bilinear_config(crop_flip), to_device_config(full)
+        op_configs = {chain: host_chain_config(full, chain) for _, chain, _ in PER_OP} if 1 in core_counts else {}
+        op_rates = {chain: [] for chain in op_configs}
+        device_ms = {}
         pinning = True
         for cores in core_counts:
-            for config in (full, crop_flip, bilinear, to_device):
+            for config in (full, crop_flip, bilinear, to_device, *op_configs.values()):
                 config.data.num_threads = cores  # tf.data's private pool: k threads
             with pinned(allowed[:cores]) as ok:
                 pinning &= ok
@@ -316,9 +423,14 @@ def main(args, argv: list[str], started: str) -> dict:
                     TRAIN_TO_DEVICE: to_device_data.train_iterator,
                     EVAL: full_data.eval_iterator,
                 }
+                op_data = {chain: input_pipeline.build(c) for chain, c in op_configs.items()} if cores == 1 else {}
                 for _ in range(args.repeats):  # rounds: every pipeline once, same order, one iterator alive
                     for name in PIPELINES:
                         rates[name, cores].append(window_rate(makers[name], batch))
+                    for chain, data in op_data.items():
+                        op_rates[chain].append(window_rate(data.train_iterator, batch))
+                if cores == 1:
+                    device_ms = device_costs(full, batch, args.repeats)
     medians = {key: statistics.median(values) for key, values in rates.items()}
     rows = []
     for cores in core_counts:
@@ -342,6 +454,8 @@ def main(args, argv: list[str], started: str) -> dict:
             ]  # fmt: skip
             rows.append(row)
     target_lines = targets(medians, core_counts)
+    op_rows = per_op_rows(op_rates, device_ms) if op_rates else []
+    device_backend = jax.default_backend() if op_rows else ""
 
     extra = [
         f"tensorflow {tf.__version__}; {args.num_images} JPEGs; anchors: plain tf.data on the files' bytes read "
@@ -364,8 +478,16 @@ def main(args, argv: list[str], started: str) -> dict:
         + "\n".join(f"- {line}" for line in target_lines)
         + "\n"
     )
+    if op_rows:
+        text += (
+            f"\nPer op, at 1 core (ms per image, median [min–max] over rounds; the plain crop+flip anchor takes "
+            f"{fmt(1000 / medians[PLAIN_CROP_FLIP, 1])} ms, the decode floor {fmt(1000 / medians[DECODE_FLOOR, 1])} "
+            f"ms; device: the op alone, jitted on {batch} images, JAX backend {device_backend}):\n\n"
+            + markdown_table(PER_OP_COLUMNS, op_rows)
+            + "\n"
+        )
     print(text)
     if args.output:
         with open(args.output, "a") as f:
             f.write(text + "\n")
-    return {"rows": rows, "markdown": text, "targets": target_lines}
+    return {"rows": rows, "markdown": text, "targets": target_lines, "per_op": op_rows}

@@ -145,6 +145,7 @@ def test_input_pipeline_table(capsys):
     pytest.importorskip("tensorflow")
     pytest.importorskip("ml_collections")
     from benchmarks import input_throughput as it
+    from s2mlp import augment_chain
 
     out = run.main(
         ["--input_pipeline", "--input_cores=1", "--num_images=4", "--jpeg_size=64,48", "--image_size=32", "--batch=4"]
@@ -171,3 +172,21 @@ def test_input_pipeline_table(capsys):
     assert all(re.search(r"\d\.\d\d× (PASS|MISS)$", line) for line in out["targets"][:-1])
     assert "not measured" in out["targets"][-1]
     assert out["markdown"] in capsys.readouterr().out
+    # The per-op cost table: every registered op once, its placement as registered, a host cost (a decoding op's
+    # whole pipeline; another op's chain minus the chain without it) and a device cost where it can run there.
+    header, rows = tables(out["markdown"])[1]
+    assert tuple(header) == it.PER_OP_COLUMNS
+    assert [r[0] for r in rows] == [text for text, _, _ in it.PER_OP]
+    assert {it.last_op(chain).name for _, chain, _ in it.PER_OP} == set(augment_chain.OPS)
+    for (text, chain, base), row in zip(it.PER_OP, rows, strict=True):
+        cells = dict(zip(header, row, strict=True))
+        spec = augment_chain.OPS[it.last_op(chain).name]
+        assert it.last_op(chain).text == text
+        assert cells["runs on"] == ("host, device" if spec.device else "host")
+        host = numbers(cells["host ms/image (1 core)"])
+        assert all(math.isfinite(v) for v in host) and (base is not None or min(host) > 0)
+        assert cells["host: timed as"] == (f"added to {base.replace('|', ' + ')}" if base else "the whole pipeline")
+        if spec.device:
+            assert all(v > 0 for v in numbers(cells["device ms/image (jitted)"]))
+        else:
+            assert cells["device ms/image (jitted)"] == "—"
