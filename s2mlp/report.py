@@ -202,8 +202,14 @@ def hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def _finished(run: RunInfo) -> bool:
+def _total_steps(run: RunInfo) -> int | None:
+    """config.total_steps; for a config counted in epochs (total_steps 0), a finished run's last step."""
     total = run.config and run.config.get("total_steps")
+    return total or (max(run.metrics) if run.result and run.metrics else None)
+
+
+def _finished(run: RunInfo) -> bool:
+    total = _total_steps(run)
     return bool(run.metrics and total and max(run.metrics) >= total)
 
 
@@ -214,8 +220,8 @@ def _resumed(run: RunInfo) -> bool:
 
 def _steps(row: Row) -> str:
     done = [max(r.metrics) if r.metrics else 0 for r in row.runs]
-    total = row.runs[0].config and row.runs[0].config.get("total_steps")
-    return f"{min(done)}/{total or '?'}" if len(set(done)) == 1 else f"{min(done)}-{max(done)}/{total or '?'}"
+    total = max((t for t in map(_total_steps, row.runs) if t), default="?")
+    return f"{min(done)}/{total}" if len(set(done)) == 1 else f"{min(done)}-{max(done)}/{total}"
 
 
 def table(rows: list[Row], varying: list[str], key: str) -> str:
@@ -390,7 +396,8 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         text += f"\n\nNot started ({len(not_started)}): " + ", ".join(not_started)
     walls = [r.result["wall_s"] for r in runs if r.result]
     unfinished = sum(1 for r in runs if not (r.result or _finished(r)))
-    shown = [k for k in CAPTION_FIELDS if k in common and not (k == "num_epochs" and common.get("total_steps"))]
+    by_steps = bool(common.get("total_steps"))  # else the config counts epochs: show num_epochs, not total_steps=0
+    shown = [k for k in CAPTION_FIELDS if k in common and k != ("num_epochs" if by_steps else "total_steps")]
     settings = ", ".join(f"{k}={_fmt(common[k])}" for k in shown)
     overrides = {k.removeprefix("model.overrides."): v for k, v in common.items() if k.startswith("model.overrides.")}
     if overrides:

@@ -398,6 +398,20 @@ def test_report_leaves_resumed_runs_out_of_the_wall_time_per_run_and_names_them(
     assert "2 run(s) resumed from a checkpoint (a1, b0): their wall time counts the last attempt only" in text
 
 
+def test_report_of_runs_counted_in_epochs_takes_a_finished_runs_last_step_as_its_total(tmp_path):
+    # total_steps=0 with num_epochs: the config does not give the step count, a finished run (result.json) does.
+    _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7], result={"wall_s": 60}, total_steps=0, num_epochs=2)
+    _workdir(tmp_path / "b0", 0, "none", [0.3], total_steps=0, num_epochs=2)  # still training: no total known
+    for name in ("a0", "b0"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config |= {k: config["model"]["overrides"].pop(k) for k in ("total_steps", "num_epochs")}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    assert report.main([str(tmp_path / "a0"), str(tmp_path / "b0"), f"--out={tmp_path / 'out'}"]) == 0
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| 150 | 10/10 | 0:01:00 |" in text and "| 100 | 5/? | — |" in text
+    assert "image_size=16, num_epochs=2" in text and "total_steps" not in text
+
+
 def test_report_on_a_partly_run_study_lists_the_runs_not_started_on_one_line(tmp_path):
     s = tmp_path / "s"
     names = [f"shift={p},seed={k}" for p in ("ss1", "none", "up") for k in (0, 1)]
