@@ -32,6 +32,9 @@ The argument picks the data:
   uncontended, ~3.9 h for the study; pilots of 200 steps (2026-12-05, AMD EPYC, 2 cores, AVX-512) gave
   ~420 img/s at width 48 and ~650 img/s at width 32 (the small model is bound by its elementwise work, not
   its MACs), so width 32 and 2 epochs: ~3 min of training and ~35 s of start-up, compilation and evals per run.
+  Measured (2026-12-05 22:09 to 12-06 00:07 UTC, same machine, one sitting): 1 h 57 min for the 33 runs, 190-270 s
+  a run (median 206 s), ~630 img/s. Results: docs/studies/shift_ablation_fmnist and the README (eight 69.2%, ss1
+  66.4%, none 46.9% after 2 epochs).
 - ``cifar10``, ``cifar100``, ``imagenette``: tfds datasets (``--config.data.data_dir`` where they
   are prepared); a wider S²-MLP for 100 epochs, S²-MLP's DeiT recipe. An accelerator run.
 - ``imagenet100``: Table 7 as the paper ran it (§4.2): S²-MLP-wide (configs/s2mlp_wide.py: the
