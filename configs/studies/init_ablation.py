@@ -8,9 +8,9 @@ code the papers trained with); heads start at zero in both (docs/notes/initialis
 recipe and data are mixer_vs_s2mlp's digits setting (the two models match exactly in parameters and
 MACs) on a class-balanced 30% of the train split, each seed its own 30% (mixer_vs_s2mlp's
 ``study.tied``, kept here): 2 models × 2 inits × 3 seeds = 12 runs of 300 steps, about 40-60 s
-each on a 2-core CPU. The results in docs/studies/init_ablation drew one subset (subset_seed=0) for
-all seeds, before the subset was tied to the seed. The data argument is as in mixer_vs_s2mlp.py,
-but only ``digits`` is sized here.
+each on a 2-core CPU (measured 2026-12-06 on an AMD EPYC, 2 cores: 26-84 s a run, 8 min 55 s for the 12).
+docs/studies/init_ablation holds that run, each seed its own subset. The data argument is as in
+mixer_vs_s2mlp.py, but only ``digits`` is sized here.
 """
 
 from configs.studies import fields, mixer_vs_s2mlp
