@@ -94,20 +94,18 @@ PIPELINES = (
     TRAIN_TO_DEVICE,
     EVAL,
 )  # fmt: skip  (timing order within a round)
-# The per-op cost table (1 core): (op as a chain writes it, the host chain timed with it, the chain without it).
-# An op's host cost is the time per image of its chain minus that of the chain without it, in the same round; a
-# decoding op's is its whole chain's (file read, decode, resize, batching). Chains that end on uint8 send their
-# batches to the device (`to_device|normalize`, not timed); `normalize` therefore also pays for float32 batches.
-_CROP, _FLIP, _RANDAUG = "inception_crop(0.08)", "flip", "randaugment(2, 9, 0.5)"
+# The per-op cost table (1 core): one host chain per op, the op last. An op's host cost is the time per image of its
+# chain minus that of the chain without it (`split_last`), in the same round; a decoding op, alone in its chain, is
+# charged its whole chain (file read, decode, resize, batching). Chains that end on uint8 send their batches to the
+# device (`to_device|normalize`, not timed); `normalize` therefore also pays for float32 batches.
+_V2 = "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)".split("|")  # configs/common.py's v2
 PER_OP = (
-    (_CROP, _CROP, None),
-    ("inception_crop(0.08, 'bilinear')", "inception_crop(0.08, 'bilinear')", None),
-    ("resize", "resize", None),
-    (_FLIP, f"{_CROP}|{_FLIP}", _CROP),
-    ("pad_crop(4)", f"{_CROP}|pad_crop(4)", _CROP),
-    (_RANDAUG, f"{_CROP}|{_FLIP}|{_RANDAUG}", f"{_CROP}|{_FLIP}"),
-    ("normalize", f"{_CROP}|{_FLIP}|{_RANDAUG}|normalize", f"{_CROP}|{_FLIP}|{_RANDAUG}"),
-    ("erase(0.25)", f"{_CROP}|{_FLIP}|{_RANDAUG}|normalize|erase(0.25)", f"{_CROP}|{_FLIP}|{_RANDAUG}|normalize"),
+    _V2[0],
+    "inception_crop(0.08, 'bilinear')",
+    "resize",
+    "|".join(_V2[:2]),
+    f"{_V2[0]}|pad_crop(4)",
+    *("|".join(_V2[:k]) for k in (3, 4, 5)),
 )
 PER_OP_COLUMNS = ("op", "runs on", "host ms/image (1 core)", "host: timed as", "device ms/image (jitted)")
 WARMUP_BATCHES = 2
@@ -258,6 +256,12 @@ def host_chain(chain: str) -> str:
         return f"{chain}|to_device|normalize"
 
 
+def split_last(chain: str) -> tuple[str, str | None]:
+    """(the last op of `chain` as written, the chain without it; None for a chain of one op)."""
+    base, _, text = chain.rpartition("|")
+    return text, base or None
+
+
 def last_op(chain: str):
     """The last host op of `chain`, parsed (s2mlp/augment_chain.py): the op a PER_OP row times."""
     from s2mlp import augment_chain
@@ -285,7 +289,7 @@ def device_costs(config, batch: int, repeats: int) -> dict[str, list[float]]:
     images = jax.random.randint(jax.random.key(0), (batch, size, size, 3), 0, 256).astype(jnp.uint8)
     floats = augment.normalize(images, *preprocessing.mean_std(norm))
     out = {}
-    for text, chain, _ in PER_OP:
+    for chain in PER_OP:
         op = last_op(chain)
         if not op.spec.device:
             continue
@@ -297,7 +301,7 @@ def device_costs(config, batch: int, repeats: int) -> dict[str, list[float]]:
             start = time.perf_counter()
             run(x, jax.random.key(3 + r)).block_until_ready()
             times.append(1000 * (time.perf_counter() - start) / batch)
-        out[text] = times
+        out[op.text] = times
     return out
 
 
@@ -306,8 +310,8 @@ def per_op_rows(host_rates: dict[str, list[float]], device_ms: dict[str, list[fl
     from benchmarks.common import spread
 
     rows = []
-    for text, chain, base in PER_OP:
-        spec = last_op(chain).spec
+    for chain in PER_OP:
+        (text, base), spec = split_last(chain), last_op(chain).spec
         ms = [1000 / r for r in host_rates[chain]]
         if base is not None:
             ms = [a - 1000 / b for a, b in zip(ms, host_rates[base], strict=True)]
@@ -401,7 +405,7 @@ def main(args, argv: list[str], started: str) -> dict:
         full.batch_size = full.eval_batch_size = batch
         crop_flip = crop_flip_config(full)
         bilinear, to_device = bilinear_config(crop_flip), to_device_config(full)
-        op_configs = {chain: host_chain_config(full, chain) for _, chain, _ in PER_OP} if 1 in core_counts else {}
+        op_configs = {chain: host_chain_config(full, chain) for chain in PER_OP} if 1 in core_counts else {}
         op_rates = {chain: [] for chain in op_configs}
         device_ms = {}
         pinning = True
@@ -455,7 +459,6 @@ def main(args, argv: list[str], started: str) -> dict:
             rows.append(row)
     target_lines = targets(medians, core_counts)
     op_rows = per_op_rows(op_rates, device_ms) if op_rates else []
-    device_backend = jax.default_backend() if op_rows else ""
 
     extra = [
         f"tensorflow {tf.__version__}; {args.num_images} JPEGs; anchors: plain tf.data on the files' bytes read "
@@ -482,7 +485,7 @@ def main(args, argv: list[str], started: str) -> dict:
         text += (
             f"\nPer op, at 1 core (ms per image, median [min–max] over rounds; the plain crop+flip anchor takes "
             f"{fmt(1000 / medians[PLAIN_CROP_FLIP, 1])} ms, the decode floor {fmt(1000 / medians[DECODE_FLOOR, 1])} "
-            f"ms; device: the op alone, jitted on {batch} images, JAX backend {device_backend}):\n\n"
+            f"ms; device: the op alone, jitted on {batch} images, JAX backend {jax.default_backend()}):\n\n"
             + markdown_table(PER_OP_COLUMNS, op_rows)
             + "\n"
         )

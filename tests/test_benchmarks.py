@@ -176,9 +176,10 @@ def test_input_pipeline_table(capsys):
     # whole pipeline; another op's chain minus the chain without it) and a device cost where it can run there.
     header, rows = tables(out["markdown"])[1]
     assert tuple(header) == it.PER_OP_COLUMNS
-    assert [r[0] for r in rows] == [text for text, _, _ in it.PER_OP]
-    assert {it.last_op(chain).name for _, chain, _ in it.PER_OP} == set(augment_chain.OPS)
-    for (text, chain, base), row in zip(it.PER_OP, rows, strict=True):
+    assert [r[0] for r in rows] == [it.split_last(chain)[0] for chain in it.PER_OP]
+    assert {it.last_op(chain).name for chain in it.PER_OP} == set(augment_chain.OPS)
+    for chain, row in zip(it.PER_OP, rows, strict=True):
+        text, base = it.split_last(chain)
         cells = dict(zip(header, row, strict=True))
         spec = augment_chain.OPS[it.last_op(chain).name]
         assert it.last_op(chain).text == text

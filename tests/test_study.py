@@ -339,10 +339,11 @@ def test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs(tmp
     assert {n: (workdir / n / "metrics.jsonl").read_bytes() for n in NAMES} == before
 
 
-def _workdir(path: Path, seed: int, pattern: str, top1: list[float], *, ema=False, result=None, **overrides):
+def _workdir(path: Path, seed: int, pattern: str, top1: list[float], *, ema=False, result=None, fields=None,
+             **overrides):  # fmt: skip
     path.mkdir(parents=True)
     config = {"model": {"name": "s2mlp_tiny", "overrides": {"shift_pattern": pattern, **overrides}}, "seed": seed,
-              "image_size": 16, "data": {"name": "digits"}, "total_steps": 20}  # fmt: skip
+              "image_size": 16, "data": {"name": "digits"}, "total_steps": 20, **(fields or {})}  # fmt: skip
     (path / "config.json").write_text(json.dumps(config))
     key = "eval_ema_top1" if ema else "eval_top1"
     rows = [{"step": 5 * (i + 1), "loss": 1.0, "images_per_s": 100.0 * (i + 1)} for i in range(len(top1))]
@@ -400,12 +401,9 @@ def test_report_leaves_resumed_runs_out_of_the_wall_time_per_run_and_names_them(
 
 def test_report_of_runs_counted_in_epochs_takes_a_finished_runs_last_step_as_its_total(tmp_path):
     # total_steps=0 with num_epochs: the config does not give the step count, a finished run (result.json) does.
-    _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7], result={"wall_s": 60}, total_steps=0, num_epochs=2)
-    _workdir(tmp_path / "b0", 0, "none", [0.3], total_steps=0, num_epochs=2)  # still training: no total known
-    for name in ("a0", "b0"):
-        config = json.loads((tmp_path / name / "config.json").read_text())
-        config |= {k: config["model"]["overrides"].pop(k) for k in ("total_steps", "num_epochs")}
-        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    epochs = {"total_steps": 0, "num_epochs": 2}
+    _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7], result={"wall_s": 60}, fields=epochs)
+    _workdir(tmp_path / "b0", 0, "none", [0.3], fields=epochs)  # still training: no total known
     assert report.main([str(tmp_path / "a0"), str(tmp_path / "b0"), f"--out={tmp_path / 'out'}"]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| 150 | 10/10 | 0:01:00 |" in text and "| 100 | 5/? | — |" in text
