@@ -134,8 +134,14 @@ def learning_rate_schedule(options: OptimizerOptions, steps_per_epoch: int, tota
 
 
 def make_optimizer(options: OptimizerOptions, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW; no weight decay on biases and norm scales (every parameter with ndim < 2)."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    """AdamW; weight decay on the kernels only, not on biases and norm scales.
+
+    The mask goes by the leaf's name, not its rank: a scanned block stack (`scan=True`) gives each bias and scale a
+    leading block axis, and must be decayed as the unrolled blocks are."""
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
     adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=options.weight_decay, mask=decay_mask)
     if options.grad_clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(options.grad_clip_norm), adamw)

@@ -101,6 +101,23 @@ def test_remat_gives_the_same_gradients(case):
         _assert_trees_close(grads, scan_params(reference, unrolled))
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_recipe_optimizer_updates_scanned_as_unrolled(case):
+    """Weight decay spares biases and norm scales in both layouts (the scanned ones have a block axis, rank 2)."""
+    unrolled, _, params, _ = _setup(case)
+    config = tiny.get_config("s2mlp_tiny")
+    config.weight_decay = 0.5
+    tx = train_lib.make_optimizer(train_lib.OptimizerOptions.from_config(config), lambda step: 1.0)
+    zero = jax.tree.map(jnp.zeros_like, params)  # zero gradients: the update is the weight decay alone
+    update_u, _ = tx.update(zero, tx.init(params), params)
+    scanned_params = scan_params(params, unrolled)
+    update_s, _ = tx.update(scan_params(zero, unrolled), tx.init(scanned_params), scanned_params)
+    _assert_trees_close(update_s, scan_params(update_u, unrolled), rtol=0, atol=0)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(update_s):
+        decayed = path[-1].key == "kernel"
+        assert bool(np.any(leaf != 0)) == decayed, jax.tree_util.keystr(path)
+
+
 def test_drop_path_rates_per_block_are_linear_in_depth():
     """Unrolled blocks get rates 0, r/(N-1), ..., r; the scanned stack gets the same array as its scanned input."""
     model, _, params, x = _setup("s2mlp_tiny")
