@@ -478,18 +478,20 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
                 run.mngr.check_for_errors()
             pending.append(metrics)
             last = step == run.total_steps
-            if step % config.log_every_steps == 0 or last:
+            checkpoint = step % config.checkpoint_every_steps == 0 or last
+            # A row at each checkpoint too: a run resumed from it writes the rows an uninterrupted run writes.
+            if step % config.log_every_steps == 0 or checkpoint:
                 _write_train_metrics(run, state, step, pending, meter)
             evaluated = step % config.eval_every_steps == 0 or last
             if evaluated:
                 eval_metrics, confusion = _evaluate_now(run, state, step)
-            if step % config.checkpoint_every_steps == 0 or last:
+            if checkpoint:
                 saved = _save(run, state, step, eval_metrics if evaluated else None)
             if run.stop.should_stop(step) and not last:
                 if pending:
                     _write_train_metrics(run, state, step, pending, meter)
-                if step % config.checkpoint_every_steps:
-                    saved = _save(run, state, step, None)
+                if not checkpoint:
+                    saved = _save(run, state, step, eval_metrics if evaluated else None)
                 break
     if run.stop.received and step < run.total_steps:
         message = (

@@ -229,7 +229,7 @@ def test_two_processes_with_two_devices_each(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "process 1 of 2, 2 local / 4 global devices" in outputs[1]
     rows = _rows(tmp_path)  # written by process 0 only
-    assert sorted(_losses(tmp_path)) == [2, 4, 6]
+    assert sorted(_losses(tmp_path)) == [2, 3, 4, 6]  # logged every 2 steps and at the checkpoints
     assert [r["eval_num_examples"] for r in rows if "eval_num_examples" in r] == [300, 300]
     assert ckpt.locate(tmp_path)[1] == 6
 
@@ -245,3 +245,34 @@ def test_device_augmentation_resumes_bit_exact(tmp_path):
     shutil.rmtree(tmp_path / ckpt.CHECKPOINTS / "8")  # as if killed after the step-4 checkpoint
     train_lib.train_and_evaluate(config, str(tmp_path))
     assert _losses(tmp_path) == reference and sorted(reference) == list(range(1, 9))
+
+
+def test_rows_after_a_resume_are_the_uninterrupted_runs_when_logs_and_checkpoints_do_not_align(tmp_path):
+    """Logged every 3 steps, checkpointed every 4: a checkpoint step writes a row too, so resuming from step 4
+    rewrites exactly the rows (means over the same steps) that the uninterrupted run wrote."""
+    config = tiny.get_config("s2mlp_tiny")
+    config.total_steps, config.checkpoint_every_steps, config.eval_every_steps, config.log_every_steps = 8, 4, 8, 3
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    reference = _rows(tmp_path)
+    assert [r["step"] for r in reference if "loss" in r] == [3, 4, 6, 8]
+    shutil.rmtree(tmp_path / ckpt.CHECKPOINTS / "8")  # as if killed after the step-4 checkpoint
+    train_lib.train_and_evaluate(config, str(tmp_path))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]  # noqa: E731
+    assert strip(_rows(tmp_path)) == strip(reference)
+
+
+def test_a_stop_at_an_evaluated_step_saves_its_eval_metric(tmp_path, monkeypatch):
+    """SIGTERM at step 6 (evaluated, not a checkpoint step): the checkpoint saved there carries its eval top-1,
+    so the keep-the-best rule can rank it."""
+    config = tiny.get_config("s2mlp_tiny")
+    config.total_steps, config.checkpoint_every_steps, config.eval_every_steps, config.log_every_steps = 8, 4, 3, 1
+
+    def stop_at_6(self, step):
+        self.received = self.received or ("SIGTERM" if step == 6 else None)
+        return self.received is not None
+
+    monkeypatch.setattr(train_lib.runs.StopSignals, "should_stop", stop_at_6)
+    with pytest.raises(train_lib.Stopped, match="stopped by SIGTERM at step 6"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert ckpt.latest_step(tmp_path / ckpt.CHECKPOINTS) == 6
+    assert "metrics" in ckpt.saved_items(tmp_path / ckpt.CHECKPOINTS / "6")
