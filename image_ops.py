@@ -79,7 +79,9 @@ def resize(image, size, method: str = "bicubic") -> tf.Tensor:
 
 
 def eval_image(image, kind, size: int, crop_pct: float):
-    """Eval: resize the shorter side to size / crop_pct, centre-crop size x size (raw images, the digits: resize)."""
+    """Eval: resize the shorter side to size / crop_pct, centre-crop size x size.
+
+    Raw records (the digits, IDX files: `s2mlp.preprocessing.WHOLE_IMAGE_SOURCES`) are resized whole."""
     s = size
     image = decode(image, kind)
     if kind == "raw":

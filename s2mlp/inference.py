@@ -17,7 +17,8 @@ list of differing keys.
 pipeline (`input_pipeline`'s eval branch) with NumPy in and out
 (`s2mlp.preprocessing.preprocess`, re-exported here): resize the shorter side to
 ``floor(image_size / eval_crop_pct)`` (bicubic, antialiased, rounded to whole
-grey levels as the pipeline does), centre-crop ``image_size``, normalise with
+grey levels as the pipeline does), centre-crop ``image_size`` (the whole image for the digits and IDX
+files, whose eval ignores eval_crop_pct: `s2mlp.preprocessing.eval_crop_pct`), normalise with
 ``s2mlp.preprocessing.mean_std(config.data.normalization)``. On the same image
 it matches the tf.data pipeline to within one grey level (a rounding tie).
 """
@@ -36,7 +37,7 @@ from etils import epath
 
 from s2mlp import checkpoint as ckpt
 from s2mlp import models
-from s2mlp.preprocessing import preprocess, resize_bicubic
+from s2mlp.preprocessing import eval_crop_pct, preprocess, resize_bicubic
 
 __all__ = [
     "Classifier",
@@ -152,7 +153,7 @@ class Classifier:
         return preprocess(
             images,
             image_size=self.image_size,
-            crop_pct=float(self.config.data.eval_crop_pct),
+            crop_pct=eval_crop_pct(self.config.data),
             normalization=self.config.data.normalization,
         )
 

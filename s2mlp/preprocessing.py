@@ -110,6 +110,16 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([np.asarray(p, np.float32) for p in planes], axis=-1)
 
 
+# Sources held in memory as decoded images of one square size (the pipeline's 'raw' records): their eval resizes the
+# whole image to image_size (`image_ops.eval_image`) and config.data.eval_crop_pct does not apply.
+WHOLE_IMAGE_SOURCES = ("digits", "idx")
+
+
+def eval_crop_pct(data_config) -> float:
+    """The crop fraction of a run's eval (`config.data`): eval_crop_pct, 1.0 for WHOLE_IMAGE_SOURCES."""
+    return 1.0 if data_config.get("name") in WHOLE_IMAGE_SOURCES else float(data_config["eval_crop_pct"])
+
+
 def resize_shape(height: int, width: int, image_size: int, crop_pct: float) -> tuple[int, int]:
     """The size the shorter side is resized to before the centre crop, exactly as the tf.data pipeline computes it."""
     short = math.floor(image_size / crop_pct)

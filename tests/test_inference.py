@@ -237,6 +237,25 @@ def test_preprocess_matches_the_tf_eval_pipeline(tmp_path, config):
     assert np.mean(grey_levels > 1e-3) < 0.01
 
 
+def test_preprocess_matches_the_eval_pipeline_on_in_memory_images(config):
+    """The digits (like IDX files) are held in memory: their eval resizes the whole image, whatever eval_crop_pct
+    says, and a Classifier of such a run preprocesses as that eval did."""
+    import data_sources
+    import input_pipeline
+
+    config = config.copy_and_resolve_references()
+    config.data.eval_crop_pct, config.eval_batch_size = 0.875, 8
+    batch = next(input_pipeline.create_eval_iterator(config))
+    images, labels = data_sources._digits()[config.data.eval_split]
+    np.testing.assert_array_equal(batch["label"], labels[:8])
+    saved = json.loads(config.to_json_best_effort())  # the run's config.json
+    clf = inference.Classifier(model=None, params=None, config=inference.ConfigView(saved), class_names=[])
+    grey_levels = np.abs(clf.preprocess(images[:8]) - batch["image"]) * mean_std(config.data.normalization)[1]
+    assert grey_levels.max() <= 1.0 + 1e-3, grey_levels.max()  # a rounding tie at most
+    assert np.mean(grey_levels > 1e-3) < 0.01
+    assert inference.eval_crop_pct({"name": "directory", "eval_crop_pct": 0.875}) == 0.875
+
+
 def test_predict_returns_top_k_with_names(workdir):
     clf = inference.load(workdir)
     with warnings.catch_warnings():
