@@ -201,6 +201,11 @@ def parse(text: str, field: str = "config.augment.ops") -> Chain:
             placement = "device"
             continue
         op = _parse_op(part, f"{field}={text!r}: op {position} {part!r}")
+        if any(o.name == op.name for o in (device if placement == "device" else host)):
+            raise ValueError(
+                f"{field}={text!r}: op {position} {part!r}: {op.name} is already on the {placement}; an op appears "
+                "once there (its random draws are the op's own, so a second copy would repeat the first's)."
+            )
         spec = op.spec
         if spec.takes != kind:
             fix = {
@@ -221,6 +226,11 @@ def parse(text: str, field: str = "config.augment.ops") -> Chain:
         raise ValueError(f"{field}={text!r}: the chain must end with normalized images; add 'normalize'.")
     if placement == "device" and not device:
         raise ValueError(f"{field}={text!r}: no op follows {TO_DEVICE!r}; drop it or move ops after it.")
+    if device and host[-1].spec.gives == "float":
+        raise ValueError(
+            f"{field}={text!r}: {TO_DEVICE!r} comes after normalize; move it before normalize (the host sends uint8 "
+            "images to the device)."
+        )
     return Chain(tuple(host), tuple(device))
 
 

@@ -59,6 +59,9 @@ def test_to_device_splits_the_chain():
         ("to_device|resize|normalize", r"op 2 'resize' runs on the host only; move 'to_device' after it"),
         ("resize|to_device|normalize|to_device", r"'to_device' may appear once"),
         ("resize|normalize|to_device", r"no op follows 'to_device'"),
+        ("resize|normalize|to_device|erase(0.25)", r"'to_device' comes after normalize; move it before normalize"),
+        ("resize|flip|flip|normalize", r"op 3 'flip': flip is already on the host; an op appears once there"),
+        ("resize|to_device|flip|flip|normalize", r"op 4 'flip': flip is already on the device"),
     ],
 )
 def test_bad_chains_are_refused_naming_the_op_and_the_fix(text, message):
