@@ -431,6 +431,13 @@ TINY_FIELDS = {  # a valid set of fields per class; each case below spoils one
         (S2MLPv2, {"shift_patterns": ("ss1",)},
          f"shift_patterns=('ss1',) must be two patterns (branches 1 and 2) from {sorted(PATTERNS)}."),
         (MlpMixer, {"tokens_mlp_dim": 0}, "tokens_mlp_dim=0 must be a positive integer."),
+        (S2MLPv2, {"depths": 2}, "depths=2 must be a tuple of integers, one per stage."),
+        (S2MLPv2, {"hidden_dims": (16, "32")}, "hidden_dims=(16, '32') must be a tuple of integers, one per stage."),
+        (S2MLP, {"num_blocks": 2.5}, "num_blocks=2.5 must be an integer."),
+        (S2MLP, {"hidden_dim": None}, "hidden_dim=None must be an integer."),
+        (MlpMixer, {"drop_path_rate": "0.1"}, "drop_path_rate='0.1' must be a number."),
+        (S2MLP, {"shift_pattern": 8}, "shift_pattern=8 must be a string."),
+        (S2MLPv2, {"shift_patterns": "ss1"}, "shift_patterns='ss1' must be a tuple of strings."),
     ],
 )  # fmt: skip
 def test_each_class_checks_its_fields_with_the_registrys_messages(cls, bad, message):

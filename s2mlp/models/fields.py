@@ -7,6 +7,7 @@ builds the Module, so a bad field fails with one line naming it, before anything
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,20 @@ from s2mlp.models.layers import INITS
 # Each model class's ``input_divisor``: what image sides must be multiples of, its ``divisor_of`` its own fields
 # (a staticmethod, so that the registry checks an image size before it builds anything).
 INPUT_DIVISOR = property(lambda self: self.divisor_of(vars(self)), doc="Image sides must be multiples of this.")
+
+
+# Annotation (as written in the model classes) -> what a value of it is, for the type check of `common_fields`.
+_KINDS = {"int": "an integer", "float": "a number", "str": "a string",
+          "Sequence[int]": "a tuple of integers, one per stage", "Sequence[str]": "a tuple of strings"}  # fmt: skip
+
+
+def _is(value, annotation: str) -> bool:
+    if annotation.startswith("Sequence["):
+        return isinstance(value, tuple | list) and all(_is(v, annotation[9:-1]) for v in value)
+    if annotation == "str":
+        return isinstance(value, str)
+    kinds = numbers.Integral if annotation == "int" else numbers.Real  # NumPy's too; bools are no model's numbers
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def invalid(name: str, fields: Mapping[str, Any], field: str, why: str) -> ValueError:
@@ -38,6 +53,9 @@ def common_fields(cls: type[nn.Module], fields: Mapping[str, Any], name: str) ->
     missing = sorted(f.name for f in own if f.name not in kw)
     if missing:
         raise ValueError(f"{name}: missing field(s) {missing} of {cls.__name__}.")
+    for f in own:  # the types the annotations name; the checks below and the classes' check the values
+        if f.type in _KINDS and not _is(kw[f.name], f.type):
+            raise invalid(name, kw, f.name, f"must be {_KINDS[f.type]}")
     if not isinstance(kw["num_classes"], int) or kw["num_classes"] < 1:
         raise invalid(name, kw, "num_classes", "must be a positive integer")
     if not 0.0 <= kw["drop_path_rate"] < 1.0:
