@@ -61,15 +61,13 @@ import ml_collections
 from configs import overrides as overrides_lib
 from s2mlp import checkpoint as ckpt
 from s2mlp import report as report_lib
-from s2mlp.report import flatten, hms
+from s2mlp.report import MACHINE_FIELDS, flatten, hms
 
 ROOT = Path(__file__).resolve().parent  # main.py's directory: relative config paths resolve here
 STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
 CACHE_DIR = "compilation_cache"
 OVERRIDES = overrides_lib.MODEL_OVERRIDES
-# Fields that say where or how this machine runs, not what is trained: they may differ when a study resumes.
-MACHINE_FIELDS = ("compilation_cache_dir", "profile_steps")
 
 
 @dataclasses.dataclass

@@ -34,6 +34,9 @@ from typing import Any
 
 STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
+# Fields that say where or how a machine runs, not what is trained: they may differ between the sittings of a study
+# (study.py lets them) and between seeds of one configuration, which the report pools.
+MACHINE_FIELDS = ("compilation_cache_dir", "profile_steps")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenette": 10, "imagenet2012": 1000}
 CAPTION_FIELDS = ("model.name", "data.name", "data.train_fraction", "image_size", "batch_size", "total_steps",
                   "num_epochs", "base_lr", "weight_decay", "ema_decay", "compute_dtype")  # fmt: skip
@@ -116,12 +119,14 @@ def mean_std(values: list[float]) -> str:
 
 
 def _top1_key(runs: list[RunInfo]) -> str:
+    """The caption's key: the EMA's when any run has one (`_curve` then reads eval_top1 of the runs without)."""
     has_ema = any("eval_ema_top1" in m for r in runs for m in r.metrics.values())
     return "eval_ema_top1" if has_ema else "eval_top1"
 
 
 def _curve(run: RunInfo, key: str) -> dict[int, float]:
-    return {s: m[key] for s, m in run.metrics.items() if key in m}
+    curve = {s: m[key] for s, m in run.metrics.items() if key in m}
+    return curve if curve or key != "eval_ema_top1" else _curve(run, "eval_top1")  # a run without an EMA
 
 
 def _num_classes(run: RunInfo) -> int | None:
@@ -165,7 +170,7 @@ def group(runs: list[RunInfo], key: str) -> tuple[list[Row], list[str], dict[str
         if r.config is None:
             groups[f"no config: {r.workdir}"] = [r]
             continue
-        f = {k: v for k, v in flatten(r.config).items() if k not in r.pooled}
+        f = {k: v for k, v in flatten(r.config).items() if k not in r.pooled and k not in MACHINE_FIELDS}
         flat[id(r)] = f
         groups.setdefault(json.dumps(f, sort_keys=True, default=str), []).append(r)
     configs = [flat[id(g[0])] for g in groups.values() if id(g[0]) in flat]
@@ -403,7 +408,9 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
     if overrides:
         settings += ", model overrides " + ", ".join(f"{k}={_fmt(v)}" for k, v in overrides.items())
     caption = (
-        f"{len(rows)} configurations, {len(runs)} runs. Top-1 is `{key}` on the held-out split, in percent: the "
+        f"{len(rows)} configurations, {len(runs)} runs. Top-1 is `{key}`"
+        + (" (`eval_top1` for a run without an EMA)" if key == "eval_ema_top1" else "")
+        + " on the held-out split, in percent: the "
         f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. {tied}"
         f"Params and {_macs_unit(rows)[0]} (forward multiply-accumulates per image) are counted from the model code. "
         f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "

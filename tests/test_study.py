@@ -498,6 +498,25 @@ def test_report_uses_the_ema_metric_and_a_study_dir(tmp_path):
     assert "| all | s2mlp_tiny | 80.00 ± 14.14 (2) |" in text and "`eval_ema_top1`" in text
 
 
+def test_report_reads_eval_top1_of_a_run_without_an_ema_beside_runs_with_one(tmp_path):
+    _workdir(tmp_path / "s" / "x", 0, "ss1", [0.5, 0.9], ema=True)
+    _workdir(tmp_path / "s" / "y", 0, "none", [0.5, 0.7])  # no EMA: eval_top1 only
+    assert report.main([str(tmp_path / "s")]) == 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "| shift_pattern=ss1 | s2mlp_tiny | 90.00 (1) |" in text
+    assert "| shift_pattern=none | s2mlp_tiny | 70.00 (1) |" in text
+    assert "Top-1 is `eval_ema_top1` (`eval_top1` for a run without an EMA)" in text
+
+
+def test_report_pools_seeds_whose_configs_differ_only_where_the_machine_runs(tmp_path):
+    """compilation_cache_dir and profile_steps may differ between the sittings of a study: one configuration."""
+    _workdir(tmp_path / "s" / "a", 0, "ss1", [0.5, 0.6], fields={"compilation_cache_dir": "~/.cache/x"})
+    _workdir(tmp_path / "s" / "b", 1, "ss1", [0.5, 0.8], fields={"compilation_cache_dir": "/scratch/y"})
+    assert report.main([str(tmp_path / "s")]) == 0
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "1 configurations, 2 runs." in text and "| all | s2mlp_tiny | 70.00 ± 14.14 (2) |" in text
+
+
 def test_report_names_a_path_that_is_not_a_workdir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
