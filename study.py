@@ -162,7 +162,7 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
         parts = [_name_part(label)] if label else [part(f, run[f]) for f in run_fields if f in run]
         parts += [part(f, v) for f, v in combo.items() if varies(f)]
         name = ",".join(parts) or "run"
-        overrides = {**common, **run, **combo, **{field: combo[axis] for field, axis in tied.items()}}
+        overrides = _layered(common, run, combo, {field: combo[axis] for field, axis in tied.items()})
         if name in names:
             raise ValueError(
                 f"study: runs {names[name]} and {overrides} get the same name {name!r}; label study.runs with 'name'."
@@ -178,6 +178,17 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
         for run in runs:
             validate(run)
     return runs
+
+
+def _layered(*layers: dict) -> dict:
+    """The layers' overrides, later ones winning, except that ``model.overrides`` dicts merge key by key."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for field, value in layer.items():
+            if field == OVERRIDES and hasattr(out.get(field), "items") and hasattr(value, "items"):
+                value = {**out[field], **value}
+            out[field] = value
+    return out
 
 
 def validate(run: Run) -> None:
@@ -226,7 +237,8 @@ def write_study_json(study, runs: list[Run], workdir: str) -> None:
     path = Path(workdir) / STUDY_JSON
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(listing, indent=2, default=list) + "\n")
+    as_json = lambda o: o.to_dict() if hasattr(o, "to_dict") else list(o)  # noqa: E731 - ConfigDicts, tuples
+    tmp.write_text(json.dumps(listing, indent=2, default=as_json) + "\n")
     tmp.replace(path)
 
 

@@ -59,6 +59,18 @@ def test_grid_expands_to_the_product_with_overrides_merged_names_and_commands(tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_model_overrides_dicts_of_the_study_and_a_run_merge_and_study_json_keeps_their_values(tmp_path):
+    s = _study(overrides={"model.overrides": {"hidden_dim": 16}}, runs=[{"model.overrides": {"num_blocks": 1}}],
+               grid={"seed": [0]})  # fmt: skip
+    (run,) = study.expand(s, "runs/x", check=False)
+    assert run.overrides == {"model.overrides": {"hidden_dim": 16, "num_blocks": 1}, "seed": 0}
+    assert run.config.model.overrides.to_dict() == {"hidden_dim": 16, "num_blocks": 1, "mlp_ratio": 2, "patch_size": 4}
+    assert "--config.model.overrides.hidden_dim=16 --config.model.overrides.num_blocks=1" in run.command
+    study.write_study_json(s, [run], str(tmp_path))
+    listing = json.loads((tmp_path / "study.json").read_text())
+    assert listing["runs"][0]["overrides"]["model.overrides"] == {"hidden_dim": 16, "num_blocks": 1}
+
+
 def test_explicit_runs_cross_the_grid_with_labels_and_quoted_tuples():
     s = _study(
         base="configs/tiny.py:s2mlp_tiny",
