@@ -129,7 +129,8 @@ class StepOptions:
 def learning_rate_schedule(options: OptimizerOptions, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then cosine to `min_lr`; peak lr = base_lr × batch_size / 1024."""
     peak = options.base_lr * options.batch_size / 1024
-    warmup = min(int(options.warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
+    warmup = int(options.warmup_epochs * steps_per_epoch + 1e-6)  # whole steps; 0.29 × 100 is 28.999999999999996
+    warmup = min(warmup, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), options.min_lr)
 
 

@@ -114,6 +114,9 @@ def test_learning_rate_schedule_warmup_then_cosine():
     np.testing.assert_allclose(float(schedule(20)), peak, rtol=1e-6)
     np.testing.assert_allclose(float(schedule(60)), 1e-5 + (peak - 1e-5) * 0.5, rtol=1e-5)
     np.testing.assert_allclose(float(schedule(100)), 1e-5, rtol=1e-5)
+    config.warmup_epochs = 0.29  # 29 steps, though 0.29 * 10 * 10 is 28.999999999999996 in floating point
+    schedule = train_lib.learning_rate_schedule(train_lib.OptimizerOptions.from_config(config), 100, 1000)
+    np.testing.assert_allclose([float(schedule(28)), float(schedule(29))], [peak * 28 / 29, peak], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
