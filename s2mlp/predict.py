@@ -69,6 +69,9 @@ def read_image(path: str) -> np.ndarray:
 
     with Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 16-bit grey: the high byte, as tf.io.decode_image reads it (convert clips)
+            grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=-1)
         return np.asarray(image.convert("RGB"))
 
 
@@ -187,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    given_names = None
+    if args.class_names:
+        try:
+            with open(args.class_names) as f:
+                given_names = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            print(f"error: --class_names={args.class_names}: {e.strerror or e}.", file=sys.stderr)
+            return 2
     try:
         clf = _load(args)
     except (FileNotFoundError, ValueError) as e:
@@ -198,9 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = " (--no_ema)" if args.no_ema else "" if which == "EMA" else " (the run kept no EMA)"
         print(f"note: {clf.checkpoint_dir} step {clf.step}, {which} parameters{why}.", file=sys.stderr)
     names = clf.class_names
-    if args.class_names:
-        with open(args.class_names) as f:
-            names = [line.strip() for line in f if line.strip()]
+    if given_names is not None:
+        names = given_names
         if len(names) != clf.num_classes:
             print(f"error: {args.class_names} has {len(names)} names; the model has {clf.num_classes} classes.",
                   file=sys.stderr)  # fmt: skip

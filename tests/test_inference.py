@@ -418,10 +418,24 @@ def test_predict_cli_prints_top5_per_image(workdir, tmp_path, capsys):
     assert f"note: {workdir}/checkpoints step 6, raw parameters (--no_ema).\n" in capsys.readouterr().err
     assert predict.main([f"--checkpoint={tmp_path / 'absent'}", paths[0]]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert predict.main([f"--checkpoint={workdir}", f"--class_names={tmp_path / 'absent.txt'}", paths[0]]) == 2
+    assert capsys.readouterr().err == f"error: --class_names={tmp_path / 'absent.txt'}: No such file or directory.\n"
     help_text = subprocess.run(
         [sys.executable, "-m", "s2mlp.predict", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert help_text.returncode == 0 and "--checkpoint" in help_text.stdout
+
+
+def test_read_image_takes_the_high_byte_of_16_bit_grey_pngs_as_the_pipeline_does(tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    values = np.array([[30000, 100], [65535, 256]], np.uint16)
+    Image.fromarray(values).save(tmp_path / "x.png")
+    ours = predict.read_image(str(tmp_path / "x.png"))
+    theirs = tf.io.decode_image((tmp_path / "x.png").read_bytes(), channels=3, expand_animations=False).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[..., 0], [[117, 0], [255, 1]])
 
 
 # ---- the CLI on folders, machine-readable output, unreadable files -----------------------------------------------
