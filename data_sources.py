@@ -436,6 +436,10 @@ def _verify_image(path: str) -> str | None:
         with Image.open(path) as im:
             if im.format not in ("JPEG", "PNG", "GIF", "BMP"):
                 return f"format {im.format} is not decodable by tf.io.decode_image"
+            if im.format == "BMP" and im.mode not in ("RGB", "RGBA", "L"):  # TF: 1-bit fails, palettes read as grey
+                return (
+                    f"a BMP of PIL mode {im.mode!r} (1-bit or palette) is misread by tf.io.decode_image; save it as RGB"
+                )
             im.draft(None, (1, 1))  # JPEG: decode at 1/8 scale; still reads every byte, so truncation shows
             im.load()
     except Exception as e:  # noqa: BLE001 - any failure means an unreadable image

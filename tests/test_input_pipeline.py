@@ -625,6 +625,15 @@ def test_verify_image_reads_the_format_from_the_content(tmp_path):
     for fmt in ("JPEG", "PNG", "GIF", "BMP"):  # whatever the extension says
         assert data_sources._verify_image(str(tmp_path / f"{fmt}.png")) is None, fmt
     assert "format WEBP is not decodable" in data_sources._verify_image(str(tmp_path / "WEBP.png"))
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(grey).save(tmp_path / "grey.bmp")  # PIL writes 8-bit grey; TF reads it right
+    assert data_sources._verify_image(str(tmp_path / "grey.bmp")) is None
+    Image.fromarray(pixels).convert("1").save(tmp_path / "bits.bmp")  # TF cannot decode 1-bit BMPs
+    Image.fromarray(pixels).convert("P").save(tmp_path / "palette.bmp")  # TF reads the palette indices as grey
+    for name in ("bits", "palette"):
+        assert "(1-bit or palette) is misread by tf.io.decode_image" in data_sources._verify_image(
+            str(tmp_path / f"{name}.bmp")
+        )
 
 
 def test_random_erase_erases_nothing_when_no_try_fits():
