@@ -42,7 +42,14 @@ from jax.sharding import PartitionSpec as P
 from s2mlp import augment, evals, models, runs
 from s2mlp import checkpoint as ckpt
 from s2mlp.mixup import mix_batch, smooth_labels
-from s2mlp.recipe import OptimizerOptions, StepOptions, learning_rate_schedule, make_optimizer, validate_config
+from s2mlp.recipe import (
+    OptimizerOptions,
+    StepOptions,
+    learning_rate_schedule,
+    make_optimizer,
+    stream_positions,
+    validate_config,
+)
 from s2mlp.report import hms
 from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
 
@@ -114,16 +121,18 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
 
-    The chain's device ops (`options.device_ops`, uint8 images in) with per-example keys of (seed, step, index in
-    the global batch), whatever the device count; label smoothing over `model.num_classes`, Mixup/CutMix on the
-    whole batch, then `grad_accum_steps` micro-batches whose gradients are averaged. A non-finite loss, gradient
-    or updated parameter leaves the state unchanged and records the step in `bad_step`.
+    The chain's device ops (`options.device_ops`, uint8 images in) with per-example keys of (seed, step, position
+    in the stream's batch: `stream_positions`), whatever the device or process count; label smoothing over
+    `model.num_classes`, Mixup/CutMix on the whole batch, then `grad_accum_steps` micro-batches whose gradients
+    are averaged. A non-finite loss, gradient or updated parameter leaves the state unchanged and records the step
+    in `bad_step`.
     """
     rng = jax.random.fold_in(rng, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
     images = batch["image"]
     if options.device_ops:  # a stream of its own: the other streams stay as without device ops
-        images = augment.apply(options.device_ops, images, jax.random.fold_in(rng, 1), options.normalization)
+        positions = stream_positions(images.shape[0], options.interleaved_processes)
+        images = augment.apply(options.device_ops, images, jax.random.fold_in(rng, 1), options.normalization, positions)
     targets = smooth_labels(batch["label"], model.num_classes, options.label_smoothing)
     images, targets = mix_batch(
         mix_rng,

@@ -418,13 +418,14 @@ DEVICE_OPS = {  # name -> (images, keys (B,), mean, std, **arguments) -> images
 }
 
 
-def apply(ops, images: jax.Array, rng: jax.Array, normalization: str) -> jax.Array:
+def apply(ops, images: jax.Array, rng: jax.Array, normalization: str, positions: jax.Array | None = None) -> jax.Array:
     """Runs a chain's device ops (`augment_chain.Chain.device`) on a uint8 (B, H, W, 3) batch inside the train step.
 
-    Example i of the global batch gets the key fold_in(rng, i) and op slot s draws from fold_in(that key, s): a
-    function of `rng` (the step's) and the example's position, not of how the batch is sharded."""
+    Example i of the global batch gets the key fold_in(rng, positions[i]) (default: i) and op slot s draws from
+    fold_in(that key, s): a function of `rng` (the step's) and the example's position in the stream, not of how
+    the batch is sharded or which process read it (`recipe.stream_positions`)."""
     mean, std = mean_std(normalization)
-    keys = _fold_each(rng, jnp.arange(images.shape[0]))
+    keys = _fold_each(rng, jnp.arange(images.shape[0]) if positions is None else positions)
     for op in ops:
         slot = op.spec.slot  # < 0: the op draws nothing
         op_keys = keys if slot < 0 else jax.vmap(lambda key, s=slot: jax.random.fold_in(key, s))(keys)

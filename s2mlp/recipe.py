@@ -110,6 +110,9 @@ class StepOptions:
     ema_decay: float = 0.0  # 0 turns the EMA off
     device_ops: tuple[augment_chain.Op, ...] = ()  # config.augment.ops after 'to_device': the batch arrives uint8
     normalization: str = "imagenet"  # config.data.normalization, for a 'normalize' among device_ops
+    # P when the train stream interleaves its positions over P processes (config.data.aug_repeats > 1), else 1:
+    # `stream_positions` then keys the device ops by an example's position in the stream, not its row.
+    interleaved_processes: int = 1
 
     @classmethod
     def from_config(cls, config) -> StepOptions:
@@ -123,7 +126,20 @@ class StepOptions:
             ema_decay=config.ema_decay,
             device_ops=augment_chain.parse(aug.ops).device,
             normalization=config.data.normalization,
+            interleaved_processes=jax.process_count() if config.data.get("aug_repeats", 0) > 1 else 1,
         )
+
+
+def stream_positions(batch_size: int, interleaved_processes: int) -> jax.Array:
+    """The position in the global stream's batch of each row of the global batch.
+
+    The repeated-augmentation stream deals position g to process g mod P (input_pipeline's
+    `_repeated_train_dataset`), and the global batch concatenates the processes' shares, so row p·b + k (b =
+    batch_size / P) holds position p + k·P; with P = 1 (or the plain stream) rows are positions.
+    """
+    rows = jax.numpy.arange(batch_size)
+    b = batch_size // interleaved_processes
+    return (rows % b) * interleaved_processes + rows // b
 
 
 def learning_rate_schedule(options: OptimizerOptions, steps_per_epoch: int, total_steps: int) -> optax.Schedule:

@@ -15,6 +15,7 @@ import data_sources
 import input_pipeline as ip
 from configs.common import get_config
 from s2mlp.preprocessing import mean_std
+from s2mlp.recipe import stream_positions
 from tests.test_input_pipeline import (
     AUGMENT_ALL,
     NO_AUGMENT,
@@ -81,9 +82,14 @@ def test_two_processes_split_each_batch_and_the_copies():
     one = stream(config, 12)  # past the end of epoch 0
     shares = [stream(config, 12, 0, p, 2) for p in (0, 1)]
     assert all(b["image"].shape[0] == 15 for share in shares for b in share)
+    positions = np.asarray(stream_positions(30, 2))  # what the train step keys each row's device ops by
     for t in range(12):  # the two halves of batch t are the 1-process batch t, bit for bit (augmentation included)
         union = collections.Counter(keys([shares[0][t]]) + keys([shares[1][t]]))
         assert union == collections.Counter(keys([one[t]])), t
+        # Row p·15 + k of the global batch (the shares concatenated) is position p + 2k of the 1-process batch.
+        assert keys([{k: np.concatenate([shares[0][t][k], shares[1][t][k]]) for k in ("image", "label")}]) == [
+            keys([one[t]])[i] for i in positions
+        ], t
     # Copies land on both processes: positions alternate, so of each image's 3 copies one process has 2, the other 1.
     plain = [keys(stream(digits(**NO_AUGMENT), 10, 0, p, 2)) for p in (0, 1)]
     first, second = (collections.Counter(share) for share in plain)
@@ -127,3 +133,20 @@ def test_aug_repeats_config():
     assert get_config("deit").data.aug_repeats == 3 and get_config("v2").data.aug_repeats == 0
     with pytest.raises(ValueError, match=r"config.data.aug_repeats=-1: must be an int >= 0 \(0 or 1: off"):
         ip.validate_data_config(make_config(**{"data.aug_repeats": -1}))
+
+
+def test_device_ops_key_an_example_by_its_stream_position_whatever_the_process_count():
+    """With repeated augmentation on 2 processes the global batch holds the 1-process batch's rows permuted; the
+    train step's device ops, keyed by `stream_positions`, augment each example as on 1 process."""
+    import jax
+
+    from s2mlp import augment, augment_chain
+
+    ops = augment_chain.parse("resize|to_device|flip|randaugment(2, 9, 0.5)|normalize|erase(0.5)").device
+    images = np.random.default_rng(0).integers(0, 256, (30, 16, 16, 3), dtype=np.uint8)
+    rng = jax.random.key(7)
+    one = np.asarray(augment.apply(ops, images, rng, "imagenet", stream_positions(30, 1)))
+    positions = np.asarray(stream_positions(30, 2))
+    assert positions.tolist() == [2 * k for k in range(15)] + [2 * k + 1 for k in range(15)]
+    two = np.asarray(augment.apply(ops, images[positions], rng, "imagenet", stream_positions(30, 2)))
+    np.testing.assert_array_equal(two, one[positions])
