@@ -312,9 +312,10 @@ def main(argv):
     del argv
     from absl import logging
 
-    from s2mlp.runs import QuietLibraries
+    import train_lib
+    from s2mlp import runs
 
-    logging.get_absl_handler().addFilter(QuietLibraries(str(ROOT)))
+    logging.get_absl_handler().addFilter(runs.QuietLibraries(str(ROOT)))
     logging.set_verbosity(logging.INFO)
     try:
         run_study(
@@ -324,8 +325,12 @@ def main(argv):
             dry_run=FLAGS.dry_run,
             compilation_cache=FLAGS.compilation_cache,
         )
-    except ValueError as e:
-        logging.error("%s", e)
+    except train_lib.Stopped:  # as main.py: logged, checkpoint saved; rerunning the study resumes the run
+        runs.exit_now(train_lib.EXIT_STOPPED)
+    except train_lib.CLEAR_ERRORS as e:  # a checked failure of the study or of a run: its one line, no traceback
+        logging.error("%s", e if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
+        if isinstance(e, train_lib.ckpt.SaveFailed):  # Orbax's save threads may wait for ever: do not join them
+            runs.exit_now(1)
         sys.exit(1)
 
 

@@ -351,6 +351,23 @@ def test_study_runs_survives_sigkill_resumes_reports_and_skips_finished_runs(tmp
     assert {n: (workdir / n / "metrics.jsonl").read_bytes() for n in NAMES} == before
 
 
+def test_a_run_that_fails_a_check_ends_the_study_with_one_line(tmp_path):
+    """A run's checked failure (here its workdir held by another trainer) ends the runner as main.py ends: the
+    error's one line, status 1, no traceback."""
+    import fcntl
+
+    study_file = tmp_path / "study_tiny.py"
+    study_file.write_text(STUDY_FILE)
+    (tmp_path / "w" / NAMES[0]).mkdir(parents=True)
+    with open(tmp_path / "w" / NAMES[0] / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = _runner(study_file, tmp_path / "w", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert f"WorkdirBusy: --workdir={tmp_path / 'w' / NAMES[0]} is in use by another trainer" in out
+    assert "Traceback" not in out and not (tmp_path / "w" / NAMES[1]).exists()
+
+
 def _workdir(path: Path, seed: int, pattern: str, top1: list[float], *, ema=False, result=None, fields=None,
              **overrides):  # fmt: skip
     path.mkdir(parents=True)
