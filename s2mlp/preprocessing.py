@@ -39,6 +39,8 @@ def mean_std(kind: str) -> tuple[np.ndarray, np.ndarray]:
 def _as_image_list(images) -> list[np.ndarray]:
     """One image (H, W), (H, W, C) or a batch (B, H, W, C) / list of images -> list of (H, W, C)."""
     if isinstance(images, list | tuple):
+        if not images:
+            raise ValueError("no images given: pass one image, a batch or a non-empty list.")
         out = []
         for image in images:
             image = np.asarray(image)
@@ -49,8 +51,10 @@ def _as_image_list(images) -> list[np.ndarray]:
     images = np.asarray(images)
     if images.ndim in (2, 3):
         return [images]
-    if images.ndim == 4:
+    if images.ndim == 4 and len(images):
         return list(images)
+    if images.ndim == 4:
+        raise ValueError("no images given: pass one image, a batch or a non-empty list.")
     raise ValueError(f"images must be one image (H, W) / (H, W, C) or a batch (B, H, W, C), got shape {images.shape}.")
 
 

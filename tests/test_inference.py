@@ -176,6 +176,9 @@ def test_preprocess_shapes_dtypes_and_inputs():
         inference.preprocess(np.zeros((1, 2, 8, 8, 3), np.uint8), **kw)
     with pytest.warns(UserWarning, match="multiply"):
         inference.preprocess(np.full((8, 8, 3), 0.5), **kw)
+    for empty in ([], np.zeros((0, 8, 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match="no images given: pass one image, a batch or a non-empty list"):
+            inference.preprocess(empty, **kw)
 
 
 def test_resize_matches_jax_image_resize():
