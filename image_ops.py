@@ -78,6 +78,11 @@ def resize(image, size, method: str = "bicubic") -> tf.Tensor:
     return tf.ensure_shape(out, [*size, 3]) if isinstance(size, list) else out
 
 
+def centre_offset(d):
+    """Where a centre crop d pixels smaller starts: torchvision's CenterCrop, int(round(d / 2)), halves to even."""
+    return tf.cast(tf.round(tf.cast(d, tf.float64) / 2), d.dtype)
+
+
 def eval_image(image, kind, size: int, crop_pct: float):
     """Eval: resize the shorter side to size / crop_pct, centre-crop size x size.
 
@@ -90,7 +95,7 @@ def eval_image(image, kind, size: int, crop_pct: float):
     short = math.floor(s / crop_pct)  # torchvision Resize(short): long side truncated
     new = tf.where(h <= w, tf.stack([short, w * short // h]), tf.stack([h * short // w, short]))
     image = resize(image, new)
-    top, left = (new[0] - s + 1) // 2, (new[1] - s + 1) // 2
+    top, left = centre_offset(new[0] - s), centre_offset(new[1] - s)
     return tf.ensure_shape(image[top : top + s, left : left + s], [s, s, 3])
 
 

@@ -154,7 +154,7 @@ def preprocess(images, *, image_size: int, crop_pct: float, normalization: str) 
         h, w = resize_shape(image.shape[0], image.shape[1], s, crop_pct)
         if (h, w) != image.shape[:2]:
             image = np.clip(np.round(resize_bicubic(image, h, w)), 0.0, 255.0)
-        top, left = (h - s + 1) // 2, (w - s + 1) // 2
+        top, left = round((h - s) / 2), round((w - s) / 2)  # torchvision's CenterCrop: halves round to even
         image = image[top : top + s, left : left + s]
         out.append((image - mean) / std)
     return np.stack(out).astype(np.float32)

@@ -145,6 +145,18 @@ def eval_examples(config, process_count):
     return counts, examples
 
 
+def test_eval_centre_crop_starts_where_torchvisions_does():
+    """torchvision's CenterCrop (timm's and DeiT's eval) starts at int(round(d / 2)), halves to even: a 500×375
+    image resized to 341×256 is cropped from column 58, not 59; inference's NumPy twin agrees."""
+    from s2mlp import preprocessing
+
+    expected = [0, 0, 1, 2, 2, 2, 3, 4, 4, 4, 5, 6]
+    assert [int(image_ops.centre_offset(tf.constant(d))) for d in range(12)] == expected
+    ramp = np.broadcast_to(np.arange(341, dtype=np.uint8)[None, :, None], (256, 341, 3))
+    ours = preprocessing.preprocess(ramp, image_size=224, crop_pct=0.875, normalization="minus_one_to_one")
+    assert round(float(ours[0, 0, 0, 0] + 1) * 127.5) == 58  # the short side is already 224 / 0.875: no resize
+
+
 def test_eval_two_processes_cover_each_example_once():
     digits = load_digits()
     everything = collections.Counter(
