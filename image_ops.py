@@ -32,6 +32,7 @@ def decode(image, kind):
 
 
 def crop_window(shape, key, area_min):
+    """Inception's window, as big_vision and vision_transformer draw it: TF's sample_distorted_bounding_box."""
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
         tf.zeros([1, 0, 4]),
@@ -45,21 +46,57 @@ def crop_window(shape, key, area_min):
     return begin, size
 
 
-def decode_inception_crop(image, kind, key, area_min):
-    """Inception crop (area `area_min`..1 of the image, aspect 3/4..4/3); JPEGs decode only the window."""
+def rrc_window(shape, key, area_min):
+    """timm's (and torchvision's) RandomResizedCrop window, DeiT's: `rrc_window_of` with stateless draws."""
+    keys = tf.random.experimental.stateless_split(key, 3)
+    area_u, ratio_u = tf.unstack(tf.random.stateless_uniform([2, RRC_ATTEMPTS], keys[0], dtype=tf.float64))
+    offset_u = tf.random.stateless_uniform([2], keys[1], dtype=tf.float64)
+    return rrc_window_of(shape, area_min, area_u, ratio_u, offset_u)
+
+
+RRC_ATTEMPTS = 10
+RRC_RATIOS = (3 / 4, 4 / 3)
+
+
+def rrc_window_of(shape, area_min, area_u, ratio_u, offset_u):
+    """timm's RandomResizedCropAndInterpolation.get_params on uniform [0, 1) draws: attempt k takes area
+    (area_min + (1 - area_min)·area_u[k]) of the image and aspect exp(log 3/4 + log(16/9)·ratio_u[k]) (log-uniform),
+    rounds width and height (halves to even); the first that fits (and is not empty, as torchvision checks) starts
+    at floor(offset_u · (free pixels + 1)); if none of the 10 fits, the centre crop of the whole image clamped to
+    the aspect range. (begin, size) as tf.slice takes them."""
+    h, w = tf.cast(shape[0], tf.float64), tf.cast(shape[1], tf.float64)
+    low, high = RRC_RATIOS
+    area = (area_min + (1.0 - area_min) * area_u) * (h * w)  # timm's order of operations, to the last bit
+    ratio = tf.exp(math.log(low) + (math.log(high) - math.log(low)) * ratio_u)
+    cw, ch = tf.round(tf.sqrt(area * ratio)), tf.round(tf.sqrt(area / ratio))
+    fits = (cw >= 1) & (cw <= w) & (ch >= 1) & (ch <= h)  # torchvision's test (timm's lacks the >= 1: an empty crop)
+    k = tf.argmax(tf.cast(fits, tf.int32))  # the first attempt that fits
+    fallback_w = tf.where(w / h > high, tf.round(h * high), w)
+    fallback_h = tf.where(w / h < low, tf.round(w / low), h)
+    found = tf.reduce_any(fits)
+    ch, cw = tf.where(found, ch[k], fallback_h), tf.where(found, cw[k], fallback_w)
+    top = tf.where(found, tf.floor(offset_u[0] * (h - ch + 1)), tf.floor((h - ch) / 2))
+    left = tf.where(found, tf.floor(offset_u[1] * (w - cw + 1)), tf.floor((w - cw) / 2))
+    begin, size = tf.cast(tf.stack([top, left]), tf.int32), tf.cast(tf.stack([ch, cw]), tf.int32)
+    return tf.concat([begin, [0]], 0), tf.concat([size, [-1]], 0)
+
+
+def decode_inception_crop(image, kind, key, area_min, window=crop_window):
+    """A random crop of area `area_min`..1 of the image, aspect 3/4..4/3 (`window`: `crop_window`, TF's sampler, or
+    `rrc_window`, timm's); JPEGs decode only the window."""
     if kind == "path":
         image = tf.io.read_file(image)
     if kind == "raw":
-        begin, size = crop_window(tf.shape(image), key, area_min)
+        begin, size = window(tf.shape(image), key, area_min)
         return tf.slice(image, begin, size)
 
     def jpeg():
-        begin, size = crop_window(tf.image.extract_jpeg_shape(image), key, area_min)
+        begin, size = window(tf.image.extract_jpeg_shape(image), key, area_min)
         return tf.image.decode_and_crop_jpeg(image, tf.stack([begin[0], begin[1], size[0], size[1]]), channels=3)
 
     def other():
         decoded = tf.io.decode_image(image, channels=3, expand_animations=False)
-        begin, size = crop_window(tf.shape(decoded), key, area_min)
+        begin, size = window(tf.shape(decoded), key, area_min)
         return tf.slice(decoded, begin, size)
 
     return tf.cond(tf.io.is_jpeg(image), jpeg, other)
@@ -312,6 +349,9 @@ def pad_crop(image, key, padding: int):
 HOST_OPS = {  # name -> (image, key, context, **arguments) -> image
     "inception_crop": lambda image, key, c, area_min, method: resize(
         decode_inception_crop(image, c.kind, key, area_min), [c.size, c.size], method
+    ),
+    "random_resized_crop": lambda image, key, c, area_min, method: resize(
+        decode_inception_crop(image, c.kind, key, area_min, rrc_window), [c.size, c.size], method
     ),
     "resize": lambda image, key, c, method: resize(decode(image, c.kind), [c.size, c.size], method),
     "flip": lambda image, key, c: _flip(image, key),

@@ -14,9 +14,9 @@ pipelines on those files, each batching ``--batch`` images of side ``--image_siz
   folded in from the element index;
 * "train: crop+flip": the repo's ``input_pipeline.build(config).train_iterator`` with
   ``configs.common.get_config('v2')``, ``config.data.name='directory'`` and its chain (``augment.ops``)
-  without the ``randaugment`` and ``erase`` ops (`crop_flip_config`): decode of the inception-crop window,
-  bicubic antialiased resize, flip, normalisation;
-* "train: crop+flip, bilinear": the same with ``inception_crop(0.08, 'bilinear')``: bilinear resize without
+  without the ``randaugment`` and ``erase`` ops (`crop_flip_config`): decode of the random-resized-crop window
+  (timm's), bicubic antialiased resize, flip, normalisation;
+* "train: crop+flip, bilinear": the same with ``random_resized_crop(0.08, 'bilinear')``: bilinear resize without
   antialiasing, as the plain anchor;
 * "train: full v2 recipe": the same with the v2 chain unchanged (adds RandAugment rand-m9-mstd0.5 and
   random erasing 0.25);
@@ -46,7 +46,7 @@ and the full recipe's per-core scaling from 1 core to the largest k (linear ≈ 
 
 Then, at 1 core, the **per-op cost table**: each op of the chain registry (s2mlp/augment_chain.py) once, with
 where it may run. Its host cost is timed in the same rounds as the table above, as the repo's iterator of a
-chain (``PER_OP``): a decoding op's (``inception_crop`` bicubic and bilinear, ``resize``) is its whole
+chain (``PER_OP``): a decoding op's (``random_resized_crop``, ``inception_crop`` bilinear, ``resize``) is its whole
 pipeline's ms per image (file read, decode, resize, batching, with the uint8 batch sent on ``to_device``); every
 other op's is the ms per image of the chain through it minus that of the chain without it, paired round by round
 (so a cheap op can read slightly negative on a noisy machine). Its device cost is the op alone,
@@ -98,7 +98,7 @@ PIPELINES = (
 # chain minus that of the chain without it (`split_last`), in the same round; a decoding op, alone in its chain, is
 # charged its whole chain (file read, decode, resize, batching). Chains that end on uint8 send their batches to the
 # device (`to_device|normalize`, not timed); `normalize` therefore also pays for float32 batches.
-_V2 = "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)".split("|")  # configs/common.py's v2
+_V2 = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)".split("|")  # configs/common.py's v2
 PER_OP = (
     _V2[0],
     "inception_crop(0.08, 'bilinear')",
@@ -225,10 +225,11 @@ def crop_flip_config(config):
 
 
 def bilinear_config(config):
-    """`config` with its inception crop resized bilinearly."""
-    crop = "inception_crop({area_min}, 'bilinear')"
+    """`config` with its crop (random_resized_crop or inception_crop) resized bilinearly."""
+    crops = ("random_resized_crop", "inception_crop")
     return chain_variant(
-        config, lambda ops: [crop.format(**op.kwargs) if op.name == "inception_crop" else op.text for op in ops]
+        config,
+        lambda ops: [f"{op.name}({op.kwargs['area_min']}, 'bilinear')" if op.name in crops else op.text for op in ops],
     )
 
 

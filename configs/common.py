@@ -54,10 +54,10 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
 
     # ---- augmentation -----------------------------------------------------------
     config.augment = ml_collections.ConfigDict()
-    # The per-image ops, in order (s2mlp/augment_chain.py; README "Augmentation"): Inception crop (area 8-100%)
-    # resized to image_size, flip, timm's RandAugment rand-m9-mstd0.5, normalisation, random erasing 0.25. Ops after
-    # a 'to_device' run inside the jitted train step instead of tf.data.
-    config.augment.ops = "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"
+    # The per-image ops, in order (s2mlp/augment_chain.py; README "Augmentation"), DeiT's (timm's): random resized
+    # crop (area 8-100%) to image_size, flip, RandAugment rand-m9-mstd0.5, normalisation, random erasing 0.25. Ops
+    # after a 'to_device' run inside the jitted train step instead of tf.data.
+    config.augment.ops = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"
     config.augment.mixup = 0.8  # Beta(alpha, alpha); 0 turns it off
     config.augment.cutmix = 1.0  # Beta(alpha, alpha); 0 turns it off
     config.augment.mix_switch_prob = 0.5  # when both are on: chance of CutMix per batch

@@ -21,7 +21,7 @@ def get_config():
     config.data.eval_split = "test"
     config.data.shuffle_buffer = 50_000
     config.data.eval_crop_pct = 1.0
-    config.augment.ops = "inception_crop(0.08)|flip|normalize"
+    config.augment.ops = "random_resized_crop(0.08)|flip|normalize"
     config.augment.mixup = 0.0
     config.augment.cutmix = 0.0
     config.batch_size = 512

@@ -1,7 +1,7 @@
 """The training augmentation as a chain of registered ops, `config.augment.ops`, in the manner of big_vision's
 preprocessing strings:
 
-    inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)
+    random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)
 
 Each op is registered once, in `OPS`: its arguments (a Python signature; the chain gives literals, positional or
 by keyword), the kind of image it takes and gives ('record': the dataset's stored image, 'uint8': pixels at
@@ -11,7 +11,7 @@ inside the jitted train step) ``s2mlp.augment.DEVICE_OPS[name]``.
 
 ``to_device`` splits the chain: the ops before it run on the host, the ops after it on the device, e.g.
 
-    inception_crop(0.08)|flip|to_device|randaugment(2, 9, 0.5)|normalize|erase(0.25)
+    random_resized_crop(0.08)|flip|to_device|randaugment(2, 9, 0.5)|normalize|erase(0.25)
 
 sends uint8 batches to the device (a quarter of the bytes of float32) and runs RandAugment, the normalisation and
 random erasing in the train step, where they cost little next to the model. Host and device draw their random
@@ -91,6 +91,13 @@ def _inception_crop(area_min=0.08, method="bicubic"):
     return {"area_min": float(_number(area_min, "area_min", 0.0, 1.0, low_open=True)), "method": _method(method)}
 
 
+def _random_resized_crop(area_min=0.08, method="bicubic"):
+    """timm's RandomResizedCrop window (DeiT's, torchvision's): area uniform in area_min..1 of the image, aspect
+    log-uniform in 3/4..4/3, 10 attempts, else a centre crop; JPEGs decode only the window; resized to image_size as
+    `inception_crop` resizes. `inception_crop` draws its window as TF's sampler does (big_vision's)."""
+    return _inception_crop(area_min, method)
+
+
 def _resize(method="bicubic"):
     """Decodes the whole image, resized to image_size ('bicubic' antialiased or 'bilinear'): no crop."""
     return {"method": _method(method)}
@@ -153,6 +160,7 @@ class OpSpec:
 
 OPS: dict[str, OpSpec] = {
     "inception_crop": OpSpec(_inception_crop, "record", "uint8", slot=0, device=False),
+    "random_resized_crop": OpSpec(_random_resized_crop, "record", "uint8", slot=0, device=False),
     "resize": OpSpec(_resize, "record", "uint8", slot=0, device=False),
     "flip": OpSpec(_flip, "uint8", "uint8", slot=1),
     "randaugment": OpSpec(_randaugment, "uint8", "uint8", slot=2),
@@ -209,7 +217,7 @@ def parse(text: str, field: str = "config.augment.ops") -> Chain:
         spec = op.spec
         if spec.takes != kind:
             fix = {
-                "record": "the chain must start with a decoding op (inception_crop or resize)",
+                "record": "the chain must start with a decoding op (random_resized_crop, inception_crop or resize)",
                 "uint8": "a chain decodes once, first",
                 "float": "pixel ops (flip, pad_crop, randaugment) come before normalize, once",
             }[kind]
@@ -268,4 +276,4 @@ def _parse_op(part: str, where: str) -> Op:
     return Op(name, tuple(sorted(checked.items())), part)
 
 
-EXAMPLE = "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"  # configs/common.py's
+EXAMPLE = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"  # configs/common.py's

@@ -2,6 +2,7 @@
 against the recipe they replaced, and the split at 'to_device'."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -87,6 +88,52 @@ def test_every_registered_op_has_its_host_implementation_and_the_shipped_configs
         "normalize",
         "erase",
     ]
+
+
+def timm_window(img_h, img_w, scale_min, area_u, ratio_u, offset_u):
+    """timm's RandomResizedCropAndInterpolation.get_params (timm/data/transforms.py) with its random draws given
+    (and torchvision's test that a crop is not empty):
+    random.uniform(a, b) is a + (b - a)·u and random.randint(0, n) is floor(u·(n + 1))."""
+    area = img_w * img_h
+    for attempt in range(10):
+        target_area = (scale_min + (1.0 - scale_min) * area_u[attempt]) * area
+        log_ratio = (math.log(3 / 4), math.log(4 / 3))
+        aspect_ratio = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * ratio_u[attempt])
+        target_w = int(round(math.sqrt(target_area * aspect_ratio)))
+        target_h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < target_w <= img_w and 0 < target_h <= img_h:  # torchvision's test; timm's omits 0 < (empty crops)
+            i = math.floor(offset_u[0] * (img_h - target_h + 1))
+            j = math.floor(offset_u[1] * (img_w - target_w + 1))
+            return i, j, target_h, target_w
+    in_ratio = img_w / img_h
+    if in_ratio < 3 / 4:
+        target_w, target_h = img_w, int(round(img_w / (3 / 4)))
+    elif in_ratio > 4 / 3:
+        target_h, target_w = img_h, int(round(img_h * (4 / 3)))
+    else:
+        target_w, target_h = img_w, img_h
+    return (img_h - target_h) // 2, (img_w - target_w) // 2, target_h, target_w
+
+
+def test_random_resized_crop_draws_timms_window():
+    rng = np.random.default_rng(0)
+    shapes = [(375, 500), (500, 375), (28, 28), (8, 8), (12, 300), (300, 12), (1, 1), (224, 224)]
+    for h, w in shapes:
+        for area_min in (0.08, 0.6, 1.0):
+            for _ in range(40):
+                area_u, ratio_u, offset_u = rng.random(10), rng.random(10), rng.random(2)
+                begin, size = image_ops.rrc_window_of(tf.constant([h, w, 3]), area_min, area_u, ratio_u, offset_u)
+                i, j, ch, cw = timm_window(h, w, area_min, area_u, ratio_u, offset_u)
+                assert (begin.numpy().tolist(), size.numpy().tolist()) == ([i, j, 0], [ch, cw, -1]), (h, w, area_min)
+    # Stateless: one key, one window; the windows of 300 keys stay inside a 500×375 image and cover the range.
+    shape = tf.constant([375, 500, 3])
+    windows = [image_ops.rrc_window(shape, tf.constant([s, 0], tf.int64), 0.08) for s in range(300)]
+    sizes = np.array([s.numpy()[:2] for _, s in windows])
+    begins = np.array([b.numpy()[:2] for b, _ in windows])
+    assert np.all(begins >= 0) and np.all(begins + sizes <= [375, 500])
+    fraction = sizes.prod(1) / (375 * 500)
+    assert fraction.min() < 0.15 and fraction.max() > 0.9 and 0.4 < fraction.mean() < 0.6  # uniform in 0.08..1
+    np.testing.assert_array_equal(image_ops.rrc_window(shape, tf.constant([5, 0], tf.int64), 0.08)[1], windows[5][1])
 
 
 # ---------------------------------------------------------------- the chain is the recipe it replaced

@@ -137,7 +137,7 @@ def test_recipe_is_the_training_recipe():
     split = augment_chain.parse(run.DEVICE_AUGMENT)
     v2 = augment_chain.parse(recipe.augment.ops).host
     assert [(op.name, op.args) for op in split.host + split.device] == [(op.name, op.args) for op in v2]
-    assert [op.name for op in split.host] == ["inception_crop", "flip"]
+    assert [op.name for op in split.host] == ["random_resized_crop", "flip"]
     assert run.DROP_PATH_RATE == recipe.model.drop_path_rate and run.NUM_EPOCHS == recipe.num_epochs
 
 

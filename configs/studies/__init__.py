@@ -63,4 +63,4 @@ TFDS = {
 }
 IMAGENETTE = {"image_size": 128, "model.overrides.patch_size": 8, "data.eval_split": "validation",
               "data.eval_crop_pct": 0.875,
-              "augment.ops": "inception_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"}  # fmt: skip
+              "augment.ops": "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"}  # fmt: skip
