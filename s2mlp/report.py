@@ -57,13 +57,16 @@ def _is_workdir(path: Path) -> bool:
 
 
 def read_metrics(path: Path) -> dict[int, dict[str, float]]:
-    """metrics.jsonl -> step -> {key: value}; after a resume the later row of a (step, key) wins."""
+    """metrics.jsonl -> step -> {key: value}; after a resume the later row of a (step, key) wins. A line that is
+    not a JSON row (the last one of a run killed or out of disk while writing it) is skipped."""
     out: dict[int, dict[str, float]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
                 out.setdefault(int(row.pop("step")), {}).update(row)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
     return dict(sorted(out.items()))
 
 

@@ -162,16 +162,25 @@ def flat_scalars(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def drop_rows_after(path: epath.Path, step: int) -> None:
-    """Rewrites metrics.jsonl (atomically) without rows after `step`: after a resume each step appears once."""
+    """Rewrites metrics.jsonl (atomically) without rows after `step`: after a resume each step appears once. A
+    line that is not a JSON row (torn by a full disk or a kill during its write) is dropped too."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    kept = [line for line in lines if (row := _row(line)) is not None and row["step"] <= step]
     if len(kept) < len(lines):
         tmp = path.parent / (path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
         logging.info("Dropped %d rows after step %d from %s (trained again).", len(lines) - len(kept), step, path)
+
+
+def _row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 EVENTS_GLOB = "events.out.tfevents.*"

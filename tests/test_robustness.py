@@ -426,3 +426,16 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
     runs.drop_rows_after(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == [rows[0], rows[1], rows[4]]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_resume_and_skipped_by_the_report(tmp_path):
+    """A full disk or a kill while a row is written leaves a partial last line: the resume drops it, the report
+    reads the rows before it."""
+    from s2mlp import report
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": float(s)} for s in (1, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "lo')
+    assert report.read_metrics(path) == {1: {"loss": 1.0}, 2: {"loss": 2.0}}
+    runs.drop_rows_after(path, 2)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows
