@@ -194,6 +194,8 @@ def _other_steps_hint(step_dir: epath.Path) -> str:
         others = []
     if not others:
         return f"no other complete step in {directory}: re-save it, or train again in a new --workdir"
+    if not step_dir.name.isdigit() or int(step_dir.name) < others[-1]:  # not the latest: a resume does not read it
+        return f"other steps of this run: {others}. Load one by passing {directory}/<step>"
     return (
         f"other steps of this run: {others}. Load one by passing {directory}/<step>; to resume training from "
         f"step {others[-1]}, move this step out of {directory} (e.g. mv {step_dir} "

@@ -184,6 +184,16 @@ def test_nan_parameters_are_refused_by_inference_fine_tuning_and_resume(run, tmp
     assert _snapshot(workdir) == before
 
 
+def test_a_bad_step_older_than_the_latest_gets_no_resume_advice(run, tmp_path):
+    """A resume reads the latest step (6), so a damaged step 3 asks for no move before resuming."""
+    workdir = _copy(run, tmp_path / "run")
+    step_dir = workdir / "checkpoints" / "3"
+    _poison(step_dir, "params", "block_1/fc2/kernel")
+    with pytest.raises(ValueError) as e:
+        inference.load(step_dir, ema=False)
+    assert str(e.value).endswith(f"other steps of this run: [6]. Load one by passing {workdir / 'checkpoints'}/<step>.")
+
+
 def test_first_nonfinite_names_the_first_bad_leaf():
     tree = {"a": {"kernel": np.ones((2, 2), np.float32)}, "b": np.array([1.0, np.inf]), "step": np.array(3)}
     assert ckpt.first_nonfinite(tree) == "b"
