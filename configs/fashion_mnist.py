@@ -48,8 +48,8 @@ Measured (``:s2mlpv2``, 2026-12-05): ``python main.py --config=configs/fashion_m
 5, 10, 15, 20, 25, 30; Shirt 78.2%). Ahead of ``:s2mlp`` from epoch 15 on, with 71% of its parameters and 77% of
 its MACs: its first stage keeps the 14×14 grid the patch-4 model gives up. Above Zalando's "2 Conv + pooling +
 BN" (93.4%), VGG16 (93.5%) and Capsule Network (93.6%) rows; still short of the 94.0% goal. One seed each:
-the 0.82-point lead over ``:s2mlp`` is not yet a measured difference (the studies' spread over seeds of smaller
-models is 0.2-1.4 points). The ``mixer`` run of this config has not run yet (~2.8 h at its 153% MACs).
+the 0.82-point lead over ``:s2mlp`` is not yet a measured difference (the Mixer vs S²-MLP study's spread over
+seeds of smaller models is 0.2-1.4 points). The ``mixer`` run of this config has not run yet (~2.8 h at its 153% MACs).
 
 Without random erasing (``:s2mlpv2``, 2026-12-06): ``python main.py --config=configs/fashion_mnist.py:s2mlpv2
 --workdir=runs/fashion_mnist_v2_noerase '--config.augment.ops=resize|pad_crop(2)|flip|normalize'``, same machine,
