@@ -48,7 +48,7 @@ def crop_window(shape, key, area_min):
 
 def rrc_window(shape, key, area_min):
     """timm's (and torchvision's) RandomResizedCrop window, DeiT's: `rrc_window_of` with stateless draws."""
-    keys = tf.random.experimental.stateless_split(key, 3)
+    keys = tf.random.experimental.stateless_split(key, 2)
     area_u, ratio_u = tf.unstack(tf.random.stateless_uniform([2, RRC_ATTEMPTS], keys[0], dtype=tf.float64))
     offset_u = tf.random.stateless_uniform([2], keys[1], dtype=tf.float64)
     return rrc_window_of(shape, area_min, area_u, ratio_u, offset_u)
