@@ -49,7 +49,9 @@ Measured (``:s2mlpv2``, 2026-12-05): ``python main.py --config=configs/fashion_m
 its MACs: its first stage keeps the 14×14 grid the patch-4 model gives up. Above Zalando's "2 Conv + pooling +
 BN" (93.4%), VGG16 (93.5%) and Capsule Network (93.6%) rows; still short of the 94.0% goal. One seed each:
 the 0.82-point lead over ``:s2mlp`` is not yet a measured difference (the Mixer vs S²-MLP study's spread over
-seeds of smaller models is 0.2-1.4 points). The ``mixer`` run of this config has not run yet (~2.8 h at its 153% MACs).
+seeds of smaller models is 0.2-1.4 points). The ``mixer`` run of this config has not finished yet: it trains at
+~138 img/s alone on this machine (the first 400 steps, 2026-12-06), about 3.9 h for the 32 epochs, so it spans
+sittings.
 
 Without random erasing (``:s2mlpv2``, 2026-12-06): ``python main.py --config=configs/fashion_mnist.py:s2mlpv2
 --workdir=runs/fashion_mnist_v2_noerase '--config.augment.ops=resize|pad_crop(2)|flip|normalize'``, same machine,
