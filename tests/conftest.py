@@ -108,6 +108,14 @@ SLOW = {
     "tests/test_scan.py::test_convert_round_trips_exactly_including_optimizer_state",  # 3-16 s
     "tests/test_scan.py::test_drop_path_rates_per_block_are_linear_in_depth",  # 7 s
     "tests/test_models.py::test_affine_branch_scale_init_and_the_patch_norm_at_one",  # 2-6 s per case
+    # Added 2026-12-06, timed while a training run shared the cores:
+    "tests/test_training.py::test_rows_after_a_resume_are_the_uninterrupted_runs_when_logs_and_checkpoints_do_not_align",
+    # 34 s
+    "tests/test_training.py::test_a_stop_at_an_evaluated_step_saves_its_eval_metric",  # 19 s
+    "tests/test_scan.py::test_the_recipe_optimizer_updates_scanned_as_unrolled",  # 1-25 s per model
+    "tests/test_repeated_aug.py::test_device_ops_key_an_example_by_its_stream_position_whatever_the_process_count",
+    # 12 s
+    "tests/test_study.py::test_a_run_that_fails_a_check_ends_the_study_with_one_line",  # 8 s
 }
 # Module fixtures that train a tiny run (10-12 s each): their tests are slow too, so the fast subset skips the run.
 SLOW_FIXTURES = {

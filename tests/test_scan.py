@@ -109,9 +109,9 @@ def test_the_recipe_optimizer_updates_scanned_as_unrolled(case):
     config.weight_decay = 0.5
     tx = train_lib.make_optimizer(train_lib.OptimizerOptions.from_config(config), lambda step: 1.0)
     zero = jax.tree.map(jnp.zeros_like, params)  # zero gradients: the update is the weight decay alone
-    update_u, _ = tx.update(zero, tx.init(params), params)
-    scanned_params = scan_params(params, unrolled)
-    update_s, _ = tx.update(scan_params(zero, unrolled), tx.init(scanned_params), scanned_params)
+    update = jax.jit(lambda grads, params: tx.update(grads, tx.init(params), params)[0])
+    update_u = update(zero, params)
+    update_s = update(scan_params(zero, unrolled), scan_params(params, unrolled))
     _assert_trees_close(update_s, scan_params(update_u, unrolled), rtol=0, atol=0)
     for path, leaf in jax.tree_util.tree_leaves_with_path(update_s):
         decayed = path[-1].key == "kernel"
