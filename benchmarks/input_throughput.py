@@ -98,7 +98,8 @@ PIPELINES = (
 # chain minus that of the chain without it (`split_last`), in the same round; a decoding op, alone in its chain, is
 # charged its whole chain (file read, decode, resize, batching). Chains that end on uint8 send their batches to the
 # device (`to_device|normalize`, not timed); `normalize` therefore also pays for float32 batches.
-_V2 = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)".split("|")  # configs/common.py's v2
+# configs/common.py's v2 chain
+_V2 = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)".split("|")
 PER_OP = (
     _V2[0],
     "inception_crop(0.08, 'bilinear')",

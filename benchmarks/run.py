@@ -124,7 +124,7 @@ def recipe(batch_size: int) -> tuple[train_lib.OptimizerOptions, train_lib.StepO
 
 
 # the v2 chain, split
-DEVICE_AUGMENT = "random_resized_crop|flip|to_device|randaugment(2, 9, 0.5)|normalize|erase(0.25)"
+DEVICE_AUGMENT = "random_resized_crop|flip|to_device|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)"
 DROP_PATH_RATE = 0.1
 NUM_CLASSES = 1000
 STEPS_PER_EPOCH = 1_281_167 // 1024  # ImageNet-1K at batch 1024: only shapes the lr schedule

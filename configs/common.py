@@ -1,7 +1,7 @@
 """Shared defaults: every config starts from `get_config()` here and changes what differs.
 
 `get_config('v2')` is S²-MLPv2's recipe (S²-MLPv2 paper §5, implementation details): AdamW, lr 2e-3 per 1024 images,
-cosine to 1e-5, 10 warmup epochs, weight decay 0.05, RandAugment rand-m9-mstd0.5,
+cosine to 1e-5, 10 warmup epochs, weight decay 0.05, RandAugment rand-m9-mstd0.5-inc1,
 Mixup 0.8 / CutMix 1.0, random erasing 0.25, label smoothing 0.1, DropPath 0.1,
 EMA of weights, 300 epochs at 224×224. `get_config('deit')` is S²-MLP's
 (DeiT's: lr 1e-3 per 1024, 5 warmup epochs, no EMA, and DeiT's repeated
@@ -55,9 +55,9 @@ def get_config(recipe: str = "v2") -> ml_collections.ConfigDict:
     # ---- augmentation -----------------------------------------------------------
     config.augment = ml_collections.ConfigDict()
     # The per-image ops, in order (s2mlp/augment_chain.py; README "Augmentation"), DeiT's (timm's): random resized
-    # crop (area 8-100%) to image_size, flip, RandAugment rand-m9-mstd0.5, normalisation, random erasing 0.25. Ops
-    # after a 'to_device' run inside the jitted train step instead of tf.data.
-    config.augment.ops = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"
+    # crop (area 8-100%) to image_size, flip, RandAugment rand-m9-mstd0.5-inc1 (DeiT's and ViP's `--aa` default),
+    # normalisation, random erasing 0.25. Ops after a 'to_device' run inside the jitted train step instead of tf.data.
+    config.augment.ops = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)"
     config.augment.mixup = 0.8  # Beta(alpha, alpha); 0 turns it off
     config.augment.cutmix = 1.0  # Beta(alpha, alpha); 0 turns it off
     config.augment.mix_switch_prob = 0.5  # when both are on: chance of CutMix per batch

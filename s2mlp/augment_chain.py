@@ -1,7 +1,7 @@
 """The training augmentation as a chain of registered ops, `config.augment.ops`, in the manner of big_vision's
 preprocessing strings:
 
-    random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)
+    random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)
 
 Each op is registered once, in `OPS`: its arguments (a Python signature; the chain gives literals, positional or
 by keyword), the kind of image it takes and gives ('record': the dataset's stored image, 'uint8': pixels at
@@ -11,7 +11,7 @@ inside the jitted train step) ``s2mlp.augment.DEVICE_OPS[name]``.
 
 ``to_device`` splits the chain: the ops before it run on the host, the ops after it on the device, e.g.
 
-    random_resized_crop(0.08)|flip|to_device|randaugment(2, 9, 0.5)|normalize|erase(0.25)
+    random_resized_crop(0.08)|flip|to_device|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)
 
 sends uint8 batches to the device (a quarter of the bytes of float32) and runs RandAugment, the normalisation and
 random erasing in the train step, where they cost little next to the model. Host and device draw their random
@@ -276,4 +276,4 @@ def _parse_op(part: str, where: str) -> Op:
     return Op(name, tuple(sorted(checked.items())), part)
 
 
-EXAMPLE = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"  # configs/common.py's
+EXAMPLE = "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)"  # common.py's

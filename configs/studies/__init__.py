@@ -52,7 +52,7 @@ TFDS = {
     "image_size": 32,
     "data.eval_split": "test",
     "data.eval_crop_pct": 1.0,
-    "augment.ops": "resize|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)",  # the v2 recipe without its crop
+    "augment.ops": "resize|flip|randaugment(2, 9, 0.5, increasing=True)|normalize|erase(0.25)",  # v2's, no crop
     "batch_size": 256,
     "eval_batch_size": 500,
     "num_epochs": 100,
@@ -63,4 +63,5 @@ TFDS = {
 }
 IMAGENETTE = {"image_size": 128, "model.overrides.patch_size": 8, "data.eval_split": "validation",
               "data.eval_crop_pct": 0.875,
-              "augment.ops": "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5)|normalize|erase(0.25)"}  # fmt: skip
+              "augment.ops": "random_resized_crop(0.08)|flip|randaugment(2, 9, 0.5, increasing=True)|normalize|"
+                             "erase(0.25)"}  # fmt: skip
