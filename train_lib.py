@@ -399,6 +399,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
         convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
+        ckpt.check_optimizer(ckpt_dir, latest, config.grad_clip_norm)
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip

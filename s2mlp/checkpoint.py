@@ -565,6 +565,19 @@ def restore_items(step_dir, targets: dict[str, Any], model, convert: bool, repli
     }
 
 
+def check_optimizer(directory: epath.Path, step: int, grad_clip_norm: float) -> None:
+    """ValueError naming config.grad_clip_norm when the optimizer state saved at `step` was made with clipping and
+    the config has none, or the reverse: `optax.chain` adds a stage, so the two states differ in structure."""
+    saved = float((read_json(directory / str(step), CONFIG) or {}).get("grad_clip_norm") or 0.0)
+    if (saved > 0) != (grad_clip_norm > 0):
+        raise ValueError(
+            f"config.grad_clip_norm={grad_clip_norm:g}: step {step} in {directory} was saved with grad_clip_norm="
+            f"{saved:g}, so its optimizer state {'has' if saved > 0 else 'lacks'} the clipping stage; resume with "
+            f"--config.grad_clip_norm={saved:g}{' (or another value > 0)' if saved > 0 else ''}, or train in a new "
+            "--workdir. Nothing was changed."
+        )
+
+
 def restore_train_state(directory: epath.Path, step: int, trainer, *, ema_decay: float, convert: bool = False):
     """The training state saved at `step`, each leaf on the sharding of `trainer` (a `train_lib.Trainer`), with
     the EMA setting `ema_decay` (config.ema_decay).
