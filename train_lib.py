@@ -399,7 +399,6 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
         convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
-        ckpt.check_optimizer(ckpt_dir, latest, config.grad_clip_norm)
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip
@@ -413,7 +412,9 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     stop = cleanup.enter_context(runs.StopSignals())  # from here on SIGTERM/SIGINT stop after the current step
 
     if latest is not None:
-        state = ckpt.restore_train_state(ckpt_dir, latest, trainer, ema_decay=config.ema_decay, convert=convert)
+        state = ckpt.restore_train_state(
+            ckpt_dir, latest, trainer, ema_decay=config.ema_decay, grad_clip_norm=config.grad_clip_norm, convert=convert
+        )
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
     else:
         state = trainer.init(init_rng)

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
@@ -565,20 +566,9 @@ def restore_items(step_dir, targets: dict[str, Any], model, convert: bool, repli
     }
 
 
-def check_optimizer(directory: epath.Path, step: int, grad_clip_norm: float) -> None:
-    """ValueError naming config.grad_clip_norm when the optimizer state saved at `step` was made with clipping and
-    the config has none, or the reverse: `optax.chain` adds a stage, so the two states differ in structure."""
-    saved = float((read_json(directory / str(step), CONFIG) or {}).get("grad_clip_norm") or 0.0)
-    if (saved > 0) != (grad_clip_norm > 0):
-        raise ValueError(
-            f"config.grad_clip_norm={grad_clip_norm:g}: step {step} in {directory} was saved with grad_clip_norm="
-            f"{saved:g}, so its optimizer state {'has' if saved > 0 else 'lacks'} the clipping stage; resume with "
-            f"--config.grad_clip_norm={saved:g}{' (or another value > 0)' if saved > 0 else ''}, or train in a new "
-            "--workdir. Nothing was changed."
-        )
-
-
-def restore_train_state(directory: epath.Path, step: int, trainer, *, ema_decay: float, convert: bool = False):
+def restore_train_state(
+    directory: epath.Path, step: int, trainer, *, ema_decay: float, grad_clip_norm: float = 0.0, convert: bool = False
+):
     """The training state saved at `step`, each leaf on the sharding of `trainer` (a `train_lib.Trainer`), with
     the EMA setting `ema_decay` (config.ema_decay).
 
@@ -591,7 +581,20 @@ def restore_train_state(directory: epath.Path, step: int, trainer, *, ema_decay:
     step_dir = directory / str(step)
     use_ema, saved_ema = ema_decay > 0, EMA_PARAMS in saved_items(step_dir)
     items = state_items(trainer.targets, ema=use_ema and saved_ema)
+    # Clipping (config.grad_clip_norm > 0) chains a stateless stage before AdamW: the state gains an empty first
+    # entry. Turned on or off since the save, the state is read as saved and the entry added or dropped.
+    clips, saved_clips = grad_clip_norm > 0, float((read_json(step_dir, CONFIG) or {}).get("grad_clip_norm") or 0) > 0
+    if saved_clips != clips:
+        opt = items[OPT_STATE]
+        items[OPT_STATE] = (optax.EmptyState(), opt) if saved_clips else opt[1]
+        absl_logging.warning(
+            "Step %d in %s was saved with%s gradient clipping; config.grad_clip_norm=%g turns it %s from here on.",
+            step, directory, "" if saved_clips else "out", grad_clip_norm, "on" if clips else "off",
+        )  # fmt: skip
     restored = restore_items(step_dir, items, trainer.model, convert, trainer.replicated)
+    if saved_clips != clips:
+        opt = restored[OPT_STATE]
+        restored[OPT_STATE] = opt[1] if saved_clips else (optax.EmptyState(), opt)
     ema_params = restored.get(EMA_PARAMS)
     if use_ema and not saved_ema:
         absl_logging.warning(
