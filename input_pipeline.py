@@ -373,7 +373,14 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Data:
     count, batch = data_sources.count_records, recipe.eval_batch
     train_records = count(source.train_shard(process_index, process_count))
     eval_batches = max(-(-count(source.eval_shard(p, process_count)) // batch) for p in range(process_count))
+    _check_eval_examples(eval_batches, f"config.data.eval_split={source.eval_split!r}")
     return Data(source.info, source, recipe, process_index, process_count, train_records, eval_batches)
+
+
+def _check_eval_examples(eval_batches: int, field: str) -> None:
+    """An eval without examples would fail at its first evaluation, mid-run: refuse it before anything is compiled."""
+    if not eval_batches:
+        raise ValueError(f"{field} has no examples (of the kept classes); give a split with images to evaluate on.")
 
 
 def _block_shuffle(records, block: int, key):
@@ -438,6 +445,7 @@ def build_eval(config, *, data: str, split: str, labels: str = "", process_index
     recipe = Recipe.from_config(copy, process_count)
     count, batch = data_sources.count_records, recipe.eval_batch
     eval_batches = max(-(-count(source.eval_shard(p, process_count)) // batch) for p in range(process_count))
+    _check_eval_examples(eval_batches, f"split={split!r} of {data!r}")
     return (MultiLabelData if labels else Data)(
         source.info, source, recipe, process_index, process_count, 0, eval_batches
     )

@@ -691,3 +691,15 @@ def test_geometric_ops_fill_exactly_as_a_transformed_ones_channel(shape):
         )[0]
         want = image_ops._u8(out[..., :3] + (1.0 - out[..., 3:]) * fill)
         np.testing.assert_array_equal(image_ops._affine(f, matrix, fill).numpy(), want.numpy())
+
+
+def test_an_eval_split_without_images_is_refused_before_training(tmp_path):
+    """An empty eval folder passed the checks and failed at the first evaluation, mid-run."""
+    for cls in ("cat", "dog"):
+        os.makedirs(tmp_path / "train" / cls)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "train" / cls / "0.png")
+    os.makedirs(tmp_path / "val")
+    config = make_config("directory", **{"data.data_dir": str(tmp_path), "data.train_split": "train",
+                                         "data.eval_split": "val"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"config.data.eval_split='val' has no examples \(of the kept classes\)"):
+        ip.build(config)
