@@ -88,7 +88,8 @@ def unknown_field(config, argv: list[str]) -> str | None:
     (the nearest fields of the same group first), or None when every ``--config.FIELD`` exists."""
     fields = dotted_fields(config)
     for arg in argv:
-        if arg.startswith("--config.") and not arg.startswith(OVERRIDES_FLAG):
+        name = arg.partition("=")[0]
+        if arg.startswith("--config.") and not (name == OVERRIDES_FLAG or name.startswith(OVERRIDES_FLAG + ".")):
             field = arg.removeprefix("--config.").partition("=")[0]
             if field not in fields and not any(f.startswith(field + ".") for f in fields):
                 if field in RETIRED:
@@ -169,7 +170,7 @@ def split_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
                 text = next(args, None)
                 if text is None:
                     raise ValueError(f"{arg} needs a value: {arg}=VALUE.")
-            fields[name.removeprefix(OVERRIDES_FLAG + ".")] = literal(text)
+            fields[_model_field(name.removeprefix(OVERRIDES_FLAG + "."))] = literal(text)
         elif name == OVERRIDES_FLAG:
             if not eq:
                 text = next(args, "")
@@ -179,10 +180,18 @@ def split_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
                     f"{OVERRIDES_FLAG}={text!r} is not a dict literal; set one field with "
                     f"{OVERRIDES_FLAG}.FIELD=VALUE, or pass e.g. {OVERRIDES_FLAG}='{{\"hidden_dim\": 64}}'."
                 )
-            fields.update(value)
+            fields.update({_model_field(k): v for k, v in value.items()})
         else:
             rest.append(arg)
     return rest, fields
+
+
+def _model_field(key) -> str:
+    """A model field name as a flag or dict key gives it; ValueError for one no model can have (e.g. dotted)."""
+    if not (isinstance(key, str) and key.isidentifier()):
+        raise ValueError(f"{OVERRIDES_FLAG}.{key}: {key!r} is not a model field name; set one field per flag, e.g. "
+                         f"{OVERRIDES_FLAG}.hidden_dim=64.")  # fmt: skip
+    return key
 
 
 def merge_model_overrides(config, fields: dict):

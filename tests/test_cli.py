@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 import main
@@ -130,7 +131,15 @@ def test_an_unknown_field_fails_in_one_line_naming_the_valid_fields(tmp_path):
     assert not workdir.exists()
 
 
-@pytest.mark.parametrize("arg", ["--config.model.overrides=eight", "--config.model.overrides.hidden_dim"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--config.model.overrides=eight",
+        "--config.model.overrides.hidden_dim",
+        "--config.model.overrides.shift.pattern=8",  # a dotted key: no model field
+        '--config.model.overrides={"a.b": 1}',
+    ],
+)
 def test_a_malformed_override_flag_fails_before_anything_runs(arg):
     with pytest.raises(SystemExit) as e:
         main.parse_flags(["main.py", "--config=configs/demo.py", "--workdir=/nonexistent/unused", arg])
@@ -164,3 +173,10 @@ def test_own_info_lines_show_when_the_package_is_installed_in_site_packages():
     assert quiet.filter(record(str(ROOT / "train_lib.py")))
     assert not quiet.filter(record("/venv/lib/python3.11/site-packages/orbax/checkpoint_manager.py"))
     assert not quiet.filter(record(str(ROOT / ".venv/lib/python3.11/site-packages/jax/_src/xla_bridge.py")))
+
+
+def test_a_misspelled_overrides_group_is_an_unknown_field():
+    """It got config_flags' raw KeyError (the overrides' own flags are skipped only for the exact group name)."""
+    config = ml_collections.ConfigDict({"model": {"overrides": {}}})
+    message = overrides.unknown_field(config, ["--config.model.overridess.hidden_dim=8"])
+    assert message.startswith("--config.model.overridess.hidden_dim=8: the config has no field 'model.overridess.")
