@@ -107,15 +107,16 @@ def last_eval(path: epath.Path) -> dict[str, float]:
 
 class TensorBoardWriter:
     """TensorBoard events with tags grouped per split: ``train/loss``, ``train/lr``, ``<eval_split>/top1``,
-    ``<eval_split>/ema_top1``, ... and, for each other eval NAME of `evals` (config.evals), ``NAME/top1``,
-    ``NAME/ema_top1``, ...; each eval's example count is text (once), not a curve. Takes metrics.jsonl's flat keys
-    (``eval_top1``, ``eval_NAME_top1``: `s2mlp.evals`)."""
+    ``<eval_split>/ema_top1``, ... (``train_eval/top1``, ... when the eval split is 'train') and, for each other
+    eval NAME of `evals` (config.evals), ``NAME/top1``, ``NAME/ema_top1``, ...; each eval's example count is text
+    (once), not a curve. Takes metrics.jsonl's flat keys (``eval_top1``, ``eval_NAME_top1``: `s2mlp.evals`)."""
 
     def __init__(self, logdir: epath.Path, eval_split: str, evals: Sequence[str] = ()):
         from clu import metric_writers
 
         self._writer = metric_writers.SummaryWriter(str(logdir))
-        self._split = eval_split
+        # An eval on the train split gets its own group: 'train/loss' is the training loss.
+        self._split = "train_eval" if eval_split == "train" else eval_split
         self._evals = tuple(evals)
         self._counted: set[str] = set()
 

@@ -164,6 +164,14 @@ def test_dropping_tensorboard_points_after_a_step(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*")) == []
 
 
+def test_an_eval_on_the_train_split_gets_its_own_tensorboard_group(tmp_path):
+    """config.data.eval_split='train' wrote its loss to 'train/loss', beside the training loss."""
+    writer = runs.TensorBoardWriter(tmp_path, "train")
+    writer.write_scalars(3, {"loss": 2.0, "eval_loss": 1.5, "eval_top1": 0.5})
+    writer.close()
+    assert sorted(_scalar_points(tmp_path)) == [("train/loss", 3), ("train_eval/loss", 3), ("train_eval/top1", 3)]
+
+
 def test_a_second_signal_ends_the_run_at_once(tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "run.log"
     proc = _start(workdir, log, "--config.total_steps=100000", "--config.checkpoint_every_steps=100000")
