@@ -436,14 +436,28 @@ def _verify_image(path: str) -> str | None:
         with Image.open(path) as im:
             if im.format not in ("JPEG", "PNG", "GIF", "BMP"):
                 return f"format {im.format} is not decodable by tf.io.decode_image"
-            if im.format == "BMP" and im.mode not in ("RGB", "RGBA", "L"):  # TF: 1-bit fails, palettes read as grey
-                return (
-                    f"a BMP of PIL mode {im.mode!r} (1-bit or palette) is misread by tf.io.decode_image; save it as RGB"
-                )
+            if im.format == "BMP" and (why := _bmp_unreadable_by_tf(path, im.mode)):
+                return f"a BMP {why} is misread by tf.io.decode_image; save it as 24-bit RGB"
             im.draft(None, (1, 1))  # JPEG: decode at 1/8 scale; still reads every byte, so truncation shows
             im.load()
     except Exception as e:  # noqa: BLE001 - any failure means an unreadable image
         return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _bmp_unreadable_by_tf(path: str, mode: str) -> str | None:
+    """What of a BMP tf.io.decode_image cannot read (it fails, or reads the bytes as other pixels); None if nothing.
+
+    TF reads uncompressed 8-bit grey, 24-bit and 32-bit BMPs: not 1-bit ones, palettes (it takes the indices for
+    grey), 16-bit ones or run-length-compressed ones."""
+    if mode not in ("RGB", "RGBA", "L"):
+        return f"of PIL mode {mode!r} (1-bit or palette)"
+    with open(path, "rb") as f:
+        header = f.read(34)
+    if len(header) == 34 and int.from_bytes(header[14:18], "little") >= 40:  # a BITMAPINFOHEADER or later
+        bits, compression = int.from_bytes(header[28:30], "little"), int.from_bytes(header[30:34], "little")
+        if bits not in (8, 24, 32) or compression not in (0, 3) or (compression == 3 and bits != 32):
+            return f"of {bits} bits per pixel, compression {compression}"
     return None
 
 

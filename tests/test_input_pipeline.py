@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import struct
 
 import numpy as np
 import pytest
@@ -646,6 +647,20 @@ def test_verify_image_reads_the_format_from_the_content(tmp_path):
         assert "(1-bit or palette) is misread by tf.io.decode_image" in data_sources._verify_image(
             str(tmp_path / f"{name}.bmp")
         )
+
+    def bmp(name, bits, pixels, palette=b"", compression=0):  # written by hand: PIL writes neither kind
+        info = struct.pack(
+            "<IiiHHIIiiII", 40, 4, 2, 1, bits, compression, len(pixels), 2835, 2835, len(palette) // 4, 0
+        )
+        offset = 14 + 40 + len(palette)
+        header = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+        (tmp_path / name).write_bytes(header + info + palette + pixels)
+
+    bmp("rgb555.bmp", 16, np.array([[0x7C00, 0x03E0, 0x001F, 0x7FFF]] * 2, "<u2").tobytes())  # TF fails
+    grey = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    bmp("rle8.bmp", 8, bytes([4, 200, 0, 0, 4, 50, 0, 1]), grey, compression=1)  # TF reads the codes as pixels
+    assert "of 16 bits per pixel, compression 0" in data_sources._verify_image(str(tmp_path / "rgb555.bmp"))
+    assert "of 8 bits per pixel, compression 1" in data_sources._verify_image(str(tmp_path / "rle8.bmp"))
 
 
 def test_random_erase_erases_nothing_when_no_try_fits():
