@@ -419,7 +419,8 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     else:
         state = trainer.init(init_rng)
         if config.get("init_from"):
-            fresh = jax.device_get(state.params)
+            # Replicated first: FSDP-sharded parameters of several processes are not all addressable here.
+            fresh = jax.device_get(jax.jit(lambda p: p, out_shardings=trainer.replicated)(state.params))
             params = ckpt.fine_tune_params(
                 config.init_from, config.init_from_ema, trainer.model, fresh, config.model.name
             )
