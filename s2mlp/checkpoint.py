@@ -583,7 +583,8 @@ def restore_train_state(
     items = state_items(trainer.targets, ema=use_ema and saved_ema)
     # Clipping (config.grad_clip_norm > 0) chains a stateless stage before AdamW: the state gains an empty first
     # entry. Turned on or off since the save, the state is read as saved and the entry added or dropped.
-    clips, saved_clips = grad_clip_norm > 0, float((read_json(step_dir, CONFIG) or {}).get("grad_clip_norm") or 0) > 0
+    saved_config = read_json(step_dir, CONFIG) or {}
+    clips, saved_clips = grad_clip_norm > 0, float(saved_config.get("grad_clip_norm") or 0) > 0
     if saved_clips != clips:
         opt = items[OPT_STATE]
         items[OPT_STATE] = (optax.EmptyState(), opt) if saved_clips else opt[1]
@@ -604,7 +605,7 @@ def restore_train_state(
         )  # fmt: skip
         ema_params = jax.device_put(restored[PARAMS], trainer.shardings.ema_params, may_alias=False)
     elif saved_ema and not use_ema:
-        saved_decay = (read_json(step_dir, CONFIG) or {}).get("ema_decay")
+        saved_decay = saved_config.get("ema_decay")
         absl_logging.warning(
             "Step %d in %s holds an EMA of the parameters, but config.ema_decay=0 turns the EMA off: it is not "
             "resumed and later checkpoints hold none. To keep it, resume with --config.ema_decay=%s.",

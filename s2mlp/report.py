@@ -62,12 +62,19 @@ def read_metrics(path: Path) -> dict[int, dict[str, float]]:
     out: dict[int, dict[str, float]] = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                out.setdefault(int(row.pop("step")), {}).update(row)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue
+            if (row := metrics_row(line)) is not None:
+                out.setdefault(row.pop("step"), {}).update(row)
     return dict(sorted(out.items()))
+
+
+def metrics_row(line: str) -> dict | None:
+    """One line of metrics.jsonl as its row (a dict with an int 'step'); None for a line that is none, such as a
+    last row torn by a full disk or a kill while it was written. Also read by `runs.drop_rows_after`."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def _read_json(path: Path) -> dict | None:

@@ -28,6 +28,7 @@ from absl import logging
 from etils import epath
 
 from s2mlp import checkpoint as ckpt
+from s2mlp.report import metrics_row
 
 # Exit status of main.py when SIGTERM/SIGINT stopped training after saving a checkpoint (sysexits' EX_TEMPFAIL:
 # "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
@@ -100,7 +101,7 @@ class ProfileTrace:
 
 def last_eval(path: epath.Path) -> dict[str, float]:
     """The eval metrics of the last eval row of metrics.jsonl ({} when there is none)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = [r for line in path.read_text().splitlines() if (r := metrics_row(line))] if path.exists() else []
     evals = [r for r in rows if "eval_top1" in r]
     return {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
 
@@ -168,20 +169,12 @@ def drop_rows_after(path: epath.Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if (row := _row(line)) is not None and row["step"] <= step]
+    kept = [line for line in lines if (row := metrics_row(line)) is not None and row["step"] <= step]
     if len(kept) < len(lines):
         tmp = path.parent / (path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(path)
         logging.info("Dropped %d rows after step %d from %s (trained again).", len(lines) - len(kept), step, path)
-
-
-def _row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) and "step" in row else None
 
 
 EVENTS_GLOB = "events.out.tfevents.*"
