@@ -39,7 +39,7 @@ from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from s2mlp import augment, evals, models, runs
+from s2mlp import augment, evals, models, report, runs
 from s2mlp import checkpoint as ckpt
 from s2mlp.mixup import mix_batch, smooth_labels
 from s2mlp.recipe import (
@@ -50,7 +50,6 @@ from s2mlp.recipe import (
     stream_positions,
     validate_config,
 )
-from s2mlp.report import hms
 from s2mlp.runs import EXIT_STOPPED, Stopped, WorkdirBusy  # noqa: F401 - main.py reads them here
 
 jax.config.update("jax_threefry_partitionable", True)  # random bits independent of the sharding
@@ -399,6 +398,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
         convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
+        _check_same_model(ckpt_dir / str(latest), config, trainer.model, info.num_classes, RESUME_ADVICE)
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip
@@ -416,6 +416,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
             ckpt_dir, latest, trainer, ema_decay=config.ema_decay, grad_clip_norm=config.grad_clip_norm, convert=convert
         )
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
+        _warn_of_changes(ckpt_dir / str(latest), config)
     else:
         state = trainer.init(init_rng)
         if config.get("init_from"):
@@ -456,6 +457,48 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         best=evals.best_spec(specs, config.get("best_eval") or ""),
     )
     return run, state
+
+
+RESUME_ADVICE = (
+    "Nothing was changed in the workdir. Resume with the run's settings (its config.json), or train the new one "
+    "in a new --workdir (--config.init_from=<this workdir> starts it from these weights)."
+)
+EVAL_ADVICE = "--mode=eval builds the model from the command line's config: evaluate with the run's settings."
+
+
+def _check_same_model(step_dir: epath.Path, config, model, num_classes: int, advice: str) -> None:
+    """ValueError when the checkpoint at `step_dir` was trained as another model than `config`'s, though its
+    parameters fit (e.g. another shift pattern or input normalisation)."""
+    saved = ckpt.read_json(step_dir, ckpt.CONFIG)
+    try:
+        before = models.from_config(saved, num_classes)
+    except (TypeError, KeyError, ValueError):  # no config item, or one this version cannot build: shapes only
+        return
+    if saved["model"]["name"] != config.model.name:
+        changed = [f"model.name: {saved['model']['name']!r} -> {config.model.name!r}"]
+    else:
+        changed = models.function_changes(before, model)
+    normalization = saved.get("data", {}).get("normalization", config.data.normalization)
+    if normalization != config.data.normalization:
+        changed.append(f"data.normalization: {normalization!r} -> {config.data.normalization!r}")
+    if changed:
+        raise ValueError(f"{step_dir} was trained as another model (config.{'; config.'.join(changed)}). {advice}")
+
+
+def _warn_of_changes(step_dir: epath.Path, config) -> None:
+    """Logs the fields in which a resumed run's config differs from the one saved with its checkpoint."""
+    saved = report.flatten(ckpt.read_json(step_dir, ckpt.CONFIG) or {})
+    if not saved:
+        return
+    new = report.flatten(json.loads(config.to_json_best_effort()))
+    changed = [f"config.{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in sorted(saved.keys() | new.keys())
+               if saved.get(k) != new.get(k) and k not in report.MACHINE_FIELDS]  # fmt: skip
+    if changed:
+        logging.warning(
+            "Resuming with a changed config: %s. From here on the run trains with the new values; config.json "
+            "will hold them, and each checkpoint keeps the config it was trained with.",
+            "; ".join(changed),
+        )
 
 
 def _train(run: _Run, state: TrainState) -> dict[str, float]:
@@ -537,7 +580,7 @@ def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list,
     run.writer.write_scalars(step, means)
     logging.info(
         "step %d/%d | loss %.4f | lr %.3e | %.1f img/s | ETA %s",
-        step, run.total_steps, means["loss"], means["lr"], images_per_s, hms(eta),
+        step, run.total_steps, means["loss"], means["lr"], images_per_s, report.hms(eta),
     )  # fmt: skip
 
 
@@ -610,6 +653,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
+    _check_same_model(directory / str(step), config, trainer.model, data.info.num_classes, EVAL_ADVICE)
     split = config.data.eval_split
     out_dir = evals.out_dir(eval_dir, split, step)
     runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")

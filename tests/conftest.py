@@ -116,6 +116,7 @@ SLOW = {
     "tests/test_repeated_aug.py::test_device_ops_key_an_example_by_its_stream_position_whatever_the_process_count",
     # 12 s
     "tests/test_study.py::test_a_run_that_fails_a_check_ends_the_study_with_one_line",  # 8 s
+    "tests/test_robustness.py::test_resuming_with_a_changed_recipe_names_the_changes",  # 60-100 s (shared cores)
 }
 # Module fixtures that train a tiny run (10-12 s each): their tests are slow too, so the fast subset skips the run.
 SLOW_FIXTURES = {

@@ -447,3 +447,39 @@ def test_a_torn_last_metrics_row_is_dropped_on_resume_and_skipped_by_the_report(
     assert report.read_metrics(path) == {1: {"loss": 1.0}, 2: {"loss": 2.0}}
     runs.drop_rows_after(path, 2)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_resuming_or_evaluating_as_another_model_is_refused_and_changes_nothing(tiny_s2mlp_run, tmp_path):
+    """Same parameter shapes, another function: another shift pattern (resume) or input normalisation (eval)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_s2mlp_run, workdir)
+    before = _snapshot(workdir)
+    config = tiny.get_config("s2mlp_tiny")
+    config.total_steps = 8
+    config.model.overrides = {"shift_pattern": "none"}
+    with pytest.raises(ValueError) as e:
+        train_lib.train_and_evaluate(config, str(workdir))
+    assert str(e.value) == (
+        f"{workdir / 'checkpoints' / '6'} was trained as another model (config.model.overrides.shift_pattern: "
+        f"'ss1' -> 'none'). {train_lib.RESUME_ADVICE}"
+    )
+    config = tiny.get_config("s2mlp_tiny")
+    config.data.normalization = "minus_one_to_one"
+    with pytest.raises(ValueError, match=r"\(config.data.normalization: 'imagenet' -> 'minus_one_to_one'\)\. --mode="):
+        train_lib.evaluate(config, str(workdir))
+    assert _snapshot(workdir) == before
+
+
+def test_resuming_with_a_changed_recipe_names_the_changes(tiny_s2mlp_run, tmp_path, caplog):
+    """A recipe change on a resume (as the NaN message advises) trains on, with a warning naming each change."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_s2mlp_run, workdir)
+    config = tiny.get_config("s2mlp_tiny")
+    config.total_steps, config.base_lr, config.compilation_cache_dir = 7, 1e-3, str(tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        train_lib.train_and_evaluate(config, str(workdir))
+    changes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming with a changed config")]
+    assert len(changes) == 1 and changes[0].startswith(
+        "Resuming with a changed config: config.base_lr: 0.002 -> 0.001; config.total_steps: 6 -> 7. "
+    )
+    assert json.loads((workdir / "config.json").read_text())["base_lr"] == 1e-3

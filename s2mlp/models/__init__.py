@@ -173,6 +173,22 @@ def _as_tuples(value: Any) -> Any:
     return value
 
 
+# Module fields that say how a model is laid out, computed or initialised, not which function its parameters compute:
+# a checkpoint may be resumed or evaluated with other values (scan is converted on restore).
+_NOT_THE_FUNCTION = frozenset({"parent", "name", "scan", "remat", "dtype", "drop_path_rate", "weight_init",
+                               "branch_scale_init"})  # fmt: skip
+
+
+def function_changes(saved, model) -> list[str]:
+    """Where `model` computes another function than `saved` (both `from_config`'s, same class) with the same
+    parameters: ``'model.overrides.<field>: <saved> -> <new>'`` per field; [] when none."""
+    a, b = (
+        {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _NOT_THE_FUNCTION}
+        for m in (saved, model)
+    )
+    return [f"model.overrides.{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b[k]]
+
+
 def block_groups(model) -> list[tuple[str, list[str]]]:
     """The model's runs of identical blocks: (scanned name, [unrolled names]) per run; [] for Mixer."""
     return model.block_groups()
