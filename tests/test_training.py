@@ -234,6 +234,42 @@ def test_two_processes_with_two_devices_each(tmp_path):
     assert ckpt.locate(tmp_path)[1] == 6
 
 
+def test_fsdp_fine_tune_on_two_processes_trains_as_one_process_does(tiny_run, tmp_path):
+    """init_from with fsdp=True on 2 processes × 2 devices: the fresh parameters span both processes' devices, so
+    they are gathered before the host reads them; the losses are those of a replicated fine-tune in one process
+    (repeated augmentation and no DropPath make the batches and the step independent of the process count)."""
+    _, source, _ = tiny_run
+    overrides = {"init_from": str(source), "batch_size": 8, "total_steps": 3, "log_every_steps": 1,
+                 "data.aug_repeats": 2, "model.drop_path_rate": 0.0}  # fmt: skip
+    port, logs = _free_port(), [tmp_path / f"process{i}.log" for i in range(2)]
+    procs = [
+        _main(
+            tmp_path / "two",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            "--config.fsdp=True",
+            *[f"--config.{k}={v}" for k, v in overrides.items()],
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            stdout=logs[i].open("w"),  # a file, not a pipe: a full pipe would stall one process and so both
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
+    codes = [p.wait(timeout=600) for p in procs]
+    outputs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert all("Fine-tuning from" in out for out in outputs)
+    config = tiny.get_config("s2mlp_tiny")
+    for key, value in overrides.items():
+        group, _, field = key.rpartition(".")
+        (config[group] if group else config)[field] = value
+    train_lib.train_and_evaluate(config, str(tmp_path / "one"))
+    two, one = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(two) == sorted(one) == [1, 2, 3]
+    assert [two[s] for s in (1, 2, 3)] == pytest.approx([one[s] for s in (1, 2, 3)], rel=1e-5)
+
+
 def test_device_augmentation_resumes_bit_exact(tmp_path):
     """Ops after 'to_device' (RandAugment, erasing in the train step): resuming from a checkpoint replays the same
     augmented batches, so the losses after it are the uninterrupted run's."""
