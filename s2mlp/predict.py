@@ -63,12 +63,16 @@ def imagenet_class_names() -> list[str] | None:
     return names if len(names) == 1000 else None
 
 
-def read_image(path: str) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB. Raises OSError (or ValueError) when PIL cannot decode it fully."""
+def read_image(path: str, exif_transpose: bool = False) -> np.ndarray:
+    """An image file -> uint8 (H, W, 3) RGB. Raises OSError (or ValueError) when PIL cannot decode it fully.
+
+    The pixels as stored, as the train and eval pipeline (tf.io.decode_*), timm's and torchvision's folder
+    datasets read them; `exif_transpose` first turns the image by its EXIF orientation (phone photos)."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I"):  # 16-bit grey: the high byte, as tf.io.decode_image reads it (convert clips)
             grey = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=-1)
@@ -129,15 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_ema", action="store_true", help="use the raw parameters even if the run kept an EMA")
     parser.add_argument("--mixer_model", default="mixer_b16", help="registered Mixer of a .npz (default mixer_b16)")
     parser.add_argument("--class_names", help="text file with one class name per line, in label order")
+    parser.add_argument("--exif_transpose", action="store_true", help="turn each image by its EXIF orientation "
+                        "first (phone photos); off by default, as training and eval ignore EXIF")  # fmt: skip
     return parser
 
 
-def _batches(paths: Sequence[str], batch_size: int) -> Iterator[tuple[list[str], list[np.ndarray]]]:
+def _batches(
+    paths: Sequence[str], batch_size: int, exif_transpose: bool = False
+) -> Iterator[tuple[list[str], list[np.ndarray]]]:
     """(paths, images) of up to `batch_size` readable images at a time; unreadable ones reported on stderr."""
     batch_paths, images = [], []
     for path in paths:
         try:
-            image = read_image(path)
+            image = read_image(path, exif_transpose)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
             print(f"error: cannot read {path}: {e}", file=sys.stderr)
             yield [path], []  # marks a failure
@@ -228,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     writer = _Writer(args.output, min(args.top_k, clf.num_classes))
     failed = 0
-    for batch_paths, images in _batches(paths, args.batch_size):
+    for batch_paths, images in _batches(paths, args.batch_size, args.exif_transpose):
         if not images:
             failed += 1
             continue

@@ -214,28 +214,37 @@ def test_resize_matches_tensorflow_bicubic_antialias():
 
 
 def test_preprocess_matches_the_tf_eval_pipeline(tmp_path, config):
-    """Same arrays as input_pipeline's eval branch on a 'directory' dataset of odd-sized PNGs (down- and upsizing)."""
+    """Same arrays as input_pipeline's eval branch on a 'directory' dataset of odd-sized PNGs (down- and upsizing)
+    and JPEGs (4:2:0 and 4:4:4), the predictor reading the files with Pillow."""
     from PIL import Image
 
     import input_pipeline
 
     rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:75, 0:100].astype(np.float32)
+    photo = np.stack([2.5 * xx, 3.4 * yy, 127 + 100 * np.sin(xx / 7) * np.cos(yy / 5)], -1) + rng.normal(
+        0, 20, (75, 100, 3)
+    )
+    photo = np.clip(photo, 0, 255).astype(np.uint8)
     images = {
-        "a": rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),
-        "b": rng.integers(0, 256, (61, 29), dtype=np.uint8),  # grey
-        "c": rng.integers(0, 256, (9, 13, 3), dtype=np.uint8),  # upsampled
+        "a": (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), "png", {}),
+        "b": (rng.integers(0, 256, (61, 29), dtype=np.uint8), "png", {}),  # grey
+        "c": (rng.integers(0, 256, (9, 13, 3), dtype=np.uint8), "png", {}),  # upsampled
+        "d": (photo, "jpg", {"quality": 90}),  # chroma subsampled 4:2:0
+        "e": (photo, "jpg", {"quality": 75, "subsampling": 0}),
     }
     for split in ("train", "test"):
-        for name, image in images.items():
+        for name, (image, ext, options) in images.items():
             (tmp_path / split / name).mkdir(parents=True)
-            Image.fromarray(image).save(tmp_path / split / name / "x.png")
+            Image.fromarray(image).save(tmp_path / split / name / f"x.{ext}", **options)
     config = config.copy_and_resolve_references()
     config.data.name, config.data.data_dir, config.data.eval_crop_pct = "directory", str(tmp_path), 0.875
-    config.data.train_split, config.data.eval_split, config.eval_batch_size = "train", "test", 4
+    config.data.train_split, config.data.eval_split, config.eval_batch_size = "train", "test", 8
     batch = next(input_pipeline.create_eval_iterator(config))
-    ours = inference.preprocess(list(images.values()), image_size=16, crop_pct=0.875, normalization="imagenet")
-    np.testing.assert_array_equal(batch["label"][:3], [0, 1, 2])
-    grey_levels = np.abs(ours - batch["image"][:3]) * mean_std("imagenet")[1]
+    read = [predict.read_image(str(tmp_path / "test" / name / f"x.{ext}")) for name, (_, ext, _) in images.items()]
+    ours = inference.preprocess(read, image_size=16, crop_pct=0.875, normalization="imagenet")
+    np.testing.assert_array_equal(batch["label"][:5], [0, 1, 2, 3, 4])
+    grey_levels = np.abs(ours - batch["image"][:5]) * mean_std("imagenet")[1]
     assert grey_levels.max() <= 1.0 + 1e-3, grey_levels.max()  # a rounding tie at most
     assert np.mean(grey_levels > 1e-3) < 0.01
 
@@ -439,6 +448,23 @@ def test_read_image_takes_the_high_byte_of_16_bit_grey_pngs_as_the_pipeline_does
     theirs = tf.io.decode_image((tmp_path / "x.png").read_bytes(), channels=3, expand_animations=False).numpy()
     np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_array_equal(ours[..., 0], [[117, 0], [255, 1]])
+
+
+def test_read_image_keeps_the_stored_pixels_unless_asked_to_apply_exif(tmp_path):
+    """As the pipeline (tf.io.decode_*) reads them; --exif_transpose turns the image upright (orientation 6: 90°)."""
+    import tensorflow as tf
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "x.png", exif=exif)
+    stored = tf.io.decode_image((tmp_path / "x.png").read_bytes(), channels=3).numpy()
+    np.testing.assert_array_equal(predict.read_image(str(tmp_path / "x.png")), stored)
+    np.testing.assert_array_equal(
+        predict.read_image(str(tmp_path / "x.png"), exif_transpose=True), np.rot90(pixels, -1)
+    )
+    assert predict._parser().parse_args(["--checkpoint=w", "--exif_transpose", "x.png"]).exif_transpose
 
 
 # ---- the CLI on folders, machine-readable output, unreadable files -----------------------------------------------
