@@ -278,11 +278,12 @@ class ModelBench:
         self.macs = count_macs(self.model, image_size=image_size, batch=1)
         self.state = self.trainer.init(jax.random.key(0))
         rng = np.random.default_rng(0)
-        images = rng.standard_normal((batch, image_size, image_size, 3), dtype=np.float32)
-        labels = rng.integers(0, NUM_CLASSES, batch).astype(np.int32)
+        rows = batch // jax.process_count()  # this process's share: to_global joins every process's rows
+        images = rng.standard_normal((rows, image_size, image_size, 3), dtype=np.float32)
+        labels = rng.integers(0, NUM_CLASSES, rows).astype(np.int32)
         pixels = rng.integers(0, 256, images.shape, dtype=np.uint8)  # what the host sends with device augmentation
         self.train_batch = self.trainer.to_global({"image": pixels if device_augment else images, "label": labels})
-        self.eval_batch = self.trainer.to_global({"image": images, "label": labels, "mask": np.ones(batch, np.float32)})
+        self.eval_batch = self.trainer.to_global({"image": images, "label": labels, "mask": np.ones(rows, np.float32)})
         self.rng = jax.device_put(jax.random.key(1), self.trainer.replicated)
         self.train_cpu_s: list[float] = []
 
@@ -293,7 +294,8 @@ class ModelBench:
         start = time.perf_counter()
         self.eval_compiled = self.trainer.eval_step.lower(self.state.params, self.eval_batch).compile()
         self.eval_compile_s = time.perf_counter() - start
-        self.xla_train_flops = cost_flops(self.train_compiled.cost_analysis())
+        # XLA costs one device's partition of the SPMD program: every device runs it.
+        self.xla_train_flops = cost_flops(self.train_compiled.cost_analysis()) * self.trainer.mesh.size
         mem = self.train_compiled.memory_analysis()
         self.xla_train_bytes = (
             mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
@@ -465,6 +467,11 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def argv_has(argv: list[str] | None, flag: str) -> bool:
+    """Whether `--flag` (or `--flag=...`) was given on the command line."""
+    return any(a == f"--{flag}" or a.startswith(f"--{flag}=") for a in (sys.argv[1:] if argv is None else argv))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated registry names")
@@ -512,8 +519,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if sum(map(bool, (args.block_variants, args.shift_identity, args.device_augment))) > 1:
         p.error("--blocks, --shift_identity and --device_augment: time one comparison per run")
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 1:
+        p.error("--repeats and --warmup must be >= 1 (the peak memory is read after the warm-up calls)")
+    mode = "--input_pipeline" if args.input_pipeline else "--mixup_exchange" if args.mixup_exchange else ""
+    ignored = [f"--{f}" for f in ("batches", "image_sizes", "dtype", "warmup", "blocks") if mode and argv_has(argv, f)]
+    ignored += ["--shift_identity"] * bool(mode and args.shift_identity)
+    ignored += ["--device_augment"] * bool(mode and args.device_augment)
+    if ignored:
+        p.error(f"{mode} times one --batch and --image_size; {', '.join(ignored)} would be ignored: leave it out")
     devices = 1 if args.input_pipeline else jax.device_count()
     for batch in _ints(args.batches) or [args.batch]:
         if batch < 1 or batch % devices:
