@@ -41,6 +41,18 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for ex
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.register_multi_flags_validator(
+    ["mode", "checkpoint", "eval_dir"],
+    lambda f: f["mode"] == "eval" or (f["checkpoint"] is None and f["eval_dir"] is None),
+    "--checkpoint and --eval_dir apply to --mode=eval only: add --mode=eval, or leave them out to train.",
+)
+PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
+flags.register_multi_flags_validator(
+    [*PROCESS_FLAGS, "multihost"],
+    lambda f: sum(f[k] is not None for k in PROCESS_FLAGS) in ((0,) if f["multihost"] else (0, 3)),
+    "--coordinator_address, --num_processes and --process_id go together (an explicit multi-process run); "
+    "--multihost detects all three instead: give the three, or --multihost alone.",
+)
 
 
 _model_overrides: dict = {}  # from the command line; merged into FLAGS.config.model.overrides

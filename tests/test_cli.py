@@ -146,6 +146,25 @@ def test_a_malformed_override_flag_fails_before_anything_runs(arg):
     assert "FATAL Flags parsing error" in str(e.value) and "config.model.overrides" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--checkpoint=/a/run"], "--checkpoint and --eval_dir apply to --mode=eval only"),
+        (["--eval_dir=/a/evals"], "--checkpoint and --eval_dir apply to --mode=eval only"),
+        (["--coordinator_address=localhost:1234"], "--coordinator_address, --num_processes and --process_id go"),
+        (["--num_processes=2", "--process_id=0"], "--coordinator_address, --num_processes and --process_id go"),
+        (["--multihost", "--coordinator_address=h:1", "--num_processes=2", "--process_id=0"], "--multihost alone"),
+    ],
+)
+def test_flags_that_would_be_ignored_or_half_given_fail_before_anything_runs(args, message, capsys):
+    with pytest.raises(SystemExit):
+        _parse("--config=configs/tiny.py:s2mlp_tiny", *args)
+    err = capsys.readouterr().err
+    assert "FATAL Flags parsing error" in err and message in err, err
+    _parse("--config=configs/tiny.py:s2mlp_tiny", "--multihost")  # alone: fine
+    _parse("--config=configs/tiny.py:s2mlp_tiny", "--coordinator_address=h:1", "--num_processes=2", "--process_id=1")
+
+
 def test_eval_dir_flag():
     _parse("--config=configs/tiny.py:s2mlp_tiny", "--mode=eval", "--eval_dir=/somewhere/evals")
     assert (main.FLAGS.mode, main.FLAGS.eval_dir) == ("eval", "/somewhere/evals")
