@@ -259,12 +259,16 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
     """Expands and checks `study`, then trains each run not yet done (those matching a glob of `only`, if any);
     returns the runs."""
     workdir = str(ckpt.absolute(workdir))  # relative, ~, trailing '/': the runs' commands work from any directory
-    runs = select(expand(study, workdir), list(only))
+    runs = select(expand(study, workdir, check=not dry_run), list(only))
     n = len(runs)
-    if dry_run:
+    if dry_run:  # lists every run, and what its checks say, e.g. before its data is downloaded
         for k, run in enumerate(runs, 1):
             status = " (done)" if read_result(run.workdir) else ""
             out(f"run {k} of {n}: {run.name}{status}\n  {run.command}")
+            try:
+                validate(run)
+            except ValueError as e:
+                out(f"  would fail: {e}")
         return runs
 
     import train_lib
@@ -353,4 +357,15 @@ if __name__ == "__main__":
         "compilation_cache", None, "JAX compilation cache directory (default WORKDIR/compilation_cache; '': off)."
     )
     flags.mark_flags_as_required(["study", "workdir"])
-    app.run(main)
+
+    def parse_flags(argv: list[str]) -> list[str]:
+        """absl's parsing, with main.py's one-line errors for a missing study file or an unknown --study.FIELD."""
+        spec = overrides_lib.config_spec(argv, "study")
+        if message := overrides_lib.missing_file(spec, "study"):
+            sys.exit(f"ERROR {message}")
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as e:  # ml_collections: a --study.FIELD the study does not have
+            sys.exit(f"ERROR {overrides_lib.unknown_field(overrides_lib.load(spec), argv, 'study') or e}")
+
+    app.run(main, flags_parser=parse_flags)

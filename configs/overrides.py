@@ -53,8 +53,8 @@ def config_file(spec: str, *, root: Path | None = None) -> Path:
     return path if root is None or path.is_absolute() else root / path
 
 
-def missing_file(spec: str) -> str | None:
-    """'--config=PATH: no such file; ...' with the nearest config files' names, or None when the file exists."""
+def missing_file(spec: str, flag: str = "config") -> str | None:
+    """'--config=PATH: no such file; ...' (`flag`'s) with the nearest config files' names, or None when it exists."""
     path = spec.partition(":")[0]
     if not path or os.path.isfile(path):
         return None
@@ -62,7 +62,7 @@ def missing_file(spec: str) -> str | None:
     names = sorted(f for f in os.listdir(folder or ".") if f.endswith(".py")) if os.path.isdir(folder or ".") else []
     near = [os.path.join(folder, n) for n in difflib.get_close_matches(os.path.basename(path), names, n=3, cutoff=0.6)]
     hint = f"did you mean {', '.join(near)}?" if near else f"the configs are in {ROOT / 'configs'}."
-    return f"--config={spec}: no such file (relative paths start at the working directory {os.getcwd()}); {hint}"
+    return f"--{flag}={spec}: no such file (relative paths start at the working directory {os.getcwd()}); {hint}"
 
 
 def dotted_fields(config, prefix: str = "") -> set[str]:
@@ -83,14 +83,15 @@ RETIRED = {  # fields earlier versions had -> what replaced them
 }
 
 
-def unknown_field(config, argv: list[str]) -> str | None:
+def unknown_field(config, argv: list[str], flag: str = "config") -> str | None:
     """'--config.FIELD=VALUE: the config has no field FIELD; did you mean ...?' for the first such flag of `argv`
-    (the nearest fields of the same group first), or None when every ``--config.FIELD`` exists."""
+    (the nearest fields of the same group first), or None when every ``--config.FIELD`` exists (``--<flag>.``
+    for another config flag, e.g. study.py's --study)."""
     fields = dotted_fields(config)
     for arg in argv:
         name = arg.partition("=")[0]
-        if arg.startswith("--config.") and not (name == OVERRIDES_FLAG or name.startswith(OVERRIDES_FLAG + ".")):
-            field = arg.removeprefix("--config.").partition("=")[0]
+        if arg.startswith(f"--{flag}.") and not (name == OVERRIDES_FLAG or name.startswith(OVERRIDES_FLAG + ".")):
+            field = arg.removeprefix(f"--{flag}.").partition("=")[0]
             if field not in fields and not any(f.startswith(field + ".") for f in fields):
                 if field in RETIRED:
                     return f"{arg}: the config has no field {field!r}; {RETIRED[field]}"
@@ -105,12 +106,12 @@ def unknown_field(config, argv: list[str]) -> str | None:
     return None
 
 
-def config_spec(argv: list[str]) -> str:
-    """The value of --config (``path.py`` or ``path.py:arg``) in `argv`."""
+def config_spec(argv: list[str], flag: str = "config") -> str:
+    """The value of --config (or --`flag`; ``path.py`` or ``path.py:arg``) in `argv`."""
     for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.removeprefix("--config=")
-        if arg == "--config" and i + 1 < len(argv):
+        if arg.startswith(f"--{flag}="):
+            return arg.removeprefix(f"--{flag}=")
+        if arg == f"--{flag}" and i + 1 < len(argv):
             return argv[i + 1]
     return ""
 

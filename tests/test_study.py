@@ -206,6 +206,34 @@ def test_bad_study_fails_before_anything_is_created(tmp_path, change, message):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_dry_run_lists_every_run_with_what_its_checks_would_refuse(tmp_path):
+    """E.g. a tfds study before its data is prepared: the commands are listed, each with the check's message."""
+    s = _study(base="configs/tiny.py:s2mlp_tiny", grid={"data.train_fraction": [0.5, 1.5]})
+    lines = []
+    runs = study.run_study(s, str(tmp_path / "w"), dry_run=True, out=lines.append)
+    assert [r.name for r in runs] == ["train_fraction=0.5", "train_fraction=1.5"]
+    assert [line.startswith("  would fail: ") for line in lines] == [False, False, True]  # 2 runs, 1 refusal
+    assert "config.data.train_fraction=1.5 must be in (0, 1]" in lines[2] and "train_fraction=1.5" in lines[1]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--study=configs/studies/nope.py"], "ERROR --study=configs/studies/nope.py: no such file"),
+        (
+            ["--study=configs/studies/shift_ablation.py", "--study.grdi.seed=(0,)"],
+            "ERROR --study.grdi.seed=(0,): the config has no field 'grdi.seed'",
+        ),
+    ],
+)
+def test_a_missing_study_file_or_field_fails_in_one_line(tmp_path, flags, message):
+    cmd = [sys.executable, "study.py", *flags, f"--workdir={tmp_path / 'w'}", "--dry_run"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
 def test_tied_field_copies_its_axis_in_each_run_and_command(tmp_path):
     s = _study(
         base="configs/tiny.py:s2mlp_tiny",
