@@ -120,17 +120,23 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
 
-    The chain's device ops (`options.device_ops`, uint8 images in) with per-example keys of (seed, step, position
-    in the stream's batch: `stream_positions`), whatever the device or process count; label smoothing over
-    `model.num_classes`, Mixup/CutMix on the whole batch, then `grad_accum_steps` micro-batches whose gradients
-    are averaged. A non-finite loss, gradient or updated parameter leaves the state unchanged and records the step
-    in `bad_step`.
+    Rows are taken in the stream's order (`stream_positions`: repeated augmentation on several processes
+    interleaves them), so each example gets the same draws whatever the device or process count: the chain's
+    device ops (`options.device_ops`, uint8 images in) with per-example keys of (seed, step, position); label
+    smoothing over `model.num_classes`, Mixup/CutMix on the whole batch, then `grad_accum_steps` micro-batches
+    whose gradients are averaged. A non-finite loss, gradient or updated parameter leaves the state unchanged and
+    records the step in `bad_step`.
     """
     rng = jax.random.fold_in(rng, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
+    if options.interleaved_processes > 1:
+        # Rows into the stream's order (one exchange between devices), so every per-row draw below (device ops,
+        # Mixup's partner, DropPath, micro-batches) takes an example as one process would, whatever the count.
+        order = jnp.argsort(stream_positions(batch["label"].shape[0], options.interleaved_processes))
+        batch = jax.tree.map(lambda x: x[order], batch)
     images = batch["image"]
     if options.device_ops:  # a stream of its own: the other streams stay as without device ops
-        positions = stream_positions(images.shape[0], options.interleaved_processes)
+        positions = jnp.arange(images.shape[0])  # stream positions: the rows, now in the stream's order
         images = augment.apply(options.device_ops, images, jax.random.fold_in(rng, 1), options.normalization, positions)
     targets = smooth_labels(batch["label"], model.num_classes, options.label_smoothing)
     images, targets = mix_batch(

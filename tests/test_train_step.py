@@ -1,5 +1,7 @@
 """The train step, optimizer and config checks of train_lib, without the input pipeline."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 import train_lib
 from configs import common, tiny
+from s2mlp import models
 
 NUM_CLASSES = 10
 
@@ -54,6 +57,31 @@ def test_eight_devices_match_one_device(model, fsdp):
     _assert_trees_close(one.params, eight.params)
     _assert_trees_close(one.ema_params, eight.ema_params)
     assert int(eight.step) == 3
+
+
+def test_repeated_augmentation_on_two_processes_takes_each_example_as_one_process_does():
+    """With aug_repeats on P processes the global batch holds the 1-process batch's rows interleaved
+    (`stream_positions`); DropPath, Mixup/CutMix and the micro-batches still treat each example as on 1 process."""
+    config = tiny.get_config("s2mlp_tiny")
+    config.grad_accum_steps = 2
+    assert config.model.drop_path_rate > 0 and config.augment.mixup > 0 and config.augment.cutmix > 0
+    batch = _batch(16, config.image_size)
+    positions = np.asarray(train_lib.stream_positions(16, 2))
+    results = []
+    for processes, rows in ((1, np.arange(16)), (2, positions)):
+        options = train_lib.StepOptions.from_config(config)
+        options = dataclasses.replace(options, interleaved_processes=processes)
+        trainer = train_lib.setup(
+            models.from_config(config, NUM_CLASSES), image_size=config.image_size,
+            optimizer=train_lib.OptimizerOptions.from_config(config), options=options, steps_per_epoch=10,
+            total_steps=100, mesh=train_lib.make_mesh(jax.devices()[:4]),
+        )  # fmt: skip
+        state = trainer.init(jax.random.key(0))
+        _, metrics = trainer.train_step(
+            state, trainer.to_global({k: v[rows] for k, v in batch.items()}), jax.random.key(1)
+        )
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5)
 
 
 def test_fsdp_shards_parameters():
