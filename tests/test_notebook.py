@@ -70,3 +70,20 @@ def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch):
         assert 300 < pixels.shape[1] <= max_width, (name, pixels.shape)
     digits = np.asarray(Image.open(figures / "digits.png").convert("L"))
     assert digits.shape[0] < digits.shape[1]  # 2 rows of 5, not a 1 x 10 strip
+
+
+def test_setup_cell_finds_the_checkout_named_by_s2mlp_repo_outside_it(tmp_path, monkeypatch):
+    """Colab's layout: the notebook runs in /content, the checkout is /content/s2mlp (a folder named like the
+    package); the setup cell puts the checkout on the path, so the app (train_lib, configs) imports from it."""
+    from nbclient import NotebookClient
+
+    (tmp_path / "s2mlp").symlink_to(REPO, target_is_directory=True)
+    monkeypatch.setenv("S2MLP_REPO", "s2mlp")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    probe = "import configs.demo, s2mlp.checkpoint, train_lib\nprint(train_lib.__file__, s2mlp.checkpoint.__file__)"
+    nb.cells = [*code[:2], nbformat.v4.new_code_cell(probe)]
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(out.get("text", "") for out in nb.cells[2].outputs).split()
+    assert printed == [str(tmp_path / "s2mlp" / "train_lib.py"), str(tmp_path / "s2mlp" / "s2mlp" / "checkpoint.py")]
