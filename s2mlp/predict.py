@@ -108,11 +108,15 @@ def find_images(inputs: Sequence[str], glob: str = DEFAULT_GLOB) -> list[str]:
     return found
 
 
+def _is_npz(path: str) -> bool:
+    return path.lower().endswith(".npz")
+
+
 def _load(args):
-    if args.checkpoint.endswith(".npz"):
+    if _is_npz(args.checkpoint):
         from s2mlp import mixer_npz
 
-        return mixer_npz.classifier_from_npz(args.checkpoint, args.mixer_model)
+        return mixer_npz.classifier_from_npz(args.checkpoint, args.mixer_model or "mixer_b16")
     from s2mlp import inference
 
     return inference.load(args.checkpoint, ema=not args.no_ema)
@@ -131,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"folders, case-insensitive (default {DEFAULT_GLOB})")  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--no_ema", action="store_true", help="use the raw parameters even if the run kept an EMA")
-    parser.add_argument("--mixer_model", default="mixer_b16", help="registered Mixer of a .npz (default mixer_b16)")
+    parser.add_argument("--mixer_model", help="registered Mixer of a .npz (default mixer_b16)")
     parser.add_argument("--class_names", help="text file with one class name per line, in label order")
     parser.add_argument("--exif_transpose", action="store_true", help="turn each image by its EXIF orientation "
                         "first (phone photos); off by default, as training and eval ignore EXIF")  # fmt: skip
@@ -192,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.batch_size < 1:
         print(f"error: --batch_size={args.batch_size} must be at least 1.", file=sys.stderr)
+        return 2
+    npz = _is_npz(args.checkpoint)
+    if npz and args.no_ema or not npz and args.mixer_model:
+        flag, applies = ("--no_ema", "a training run's checkpoint") if npz else ("--mixer_model", "a Mixer .npz")
+        print(f"error: {flag} applies to {applies} only; --checkpoint={args.checkpoint} is not one.", file=sys.stderr)
         return 2
     try:
         paths = find_images(args.images, args.glob)

@@ -581,3 +581,20 @@ def test_mixer_npz_refuses_non_finite_parameters_naming_the_first_key(tmp_path, 
     image = _image_tree(tmp_path / "images")[0]
     assert predict.main([f"--checkpoint={tmp_path / 'nan.npz'}", "--mixer_model=mixer_tiny", image]) == 2
     assert "NaN/Inf" in capsys.readouterr().err
+
+
+def test_predict_takes_an_upper_case_npz_and_refuses_flags_of_the_other_kind(workdir, tmp_path, capsys):
+    _, params = _mixer_tiny_params()
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    with open(tmp_path / "mixer.NPZ", "wb") as f:  # a file object: savez would append '.npz' to the name
+        np.savez(f, **flat)
+    image = _image_tree(tmp_path / "images")[0]
+    assert predict.main([f"--checkpoint={tmp_path / 'mixer.NPZ'}", "--mixer_model=mixer_tiny", image]) == 0
+    capsys.readouterr()
+    assert predict.main([f"--checkpoint={tmp_path / 'mixer.NPZ'}", "--no_ema", image]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --no_ema applies to a training run's checkpoint only; --checkpoint={tmp_path / 'mixer.NPZ'} is "
+        "not one.\n"
+    )
+    assert predict.main([f"--checkpoint={workdir}", "--mixer_model=mixer_tiny", image]) == 2
+    assert "error: --mixer_model applies to a Mixer .npz only" in capsys.readouterr().err
