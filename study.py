@@ -61,7 +61,7 @@ import ml_collections
 from configs import overrides as overrides_lib
 from s2mlp import checkpoint as ckpt
 from s2mlp import report as report_lib
-from s2mlp.report import MACHINE_FIELDS, flatten, hms
+from s2mlp.report import hms
 
 ROOT = Path(__file__).resolve().parent  # main.py's directory: relative config paths resolve here
 STUDY_JSON = "study.json"
@@ -201,14 +201,11 @@ def validate(run: Run) -> None:
         raise ValueError(f"study run {run.name!r}: {e}") from None
     saved = Path(run.workdir) / "config.json"
     if saved.is_file():
-        old = flatten(json.loads(saved.read_text()))
-        new = flatten(json.loads(run.config.to_json_best_effort()))
-        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in MACHINE_FIELDS)
+        diff = report_lib.config_changes(json.loads(saved.read_text()), json.loads(run.config.to_json_best_effort()))
         if diff:
             raise ValueError(
                 f"study run {run.name!r}: {run.workdir} holds a run of a different config (fields "
-                f"{', '.join(f'config.{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:5])}); "
-                "use a new --workdir or remove that run directory."
+                f"{', '.join(diff[:5])}); use a new --workdir or remove that run directory."
             )
 
 

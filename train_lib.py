@@ -493,13 +493,8 @@ def _check_same_model(step_dir: epath.Path, config, model, num_classes: int, adv
 
 def _warn_of_changes(step_dir: epath.Path, config) -> None:
     """Logs the fields in which a resumed run's config differs from the one saved with its checkpoint."""
-    saved = report.flatten(ckpt.read_json(step_dir, ckpt.CONFIG) or {})
-    if not saved:
-        return
-    new = report.flatten(json.loads(config.to_json_best_effort()))
-    changed = [f"config.{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in sorted(saved.keys() | new.keys())
-               if saved.get(k) != new.get(k) and k not in report.MACHINE_FIELDS]  # fmt: skip
-    if changed:
+    saved = ckpt.read_json(step_dir, ckpt.CONFIG)
+    if saved and (changed := report.config_changes(saved, json.loads(config.to_json_best_effort()))):
         logging.warning(
             "Resuming with a changed config: %s. From here on the run trains with the new values; config.json "
             "will hold them, and each checkpoint keeps the config it was trained with.",

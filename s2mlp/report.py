@@ -108,7 +108,7 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A config.json dict -> dotted field -> value (lists as tuples); also used by study.py."""
+    """A config.json dict -> dotted field -> value (lists as tuples)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
@@ -116,6 +116,17 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``'config.FIELD: <old> -> <new>'`` for each field in which two config.json dicts differ (`MACHINE_FIELDS`
+    aside), sorted; used by a resume's warning and study.py's refusal."""
+    a, b = flatten(old), flatten(new)
+    return [
+        f"config.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and k not in MACHINE_FIELDS
+    ]
 
 
 def mean_std(values: list[float]) -> str:
