@@ -59,6 +59,21 @@ def test_grid_expands_to_the_product_with_overrides_merged_names_and_commands(tm
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_directory_holding_another_config_is_refused_naming_the_fields(tmp_path):
+    s = _study(base="configs/tiny.py:s2mlp_tiny", grid={"seed": [0]})
+    (run,) = study.expand(s, str(tmp_path / "w"), check=False)
+    Path(run.workdir).mkdir(parents=True)
+    saved = json.loads(run.config.to_json_best_effort())
+    saved |= {"base_lr": 0.5, "compilation_cache_dir": "/elsewhere"}  # the second is where the machine keeps things
+    (Path(run.workdir) / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError) as e:
+        study.validate(run)
+    assert str(e.value) == (
+        f"study run 'run': {run.workdir} holds a run of a different config (fields config.base_lr: 0.5 -> 0.002); "
+        "use a new --workdir or remove that run directory."
+    )
+
+
 def test_model_overrides_dicts_of_the_study_and_a_run_merge_and_study_json_keeps_their_values(tmp_path):
     s = _study(overrides={"model.overrides": {"hidden_dim": 16}}, runs=[{"model.overrides": {"num_blocks": 1}}],
                grid={"seed": [0]})  # fmt: skip
