@@ -117,7 +117,7 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 # =============================================================================
 # The train step (the eval steps are in s2mlp/evals.py).
 # =============================================================================
-def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions):
+def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions, batch_sharding=None):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
 
     Rows are taken in the stream's order (`stream_positions`: repeated augmentation on several processes
@@ -125,15 +125,16 @@ def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions
     device ops (`options.device_ops`, uint8 images in) with per-example keys of (seed, step, position); label
     smoothing over `model.num_classes`, Mixup/CutMix on the whole batch, then `grad_accum_steps` micro-batches
     whose gradients are averaged. A non-finite loss, gradient or updated parameter leaves the state unchanged and
-    records the step in `bad_step`.
+    records the step in `bad_step`. `batch_sharding` (`setup` passes it) keeps the reordered batch sharded.
     """
     rng = jax.random.fold_in(rng, state.step)
     mix_rng, drop_rng = jax.random.split(rng)
     if options.interleaved_processes > 1:
         # Rows into the stream's order (one exchange between devices), so every per-row draw below (device ops,
         # Mixup's partner, DropPath, micro-batches) takes an example as one process would, whatever the count.
+        # The gather would leave the batch replicated (every device computing all of it): shard it again.
         order = jnp.argsort(stream_positions(batch["label"].shape[0], options.interleaved_processes))
-        batch = jax.tree.map(lambda x: x[order], batch)
+        batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x[order], batch_sharding), batch)
     images = batch["image"]
     if options.device_ops:  # a stream of its own: the other streams stay as without device ops
         positions = jnp.arange(images.shape[0])  # stream positions: the rows, now in the stream's order
@@ -275,7 +276,7 @@ def setup(
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = state_sharding(mesh, abstract, fsdp)
     batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-    step = functools.partial(train_step, model=model, tx=tx, options=options)
+    step = functools.partial(train_step, model=model, tx=tx, options=options, batch_sharding=batch_sharding)
     eval_in = (shardings.params, batch_sharding)
     return Trainer(
         model=model,

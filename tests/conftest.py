@@ -117,6 +117,8 @@ SLOW = {
     # 12 s
     "tests/test_study.py::test_a_run_that_fails_a_check_ends_the_study_with_one_line",  # 8 s
     "tests/test_robustness.py::test_resuming_with_a_changed_recipe_names_the_changes",  # 60-100 s (shared cores)
+    "tests/test_train_step.py::test_repeated_augmentation_on_two_processes_takes_each_example_as_one_process_does",
+    # 41-46 s (shared cores)
 }
 # Module fixtures that train a tiny run (10-12 s each): their tests are slow too, so the fast subset skips the run.
 SLOW_FIXTURES = {
