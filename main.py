@@ -47,11 +47,19 @@ flags.register_multi_flags_validator(
     "--checkpoint and --eval_dir apply to --mode=eval only: add --mode=eval, or leave them out to train.",
 )
 PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def _processes_given_one_way(f) -> bool:
+    """All three process flags, or the address alone (SLURM, Open MPI tell JAX the rest), or --multihost alone."""
+    given = tuple(f[k] is not None for k in PROCESS_FLAGS)
+    return given == (False, False, False) or not f["multihost"] and given in ((True, True, True), (True, False, False))
+
+
 flags.register_multi_flags_validator(
     [*PROCESS_FLAGS, "multihost"],
-    lambda f: sum(f[k] is not None for k in PROCESS_FLAGS) in ((0,) if f["multihost"] else (0, 3)),
-    "--coordinator_address, --num_processes and --process_id go together (an explicit multi-process run); "
-    "--multihost detects all three instead: give the three, or --multihost alone.",
+    _processes_given_one_way,
+    "--num_processes and --process_id need each other and --coordinator_address (or give the address alone where "
+    "the cluster tells JAX the rest); --multihost detects all three instead: use one way.",
 )
 
 

@@ -151,9 +151,9 @@ def test_a_malformed_override_flag_fails_before_anything_runs(arg):
     [
         (["--checkpoint=/a/run"], "--checkpoint and --eval_dir apply to --mode=eval only"),
         (["--eval_dir=/a/evals"], "--checkpoint and --eval_dir apply to --mode=eval only"),
-        (["--coordinator_address=localhost:1234"], "--coordinator_address, --num_processes and --process_id go"),
-        (["--num_processes=2", "--process_id=0"], "--coordinator_address, --num_processes and --process_id go"),
-        (["--multihost", "--coordinator_address=h:1", "--num_processes=2", "--process_id=0"], "--multihost alone"),
+        (["--coordinator_address=h:1", "--num_processes=2"], "--num_processes and --process_id need each other"),
+        (["--num_processes=2", "--process_id=0"], "--num_processes and --process_id need each other"),
+        (["--multihost", "--coordinator_address=h:1"], "--multihost detects all three instead"),
     ],
 )
 def test_flags_that_would_be_ignored_or_half_given_fail_before_anything_runs(args, message, capsys):
@@ -162,6 +162,7 @@ def test_flags_that_would_be_ignored_or_half_given_fail_before_anything_runs(arg
     err = capsys.readouterr().err
     assert "FATAL Flags parsing error" in err and message in err, err
     _parse("--config=configs/tiny.py:s2mlp_tiny", "--multihost")  # alone: fine
+    _parse("--config=configs/tiny.py:s2mlp_tiny", "--coordinator_address=h:1")  # the cluster gives the rest
     _parse("--config=configs/tiny.py:s2mlp_tiny", "--coordinator_address=h:1", "--num_processes=2", "--process_id=1")
 
 
