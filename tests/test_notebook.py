@@ -7,6 +7,7 @@ import os
 
 import nbformat
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "s2mlp_colab.ipynb")
@@ -72,13 +73,15 @@ def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch):
     assert digits.shape[0] < digits.shape[1]  # 2 rows of 5, not a 1 x 10 strip
 
 
-def test_setup_cell_finds_the_checkout_named_by_s2mlp_repo_outside_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("repo", ["s2mlp", ""])
+def test_setup_cell_finds_the_checkout_outside_it(tmp_path, monkeypatch, repo):
     """Colab's layout: the notebook runs in /content, the checkout is /content/s2mlp (a folder named like the
-    package); the setup cell puts the checkout on the path, so the app (train_lib, configs) imports from it."""
+    package), named by S2MLP_REPO or not; the setup cell puts the checkout on the path, so the app (train_lib,
+    configs) imports from it."""
     from nbclient import NotebookClient
 
     (tmp_path / "s2mlp").symlink_to(REPO, target_is_directory=True)
-    monkeypatch.setenv("S2MLP_REPO", "s2mlp")
+    monkeypatch.setenv("S2MLP_REPO", repo)
     monkeypatch.delenv("PYTHONPATH", raising=False)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
