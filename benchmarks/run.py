@@ -395,7 +395,8 @@ def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
         "train_images_per_s": [bench.batch / t for t in bench.train_s],
         "train_step_s": bench.train_s,
         "eval_step_s": bench.eval_s,
-        "train_cpu_s_per_image": statistics.median(bench.train_cpu_s) / bench.batch,
+        # This process's CPU time over its own rows of the batch.
+        "train_cpu_s_per_image": statistics.median(bench.train_cpu_s) / (bench.batch // jax.process_count()),
         "peak_bytes": bench.peak_bytes,
         "xla_train_bytes": bench.xla_train_bytes,
         "xla_train_flops_per_image": bench.xla_train_flops / bench.batch,
