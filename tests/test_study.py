@@ -172,14 +172,14 @@ def test_fashion_mnist_studies_keep_its_recipe_and_match_model_sizes():
     from s2mlp import flops, models
 
     # The recipe as the studies ran it: the config's, with the two fields it has changed since pinned back.
-    recipe = study.flatten(json.loads(fashion_mnist.get_config().to_json_best_effort()))
+    recipe = report.flatten(json.loads(fashion_mnist.get_config().to_json_best_effort()))
     assert {k: recipe[k] for k in studies.FASHION_MNIST_AS_RUN} != studies.FASHION_MNIST_AS_RUN
     recipe |= studies.FASHION_MNIST_AS_RUN
     sized = ("total_steps", "num_epochs", "warmup_epochs", "log_every_steps", "eval_every_steps",
              "checkpoint_every_steps", "seed", "data.train_fraction", "data.subset_seed")  # fmt: skip
     for module in (shift_ablation, mixer_vs_s2mlp):
         for run in study.expand(module.get_config("fashion_mnist"), "w", check=False):
-            config = study.flatten(json.loads(run.config.to_json_best_effort()))
+            config = report.flatten(json.loads(run.config.to_json_best_effort()))
             differ = {k for k in recipe.keys() | config.keys() if recipe.get(k) != config.get(k)}
             assert {k for k in differ if not k.startswith("model.") and k not in sized} == set(), run.name
     sizes = {}
