@@ -354,15 +354,7 @@ if __name__ == "__main__":
         "compilation_cache", None, "JAX compilation cache directory (default WORKDIR/compilation_cache; '': off)."
     )
     flags.mark_flags_as_required(["study", "workdir"])
-
-    def parse_flags(argv: list[str]) -> list[str]:
-        """absl's parsing, with main.py's one-line errors for a missing study file or an unknown --study.FIELD."""
-        spec = overrides_lib.config_spec(argv, "study")
-        if message := overrides_lib.missing_file(spec, "study"):
-            sys.exit(f"ERROR {message}")
-        try:
-            return app.parse_flags_with_usage(argv)
-        except (AttributeError, KeyError) as e:  # ml_collections: a --study.FIELD the study does not have
-            sys.exit(f"ERROR {overrides_lib.unknown_field(overrides_lib.load(spec), argv, 'study') or e}")
-
-    app.run(main, flags_parser=parse_flags)
+    # main.py's parsing: one line for a missing study file or an unknown --study.FIELD.
+    app.run(
+        main, flags_parser=lambda argv: overrides_lib.parse_command_line(argv, app.parse_flags_with_usage, "study")[0]
+    )

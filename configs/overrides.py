@@ -116,22 +116,25 @@ def config_spec(argv: list[str], flag: str = "config") -> str:
     return ""
 
 
-def parse_command_line(argv: list[str], parse: Callable[[list[str]], list[str]]) -> tuple[list[str], dict]:
-    """main.py's command line: takes the model overrides off `argv` (`split_model_overrides`), then `parse`s the
-    rest (absl's, which loads --config and applies its ``--config.FIELD`` flags); returns what `parse` returns and
-    the model overrides. A bad override, a missing config file or an unknown field exits with one line."""
+def parse_command_line(
+    argv: list[str], parse: Callable[[list[str]], list[str]], flag: str = "config"
+) -> tuple[list[str], dict]:
+    """main.py's command line (study.py's with `flag` 'study'): takes the model overrides off `argv`
+    (`split_model_overrides`), then `parse`s the rest (absl's, which loads --config and applies its
+    ``--config.FIELD`` flags); returns what `parse` returns and the model overrides. A bad override, a missing
+    config file or an unknown field exits with one line."""
     try:
         rest, fields = split_model_overrides(argv)
     except ValueError as e:
         sys.exit(f"FATAL Flags parsing error: {e}")
-    spec = config_spec(rest)
-    if message := missing_file(spec):
+    spec = config_spec(rest, flag)
+    if message := missing_file(spec, flag):
         sys.exit(f"ERROR {message}")
     saved, sys.argv = sys.argv, rest  # config_flags reads its --config.* overrides from sys.argv
     try:
         return parse(rest), fields
     except (AttributeError, KeyError) as e:  # ml_collections: a --config.FIELD the config does not have
-        sys.exit(f"ERROR {unknown_field(load(spec), rest) or e}")
+        sys.exit(f"ERROR {unknown_field(load(spec), rest, flag) or e}")
     finally:
         sys.argv = saved
 
