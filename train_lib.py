@@ -400,12 +400,15 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
     trainer = setup_from_config(config, info.num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
     ckpt_dir = workdir / ckpt.CHECKPOINTS
+    config_json = json.loads(config.to_json_best_effort())  # as every checkpoint saves it
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     latest = ckpt.latest_step(ckpt_dir)
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
         convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
-        _check_same_model(ckpt_dir / str(latest), config, trainer.model, info.num_classes, RESUME_ADVICE)
+        config_at_latest = ckpt.read_json(ckpt_dir / str(latest), ckpt.CONFIG)
+        _check_same_model(config_at_latest, ckpt_dir / str(latest), config, trainer.model, info.num_classes,
+                          RESUME_ADVICE)  # fmt: skip
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip
@@ -423,7 +426,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
             ckpt_dir, latest, trainer, ema_decay=config.ema_decay, grad_clip_norm=config.grad_clip_norm, convert=convert
         )
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
-        _warn_of_changes(ckpt_dir / str(latest), config)
+        _warn_of_changes(config_at_latest, config_json)
     else:
         state = trainer.init(init_rng)
         if config.get("init_from"):
@@ -458,7 +461,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         mngr=mngr,
         writer=metric_writers.MultiWriter(writers),
         stop=stop,
-        saved_config=json.loads(config.to_json_best_effort()),
+        saved_config=config_json,
         saved_dataset={"num_classes": info.num_classes, "class_names": list(info.class_names)},
         evals=eval_sets,
         best=evals.best_spec(specs, config.get("best_eval") or ""),
@@ -473,10 +476,9 @@ RESUME_ADVICE = (
 EVAL_ADVICE = "--mode=eval builds the model from the command line's config: evaluate with the run's settings."
 
 
-def _check_same_model(step_dir: epath.Path, config, model, num_classes: int, advice: str) -> None:
-    """ValueError when the checkpoint at `step_dir` was trained as another model than `config`'s, though its
-    parameters fit (e.g. another shift pattern or input normalisation)."""
-    saved = ckpt.read_json(step_dir, ckpt.CONFIG)
+def _check_same_model(saved: dict | None, step_dir: epath.Path, config, model, num_classes: int, advice: str):
+    """ValueError when the checkpoint at `step_dir`, whose saved config is `saved`, was trained as another model
+    than `config`'s, though its parameters fit (e.g. another shift pattern or input normalisation)."""
     try:
         before = models.from_config(saved, num_classes)
     except (TypeError, KeyError, ValueError):  # no config item, or one this version cannot build: shapes only
@@ -492,10 +494,10 @@ def _check_same_model(step_dir: epath.Path, config, model, num_classes: int, adv
         raise ValueError(f"{step_dir} was trained as another model (config.{'; config.'.join(changed)}). {advice}")
 
 
-def _warn_of_changes(step_dir: epath.Path, config) -> None:
-    """Logs the fields in which a resumed run's config differs from the one saved with its checkpoint."""
-    saved = ckpt.read_json(step_dir, ckpt.CONFIG)
-    if saved and (changed := report.config_changes(saved, json.loads(config.to_json_best_effort()))):
+def _warn_of_changes(saved: dict | None, new: dict) -> None:
+    """Logs the fields in which a resumed run's config (`new`, as JSON) differs from `saved`, the one saved with
+    its checkpoint."""
+    if saved and (changed := report.config_changes(saved, new)):
         logging.warning(
             "Resuming with a changed config: %s. From here on the run trains with the new values; config.json "
             "will hold them, and each checkpoint keeps the config it was trained with.",
@@ -655,11 +657,12 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
-    _check_same_model(directory / str(step), config, trainer.model, data.info.num_classes, EVAL_ADVICE)
+    step_dir = directory / str(step)
+    _check_same_model(ckpt.read_json(step_dir, ckpt.CONFIG), step_dir, config, trainer.model, data.info.num_classes,
+                      EVAL_ADVICE)  # fmt: skip
     split = config.data.eval_split
     out_dir = evals.out_dir(eval_dir, split, step)
     runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")
-    step_dir = directory / str(step)
     targets = trainer.targets.params
     items = []  # (key infix, parameters): the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):
