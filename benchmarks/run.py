@@ -278,7 +278,7 @@ class ModelBench:
         self.macs = count_macs(self.model, image_size=image_size, batch=1)
         self.state = self.trainer.init(jax.random.key(0))
         rng = np.random.default_rng(0)
-        rows = batch // jax.process_count()  # this process's share: to_global joins every process's rows
+        self.rows = rows = batch // jax.process_count()  # this process's share: to_global joins every process's
         images = rng.standard_normal((rows, image_size, image_size, 3), dtype=np.float32)
         labels = rng.integers(0, NUM_CLASSES, rows).astype(np.int32)
         pixels = rng.integers(0, 256, images.shape, dtype=np.uint8)  # what the host sends with device augmentation
@@ -395,8 +395,7 @@ def bench_row(bench: ModelBench, matmul_flops: float) -> dict:
         "train_images_per_s": [bench.batch / t for t in bench.train_s],
         "train_step_s": bench.train_s,
         "eval_step_s": bench.eval_s,
-        # This process's CPU time over its own rows of the batch.
-        "train_cpu_s_per_image": statistics.median(bench.train_cpu_s) / (bench.batch // jax.process_count()),
+        "train_cpu_s_per_image": statistics.median(bench.train_cpu_s) / bench.rows,  # this process's, its rows
         "peak_bytes": bench.peak_bytes,
         "xla_train_bytes": bench.xla_train_bytes,
         "xla_train_flops_per_image": bench.xla_train_flops / bench.batch,
