@@ -25,6 +25,9 @@ Dicts with dotted keys need ``ml_collections.ConfigDict(..., allow_dotted_keys=T
 dict value, is merged into the base config's model overrides (the base's other overrides stay),
 as ``--config.model.overrides.X=V`` does on main.py's command line.
 
+``--config.FIELD=VALUE`` flags (as main.py takes them, model overrides included) set that field in every
+run, over ``overrides``; a field a grid axis, a run or a tie sets is refused (choose runs with ``--only``).
+
 Every run is expanded and checked (field paths, model names and overrides, train_lib's and the
 input pipeline's config checks) before anything trains or any directory is created. Each run
 trains in ``WORKDIR/<run name>/``, exactly as the printed ``python main.py ...`` command would;
@@ -98,27 +101,32 @@ def _name_part(value) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", str(value))
 
 
-def command(base: str, workdir: str, overrides: dict[str, Any]) -> str:
-    """The ``python main.py`` command that trains this run."""
+def command(base: str, workdir: str, overrides: dict[str, Any], config: ml_collections.ConfigDict) -> str:
+    """The ``python main.py`` command that trains this run (`config`: its config, whose fields' types say how
+    main.py reads a value)."""
     flags = []
     for field, value in overrides.items():
         items = value.items() if field == OVERRIDES else [(None, value)]
         for key, v in items:
             name = f"{OVERRIDES}.{key}" if key is not None else field
-            flags.append(f"--config.{name}={overrides_lib.format_value(v)}")
+            text = overrides_lib.format_value(v, string_field=overrides_lib.string_field(config, name))
+            flags.append(f"--config.{name}={text}")
     args = ["python", "main.py", f"--config={base}", f"--workdir={workdir}", *flags]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True) -> list[Run]:
+def expand(
+    study: ml_collections.ConfigDict, workdir: str, *, check: bool = True, command_line: dict | None = None
+) -> list[Run]:
     """The study's runs, in order (explicit runs outer, grid axes in their order, the last axis fastest).
 
+    `command_line`: study.py's ``--config.FIELD=VALUE`` flags (field -> text; model overrides as a
+    ``model.overrides`` dict), applied to every run after ``study.overrides``.
     Raises ValueError naming the study or config field for anything that would fail later; with
     `check`, runs train_lib's and the input pipeline's config checks on every run too. Creates nothing.
     """
     if not isinstance(study.get("base"), str) or not study.base:
         raise ValueError("study.base must be a training config file, e.g. 'configs/demo.py' or 'configs/tiny.py:arg'.")
-    common = dict(study.get("overrides") or {})
     grid = dict(study.get("grid") or {})
     explicit = [dict(r) for r in (study.get("runs") or [])]
     if not grid and not explicit:
@@ -131,7 +139,8 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
     for field, axis in tied.items():
         if axis not in grid:
             raise ValueError(f"study.tied[{field!r}]={axis!r} must name an axis of study.grid, one of {list(grid)}.")
-        setters = [name for name, fields in (("study.grid", grid), ("study.overrides", common)) if field in fields]
+        setters = [name for name, fields in (("study.grid", grid), ("study.overrides", study.get("overrides") or {}))
+                   if field in fields]  # fmt: skip
         setters += ["study.runs"] * any(field in r for r in explicit)
         if setters:
             raise ValueError(
@@ -141,6 +150,8 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
     base = load_config_file(study.base)
     for field, axis in tied.items():
         overrides_lib.set_field(copy.deepcopy(base), field, grid[axis][0], f"study.tied[{field!r}]")
+    given = _command_line_fields(command_line or {}, base, grid, explicit, tied)
+    common = _layered(dict(study.get("overrides") or {}), given)
 
     combos = list(itertools.product(*grid.values())) if grid else [()]
     specs = []
@@ -173,11 +184,32 @@ def expand(study: ml_collections.ConfigDict, workdir: str, *, check: bool = True
         for field, value in overrides.items():
             overrides_lib.set_field(config, field, value, where)
         run_dir = str(Path(workdir) / name)
-        runs.append(Run(name, overrides, config, run_dir, command(study.base, run_dir, overrides)))
+        runs.append(Run(name, overrides, config, run_dir, command(study.base, run_dir, overrides, config)))
     if check:
         for run in runs:
             validate(run)
     return runs
+
+
+def _command_line_fields(command_line: dict, base, grid: dict, explicit: list[dict], tied: dict) -> dict:
+    """The command line's ``--config.FIELD=VALUE`` fields, typed as `base` reads them; ValueError for a field
+    the base config lacks or that the study sets per run (a grid axis, a run, a tie)."""
+    fields = {f"{OVERRIDES}.{k}": v for k, v in command_line.get(OVERRIDES, {}).items()}  # already typed
+    fields |= {f: overrides_lib.typed(base, f, text) for f, text in command_line.items() if f != OVERRIDES}
+    given: dict[str, Any] = {}
+    for name, value in fields.items():
+        text = overrides_lib.format_value(value, string_field=overrides_lib.string_field(base, name))
+        flag = f"--config.{name}={text}"
+        overrides_lib.set_field(copy.deepcopy(base), name, value, flag)
+        key = name.removeprefix(OVERRIDES + ".")
+        per_run = [f"study.grid[{name!r}]"] * (name in grid) + [f"study.tied[{name!r}]"] * (name in tied)
+        in_run = [name in r or (key != name and key in (r.get(OVERRIDES) or {})) for r in explicit]
+        per_run += ["study.runs"] * any(in_run)
+        if per_run:
+            raise ValueError(f"{flag}: {per_run[0]} sets config.{name} for each run; choose runs with --only, or edit "
+                             "the study file.")  # fmt: skip
+        given = _layered(given, {OVERRIDES: {key: value}} if key != name else {name: value})
+    return given
 
 
 def _layered(*layers: dict) -> dict:
@@ -252,11 +284,12 @@ def select(runs: list[Run], only: list[str]) -> list[Run]:
 
 
 def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dry_run: bool = False,
-              compilation_cache: str | None = None, report: bool = True, out=print) -> list[Run]:  # fmt: skip
-    """Expands and checks `study`, then trains each run not yet done (those matching a glob of `only`, if any);
-    returns the runs."""
+              compilation_cache: str | None = None, report: bool = True, out=print,
+              command_line: dict | None = None) -> list[Run]:  # fmt: skip
+    """Expands and checks `study` (with `command_line`'s fields: `expand`), then trains each run not yet done (those
+    matching a glob of `only`, if any); returns the runs."""
     workdir = str(ckpt.absolute(workdir))  # relative, ~, trailing '/': the runs' commands work from any directory
-    runs = select(expand(study, workdir, check=not dry_run), list(only))
+    runs = select(expand(study, workdir, check=not dry_run, command_line=command_line), list(only))
     n = len(runs)
     if dry_run:  # lists every run, and what its checks say, e.g. before its data is downloaded
         for k, run in enumerate(runs, 1):
@@ -271,7 +304,7 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
     import train_lib
     from s2mlp import runs as runs_lib
 
-    write_study_json(study, expand(study, workdir, check=False) if only else runs, workdir)
+    write_study_json(study, expand(study, workdir, check=False, command_line=command_line) if only else runs, workdir)
     if compilation_cache is None:
         compilation_cache = str(Path(workdir) / CACHE_DIR)
     if compilation_cache:
@@ -309,6 +342,28 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
 # =============================================================================
 # Command line.
 # =============================================================================
+_command_line: dict = {}  # study.py's --config.FIELD=VALUE flags: field -> text, model overrides as one dict
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """main.py's parsing (one line for a missing study file or an unknown --study.FIELD), with main.py's
+    ``--config.FIELD=VALUE`` flags kept aside in `_command_line`: fields of every run's config."""
+    from absl import app
+
+    def parse(args: list[str]) -> list[str]:
+        try:
+            rest, fields = overrides_lib.split_config_fields(args)
+        except ValueError as e:
+            sys.exit(f"FATAL Flags parsing error: {e}")
+        _command_line.update(fields)
+        return app.parse_flags_with_usage(rest)
+
+    rest, model_fields = overrides_lib.parse_command_line(argv, parse, "study")
+    if model_fields:
+        _command_line[OVERRIDES] = model_fields
+    return rest
+
+
 def main(argv):
     del argv
     from absl import logging
@@ -325,6 +380,7 @@ def main(argv):
             only=FLAGS.only,
             dry_run=FLAGS.dry_run,
             compilation_cache=FLAGS.compilation_cache,
+            command_line=_command_line,
         )
     except train_lib.Stopped:  # as main.py: logged, checkpoint saved; rerunning the study resumes the run
         runs.exit_now(train_lib.EXIT_STOPPED)
@@ -354,7 +410,4 @@ if __name__ == "__main__":
         "compilation_cache", None, "JAX compilation cache directory (default WORKDIR/compilation_cache; '': off)."
     )
     flags.mark_flags_as_required(["study", "workdir"])
-    # main.py's parsing: one line for a missing study file or an unknown --study.FIELD.
-    app.run(
-        main, flags_parser=lambda argv: overrides_lib.parse_command_line(argv, app.parse_flags_with_usage, "study")[0]
-    )
+    app.run(main, flags_parser=parse_flags)

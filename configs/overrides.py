@@ -130,13 +130,65 @@ def parse_command_line(
     spec = config_spec(rest, flag)
     if message := missing_file(spec, flag):
         sys.exit(f"ERROR {message}")
+    if spec:
+        try:  # a config file that fails (e.g. an unknown argument): its one line, not absl's traceback
+            load(spec)
+        except Exception as e:  # noqa: BLE001 - whatever the user's config file raises
+            sys.exit(f"ERROR --{flag}={spec}: {type(e).__name__}: {e}")
     saved, sys.argv = sys.argv, rest  # config_flags reads its --config.* overrides from sys.argv
     try:
         return parse(rest), fields
     except (AttributeError, KeyError) as e:  # ml_collections: a --config.FIELD the config does not have
-        sys.exit(f"ERROR {unknown_field(load(spec), rest, flag) or e}")
+        sys.exit(f"ERROR {unknown_field(load(spec), rest, flag) or dotted_key(rest, flag) or e}")
     finally:
         sys.argv = saved
+
+
+def dotted_key(argv: list[str], flag: str) -> str | None:
+    """study.py: '--study.overrides.data.X=V: ...' for a flag into a study's dotted keys (ml_collections cannot
+    set them), pointing to --config.FIELD=VALUE; None for main.py or when there is none."""
+    for arg in argv:
+        group, _, field = arg.partition("=")[0].removeprefix(f"--{flag}.").partition(".")
+        if flag != "config" and arg.startswith(f"--{flag}.") and "." in field:
+            return (
+                f"{arg}: the study's dotted keys cannot be set from the command line; give a config field for "
+                f"every run as --config.{field}=VALUE, or edit the study file's {group}."
+            )
+    return None
+
+
+def split_config_fields(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """study.py: takes main.py's ``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``) flags off `argv` (after
+    `split_model_overrides`); returns the other arguments and field -> the value's text."""
+    rest, fields = [], {}
+    args = iter(argv)
+    for arg in args:
+        name, eq, text = arg.partition("=")
+        if not name.startswith("--config."):
+            rest.append(arg)
+            continue
+        if not eq:
+            text = next(args, None)
+            if text is None:
+                raise ValueError(f"{arg} needs a value: {arg}=VALUE.")
+        fields[name.removeprefix("--config.")] = text
+    return rest, fields
+
+
+def typed(config, field: str, text: str):
+    """A command-line value as ml_collections' config flags read it: the text itself for a string field of
+    `config`, else a Python literal (`literal`)."""
+    return text if string_field(config, field) else literal(text)
+
+
+def string_field(config, field: str) -> bool:
+    """Whether dotted `field` of `config` is a string field (also one whose value is None), whose command-line
+    text ml_collections takes as it is, quotes included."""
+    *parents, leaf = field.split(".")
+    node = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    return isinstance(node, ml_collections.ConfigDict) and leaf in node and node.get_type(leaf) is str
 
 
 # ---- overrides ----------------------------------------------------------------------------------------------
@@ -149,8 +201,11 @@ def literal(text: str):
     return tuple(value) if isinstance(value, list) else value
 
 
-def format_value(value) -> str:
-    """A value as ``--config.FIELD=VALUE`` reads it back (before shell quoting)."""
+def format_value(value, *, string_field: bool = False) -> str:
+    """A value as ``--config.FIELD=VALUE`` reads it back (before shell quoting); a `string_field` takes the text
+    as it is."""
+    if isinstance(value, str) and string_field:
+        return value
     if isinstance(value, str):
         try:  # a string that reads as a literal ('1', 'True') must keep its quotes
             ast.literal_eval(value)

@@ -166,6 +166,20 @@ def test_flags_that_would_be_ignored_or_half_given_fail_before_anything_runs(arg
     _parse("--config=configs/tiny.py:s2mlp_tiny", "--coordinator_address=h:1", "--num_processes=2", "--process_id=1")
 
 
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("configs/demo.py:bogus", "ERROR --config=configs/demo.py:bogus: TypeError: get_config() takes 0 positional"),
+        ("configs/fashion_mnist.py:vit", "ERROR --config=configs/fashion_mnist.py:vit: ValueError: model='vit'"),
+    ],
+)
+def test_a_config_file_that_fails_to_load_fails_in_one_line(spec, message):
+    """It got absl's 'FATAL Flags parsing error' with config_flags' traceback."""
+    with pytest.raises(SystemExit) as e:
+        main.parse_flags(["main.py", f"--config={spec}", "--workdir=/nonexistent/unused"])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), e.value
+
+
 def test_eval_dir_flag():
     _parse("--config=configs/tiny.py:s2mlp_tiny", "--mode=eval", "--eval_dir=/somewhere/evals")
     assert (main.FLAGS.mode, main.FLAGS.eval_dir) == ("eval", "/somewhere/evals")

@@ -8,6 +8,7 @@ on hand-written workdirs with known metrics.
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -240,6 +241,27 @@ def test_a_dry_run_lists_every_run_with_what_its_checks_would_refuse(tmp_path):
             ["--study=configs/studies/shift_ablation.py", "--study.grdi.seed=(0,)"],
             "ERROR --study.grdi.seed=(0,): the config has no field 'grdi.seed'",
         ),
+        (  # it got ERROR "'data'": ml_collections cannot set a study's dotted keys
+            ["--study=configs/studies/shift_ablation.py", "--study.overrides.data.train_fraction=0.5"],
+            "ERROR --study.overrides.data.train_fraction=0.5: the study's dotted keys cannot be set from the command "
+            "line; give a config field for every run as --config.data.train_fraction=VALUE",
+        ),
+        (  # it got absl's FATAL line with config_flags' traceback
+            ["--study=configs/studies/shift_ablation.py:bogus"],
+            "ERROR --study=configs/studies/shift_ablation.py:bogus: ValueError: data='bogus' is unknown",
+        ),
+        (
+            ["--study=configs/studies/shift_ablation.py", "--config.seed=3"],
+            "--config.seed=3: study.grid['seed'] sets config.seed for each run; choose runs with --only",
+        ),
+        (
+            ["--study=configs/studies/shift_ablation.py", "--config.model.overrides.shift_pattern=ss1"],
+            "--config.model.overrides.shift_pattern=ss1: study.grid['model.overrides.shift_pattern'] sets",
+        ),
+        (
+            ["--study=configs/studies/shift_ablation.py", "--config.data.nope=1"],
+            "--config.data.nope=1: config.data.nope is not a field of the base config; valid fields here: [",
+        ),
     ],
 )
 def test_a_missing_study_file_or_field_fails_in_one_line(tmp_path, flags, message):
@@ -247,6 +269,34 @@ def test_a_missing_study_file_or_field_fails_in_one_line(tmp_path, flags, messag
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+def test_config_flags_of_study_py_set_every_runs_config_and_command(tmp_path):
+    """main.py's --config.FIELD=VALUE flags, as the study configs' docstrings give them (e.g. data_dir); before,
+    a model override was dropped without a word and any other field was an unknown flag."""
+    flags = ["--config.data.train_fraction=0.5", "--config.model.overrides.hidden_dim=24", "--config.data.data_dir=7"]
+    cmd = [sys.executable, "study.py", "--study=configs/studies/shift_ablation.py", f"--workdir={tmp_path / 'w'}"]
+    done = subprocess.run([*cmd, "--dry_run", "--only=shift=ss1,*", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    commands = [line for line in done.stdout.splitlines() if line.startswith("  python main.py")]
+    assert done.returncode == 0 and len(commands) == 3, done.stderr[-2000:]
+    for line in commands:  # the study's own overrides stay, the command line's win
+        assert "--config.data.train_fraction=0.5 " in line and "--config.model.overrides.hidden_dim=24 " in line
+        assert "--config.model.overrides.patch_size=2 " in line and " --config.data.data_dir=7 " in line, line
+    assert "--config.data.train_fraction=0.2 " not in commands[0] and not (tmp_path / "w").exists()
+
+    given = {"data.data_dir": "7", "data.train_fraction": "0.5", "model.overrides": {"hidden_dim": 24}}
+    runs = study.expand(shift_ablation.get_config(), str(tmp_path / "w"), check=False, command_line=given)
+    config = runs[0].config
+    assert config.data.data_dir == "7" and config.data.train_fraction == 0.5  # typed as the fields are
+    assert " --config.data.data_dir=7 " in runs[0].command  # a str field takes no quotes: main.py keeps them
+    import main  # the printed command gives main.py this run's config (with quotes, data_dir was "'7'")
+
+    main.FLAGS.unparse_flags()
+    main.parse_flags(shlex.split(runs[0].command)[1:])
+    assert main.get_config().to_json_best_effort(sort_keys=True) == config.to_json_best_effort(sort_keys=True)
+    assert config.model.overrides.hidden_dim == 24 and config.model.overrides.patch_size == 2
+    assert [r.config.model.overrides.shift_pattern for r in runs[::3]] == list(shift_ablation.PATTERNS)
 
 
 def test_tied_field_copies_its_axis_in_each_run_and_command(tmp_path):
