@@ -405,6 +405,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     latest = ckpt.latest_step(ckpt_dir)
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
+        _check_same_classes(ckpt_dir / str(latest), info.class_names, RESUME_ADVICE)
         convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
         config_at_latest = ckpt.read_json(ckpt_dir / str(latest), ckpt.CONFIG)
         _check_same_model(config_at_latest, ckpt_dir / str(latest), config, trainer.model, info.num_classes,
@@ -474,6 +475,28 @@ RESUME_ADVICE = (
     "in a new --workdir (--config.init_from=<this workdir> starts it from these weights)."
 )
 EVAL_ADVICE = "--mode=eval builds the model from the command line's config: evaluate with the run's settings."
+
+
+def _check_same_classes(step_dir: epath.Path, class_names, advice: str) -> None:
+    """ValueError when the checkpoint at `step_dir` was trained on other classes, or the same ones in another
+    order, than `class_names` (the config's data): its head's outputs would be read as the wrong labels."""
+    saved = (ckpt.read_json(step_dir, ckpt.DATASET) or {}).get("class_names")
+    now = list(class_names)
+    if saved is None or list(saved) == now:
+        return
+    if len(saved) != len(now):
+        what = f"{len(saved)} classes ({_some(saved)}), where config.data gives {len(now)} ({_some(now)})"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
+        what = f"other classes or another order of them (label {i} was {saved[i]!r}, config.data makes it {now[i]!r})"
+    raise ValueError(
+        f"{step_dir} was trained on {what}; config.data.name, config.data.data_dir and config.data.classes choose "
+        f"them. {advice}"
+    )
+
+
+def _some(names, k: int = 4) -> str:
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
 
 
 def _check_same_model(saved: dict | None, step_dir: epath.Path, config, model, num_classes: int, advice: str):
@@ -644,25 +667,30 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     """Evaluates `checkpoint` (default: `workdir`'s latest) on config.data.eval_split and every eval of config.evals;
     returns the metrics (metrics.jsonl's keys).
 
-    The results get their own folder, ``<eval_dir>/<split>_step<N>/`` (default eval_dir: ``<workdir>/eval``):
+    The results get their own folder, ``<eval_dir>/<split>_step<N>/`` (default eval_dir: ``<workdir>/eval``, or
+    ``<workdir>/eval/<run>`` for a `checkpoint` of another run, named by its directory):
     ``metrics.json`` (metrics.jsonl's keys), TensorBoard events tagged ``<split>/top1``, ``<eval name>/top1``, ...
     and the main eval's ``per_class.json`` (+ ``confusion.png`` up to 100 classes; of the EMA when saved). They add
     no point to the training curves, and nothing else is written, so a read-only run can be evaluated with
     ``--eval_dir`` elsewhere.
     """
     workdir = ckpt.absolute(workdir)
-    eval_dir = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval"
     data, eval_sets = _checked_data(config)
     specs = [spec for spec, _ in eval_sets]
     trainer = setup_from_config(config, data.info.num_classes)
     directory, step = ckpt.locate(checkpoint or workdir)
-    convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
     step_dir = directory / str(step)
+    # Another run's checkpoint: its results in a folder of its own, not over this run's <split>_step<N>.
+    other = directory.parent != workdir and directory != workdir
+    given_dir = eval_dir
+    eval_dir = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval" / (directory.parent.name if other else "")
+    _check_same_classes(step_dir, data.info.class_names, EVAL_ADVICE)
+    convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
     _check_same_model(ckpt.read_json(step_dir, ckpt.CONFIG), step_dir, config, trainer.model, data.info.num_classes,
                       EVAL_ADVICE)  # fmt: skip
     split = config.data.eval_split
     out_dir = evals.out_dir(eval_dir, split, step)
-    runs.check_writable(out_dir, "--workdir" if eval_dir == workdir / "eval" else "--eval_dir")
+    runs.check_writable(out_dir, "--eval_dir" if given_dir else "--workdir")
     targets = trainer.targets.params
     items = []  # (key infix, parameters): the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):

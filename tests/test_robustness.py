@@ -470,6 +470,43 @@ def test_resuming_or_evaluating_as_another_model_is_refused_and_changes_nothing(
     assert _snapshot(workdir) == before
 
 
+def test_resuming_or_evaluating_on_other_classes_is_refused_and_changes_nothing(tiny_s2mlp_run, tmp_path):
+    """The same class count in another order fits the head: eval read every output as the wrong label (the demo's
+    87% read as 1.3%) and a resume trained on permuted labels. Another count gave the advice to fine-tune."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_s2mlp_run, workdir)
+    before, step_dir = _snapshot(workdir), workdir / "checkpoints" / "6"
+    config = tiny.get_config("s2mlp_tiny")
+    config.total_steps, config.data.classes = 8, tuple("9876543210")
+    with pytest.raises(ValueError) as e:
+        train_lib.train_and_evaluate(config, str(workdir))
+    assert str(e.value) == (
+        f"{step_dir} was trained on other classes or another order of them (label 0 was '0', config.data makes it "
+        f"'9'); config.data.name, config.data.data_dir and config.data.classes choose them. {train_lib.RESUME_ADVICE}"
+    )
+    config.data.classes = ("3", "7", "1")
+    with pytest.raises(ValueError) as e:
+        train_lib.evaluate(config, str(workdir))
+    assert str(e.value) == (
+        f"{step_dir} was trained on 10 classes ('0', '1', '2', '3', ...), where config.data gives 3 ('3', '7', '1'); "
+        f"config.data.name, config.data.data_dir and config.data.classes choose them. {train_lib.EVAL_ADVICE}"
+    )
+    assert _snapshot(workdir) == before
+
+
+def test_evaluating_another_runs_checkpoint_leaves_this_runs_results_alone(tiny_s2mlp_run, tmp_path):
+    """They went to <workdir>/eval/<split>_step<N>/, over the per-class results this run's training wrote there."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    shutil.copytree(tiny_s2mlp_run, mine)
+    shutil.copytree(tiny_s2mlp_run, other)
+    before = _snapshot(mine)
+    assert (mine / "eval" / "test_step6" / "per_class.json").is_file()
+    out = train_lib.evaluate(tiny.get_config("s2mlp_tiny"), str(mine), checkpoint=str(other))
+    record = json.loads((mine / "eval" / "other" / "test_step6" / "metrics.json").read_text())
+    assert record["checkpoint"] == str(other / "checkpoints" / "6") and record["eval_top1"] == out["eval_top1"]
+    assert {k: v for k, v in _snapshot(mine).items() if "/eval/other/" not in k} == before
+
+
 def test_resuming_with_a_changed_recipe_names_the_changes(tiny_s2mlp_run, tmp_path, caplog):
     """A recipe change on a resume (as the NaN message advises) trains on, with a warning naming each change."""
     workdir = tmp_path / "run"
