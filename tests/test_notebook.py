@@ -37,12 +37,22 @@ def test_committed_notebook_has_no_outputs():
     assert "widgets" not in nb.metadata
 
 
-def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scan", [False, True])
+def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch, scan):
+    """`scan`: the run trained with scanned blocks (the receptive-field cells failed: no ``block_<i>`` entries)."""
     from nbclient import NotebookClient
     from PIL import Image
 
     figures = tmp_path / "figures"
-    monkeypatch.setenv("S2MLP_CHECKPOINT", tiny_s2mlp_run)
+    run = tiny_s2mlp_run
+    if scan:
+        import train_lib
+        from configs import tiny
+
+        config, run = tiny.get_config("s2mlp_tiny"), str(tmp_path / "scanned")
+        config.model.overrides = {"scan": True}
+        train_lib.train_and_evaluate(config, run)
+    monkeypatch.setenv("S2MLP_CHECKPOINT", run)
     monkeypatch.setenv("S2MLP_FIGURE_DIR", str(figures))
     monkeypatch.setenv("MPLBACKEND", "Agg")  # draws (to PNG through savefig) without a display
     monkeypatch.delenv("S2MLP_MIXER_NPZ", raising=False)  # the notebook's own untrained mixer_tiny
@@ -60,6 +70,7 @@ def test_notebook_runs_headless(tiny_s2mlp_run, tmp_path, monkeypatch):
     assert "last eval:" in text  # the curves came from the run's metrics.jsonl
     assert "per-class top-1 of the 'test' eval at step 6 (ema_params" in text  # the run's eval/test_step6/
     assert "No checkpoint in" not in text  # it loaded the run instead of training the demo
+    assert ("'scan': True" in text) == scan
 
     assert sorted(p.name for p in figures.iterdir()) == sorted(f"{name}.png" for name in FIGURES)
     for name, max_width in FIGURES.items():
@@ -90,3 +101,20 @@ def test_setup_cell_finds_the_checkout_outside_it(tmp_path, monkeypatch, repo):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed = "".join(out.get("text", "") for out in nb.cells[2].outputs).split()
     assert printed == [str(tmp_path / "s2mlp" / "train_lib.py"), str(tmp_path / "s2mlp" / "s2mlp" / "checkpoint.py")]
+
+
+def test_a_path_of_the_users_that_holds_no_checkpoint_is_refused_not_trained_into(tmp_path, monkeypatch):
+    """The demo trains into the notebook's own demo path only: into a mistyped path it trained there and showed it
+    as the user's run; into a run of theirs not yet saved it overwrote its config.json."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    monkeypatch.setenv("S2MLP_CHECKPOINT", str(tmp_path / "my_runn"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    nb.cells = code[: next(i for i, c in enumerate(code) if "ckpt.locate(CHECKPOINT)" in c.source) + 1]
+    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    with pytest.raises(CellExecutionError, match="FileNotFoundError"):
+        client.execute()
+    assert not (tmp_path / "my_runn").exists()
