@@ -196,7 +196,17 @@ def _train_keep(labels: np.ndarray, selection: ClassSelection | None, names: lis
             f"config.data.classes={_describe(config.data.classes)}: none of its {len(selection.names)} classes has "
             f"examples in config.data.train_split={config.data.train_split!r}."
         )
-    subset = _select_subset(selection.label_map[labels[positions]], selection.names, config)
+    kept = selection.label_map[labels[positions]]
+    empty = [
+        n for n, c in zip(selection.names, np.bincount(kept, minlength=len(selection.names)), strict=True) if not c
+    ]
+    if empty:  # a head output that no example trains
+        log.warning(
+            "config.data.classes=%s: %d kept class(es) have no examples in config.data.train_split=%r (%s): no "
+            "example trains their outputs; leave them out unless that is meant.",
+            _describe(config.data.classes), len(empty), config.data.train_split, ", ".join(map(repr, empty[:5])),
+        )  # fmt: skip
+    subset = _select_subset(kept, selection.names, config)
     return positions if subset is None else positions[subset]
 
 
@@ -394,7 +404,8 @@ def _select_subset(labels: np.ndarray, class_names: list[str], config) -> np.nda
     data = config.data
     counts = np.bincount(labels, minlength=len(class_names))
     if data.train_per_class > 0:
-        short = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if n < data.train_per_class]
+        # A class without examples (EMNIST letters' unused label 0) takes none, as with train_fraction.
+        short = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if 0 < n < data.train_per_class]
         if short:
             (name, n), more = short[0], len(short) - 1
             raise ValueError(
@@ -403,7 +414,7 @@ def _select_subset(labels: np.ndarray, class_names: list[str], config) -> np.nda
                 + (f" ({more} more classes have too few)" if more else "")
                 + "; lower train_per_class, or use config.data.train_fraction for a stratified fraction."
             )
-        want = np.full(len(counts), data.train_per_class)
+        want = np.where(counts > 0, data.train_per_class, 0)
     else:
         want = np.where(counts > 0, np.maximum(1, np.floor(data.train_fraction * counts + 0.5)), 0).astype(np.int64)
     order = np.random.RandomState(data.subset_seed).permutation(len(labels))  # RandomState: stable across numpy

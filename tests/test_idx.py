@@ -429,6 +429,26 @@ def test_train_fraction_and_per_class_subsets(tmp_path):
     assert collections.Counter(labels[data.source.train_keep].tolist()) == {c: 3 for c in range(4)}
 
 
+def test_a_label_without_examples_takes_none_in_a_subset_and_is_kept_with_a_warning(tmp_path, caplog):
+    """EMNIST letters label 1..26, so class '0' has no examples: train_per_class was refused for any value, naming
+    class '0' and advising a lower count; data.classes kept it silently, a head output no example trains."""
+    written = write_dataset(tmp_path)
+    for _, labels, paths in written.values():  # labels 1..4: class '0' empty in both splits
+        write_idx(paths[1], labels + 1)
+    data = ip.build(make_config(tmp_path, **{"data.train_per_class": 3}))
+    labels = written["train"][1] + 1
+    assert data.info.num_classes == 5 and data.info.num_train == 12
+    assert collections.Counter(labels[data.source.train_keep].tolist()) == {c: 3 for c in range(1, 5)}
+    with caplog.at_level("WARNING"):
+        assert ip.build(make_config(tmp_path, **{"data.classes": ("1", "2")})).info.num_train == 20
+        assert not caplog.records
+        assert ip.build(make_config(tmp_path, **{"data.classes": ("0", "1", "2")})).info.num_train == 20
+    assert [r.getMessage() for r in caplog.records] == [
+        "config.data.classes=('0', '1', '2'): 1 kept class(es) have no examples in config.data.train_split='train' "
+        "('0'): no example trains their outputs; leave them out unless that is meant."
+    ]
+
+
 @pytest.mark.parametrize("subset", [{}, {"data.train_fraction": 0.5}])
 def test_two_processes_get_disjoint_shares_that_make_the_whole(tmp_path, subset):
     written = write_dataset(tmp_path)
