@@ -346,9 +346,10 @@ def _tfds_source(config, builder) -> Source:
 
     def shard(split, index, count, keep=None):
         if keep is None:
-            return _tfds_read(
-                builder, tfds.split_for_jax_process(split, process_index=index, process_count=count), num_threads
-            )
+            share = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+            if not builder.info.splits[share].num_examples:  # more processes than records (tfds refuses to read it)
+                return _tfds_read(builder, split, num_threads).take(0)
+            return _tfds_read(builder, share, num_threads)
         part = np.array_split(keep, count)[index]
         if not len(part):
             return _tfds_read(builder, split, num_threads).take(0)
@@ -404,17 +405,22 @@ def _select_subset(labels: np.ndarray, class_names: list[str], config) -> np.nda
     data = config.data
     counts = np.bincount(labels, minlength=len(class_names))
     if data.train_per_class > 0:
-        # A class without examples (EMNIST letters' unused label 0) takes none, as with train_fraction.
-        short = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if 0 < n < data.train_per_class]
+        short = [(name, int(n)) for name, n in zip(class_names, counts, strict=False) if n < data.train_per_class]
         if short:
-            (name, n), more = short[0], len(short) - 1
+            (name, n), more = min(short, key=lambda s: s[1] == 0), len(short) - 1  # a class with examples first
+            fix = (
+                "lower train_per_class, or use config.data.train_fraction for a stratified fraction."
+                if n
+                else "no count can take from it: leave it out with config.data.classes, or use "
+                "config.data.train_fraction (a class without examples takes none)."
+            )
             raise ValueError(
                 f"config.data.train_per_class={data.train_per_class}: class {name!r} has only {n} examples in "
                 f"config.data.train_split={data.train_split!r}"
                 + (f" ({more} more classes have too few)" if more else "")
-                + "; lower train_per_class, or use config.data.train_fraction for a stratified fraction."
+                + f"; {fix}"
             )
-        want = np.where(counts > 0, data.train_per_class, 0)
+        want = np.full(len(counts), data.train_per_class)
     else:
         want = np.where(counts > 0, np.maximum(1, np.floor(data.train_fraction * counts + 0.5)), 0).astype(np.int64)
     order = np.random.RandomState(data.subset_seed).permutation(len(labels))  # RandomState: stable across numpy

@@ -429,16 +429,23 @@ def test_train_fraction_and_per_class_subsets(tmp_path):
     assert collections.Counter(labels[data.source.train_keep].tolist()) == {c: 3 for c in range(4)}
 
 
-def test_a_label_without_examples_takes_none_in_a_subset_and_is_kept_with_a_warning(tmp_path, caplog):
-    """EMNIST letters label 1..26, so class '0' has no examples: train_per_class was refused for any value, naming
-    class '0' and advising a lower count; data.classes kept it silently, a head output no example trains."""
+def test_a_label_without_examples_gets_the_fix_that_works_and_is_kept_with_a_warning(tmp_path, caplog):
+    """EMNIST letters label 1..26, so class '0' has no examples: train_per_class was refused for any count with the
+    advice to lower it; data.classes kept it silently, a head output no example trains."""
     written = write_dataset(tmp_path)
     for _, labels, paths in written.values():  # labels 1..4: class '0' empty in both splits
         write_idx(paths[1], labels + 1)
-    data = ip.build(make_config(tmp_path, **{"data.train_per_class": 3}))
-    labels = written["train"][1] + 1
-    assert data.info.num_classes == 5 and data.info.num_train == 12
-    assert collections.Counter(labels[data.source.train_keep].tolist()) == {c: 3 for c in range(1, 5)}
+    with pytest.raises(ValueError) as e:
+        ip.build(make_config(tmp_path, **{"data.train_per_class": 3}))
+    assert str(e.value) == (
+        "config.data.train_per_class=3: class '0' has only 0 examples in config.data.train_split='train'; no count "
+        "can take from it: leave it out with config.data.classes, or use config.data.train_fraction (a class "
+        "without examples takes none)."
+    )
+    with pytest.raises(ValueError, match="class '1' has only 10 examples .* \\(4 more classes have too few\\); lower"):
+        ip.build(make_config(tmp_path, **{"data.train_per_class": 11}))
+    data = ip.build(make_config(tmp_path, **{"data.train_per_class": 3, "data.classes": ("1", "2", "3", "4")}))
+    assert data.info.num_classes == 4 and data.info.num_train == 12
     with caplog.at_level("WARNING"):
         assert ip.build(make_config(tmp_path, **{"data.classes": ("1", "2")})).info.num_train == 20
         assert not caplog.records

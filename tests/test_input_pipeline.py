@@ -471,6 +471,15 @@ def test_tfds_train_subset_and_process_shards(tiny_tfds, split, subset):
     assert data_sources.source(config).train_keep.tolist() != source.train_keep.tolist()
 
 
+def test_a_tfds_split_smaller_than_the_process_count_gives_empty_shares(tiny_tfds):
+    """6 validation records on 8 processes: tfds refuses to read an empty share ("Instruction [] corresponds to no
+    data!"), which ended the run on those processes."""
+    builder, root = tiny_tfds
+    source = data_sources.source(make_config("s2mlp_test_tiny", **{**NO_AUGMENT, "data.data_dir": root}))
+    shards = [tfds_ids(source.eval_shard(p, 8)) for p in range(8)]
+    assert sorted(sum(shards, [])) == list(range(100, 106)) and shards[-1] == []
+
+
 def test_tfds_train_per_class_refuses_small_class(mock_imagenet):
     config = mock_imagenet  # 20 examples over 1000 classes
     config.data.train_per_class = 1
