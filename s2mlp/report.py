@@ -202,10 +202,13 @@ def group(runs: list[RunInfo], key: str) -> tuple[list[Row], list[str], dict[str
     for g in groups.values():
         f = flat.get(id(g[0]), {})
         curves = [_curve(r, key) for r in g]
+        # Final: the finished runs' last evals, where any run of the row has finished (a run stopped at step 100
+        # is not averaged with runs at 300); else every run's last, the steps column saying how far they got.
+        done = [_finished(r) for r in g] if any(map(_finished, g)) else [True] * len(g)
         rows.append(Row(
             label={k: f.get(k) for k in varying} if f else {"workdir": str(g[0].workdir)},
             runs=g,
-            final=[c[max(c)] for c in curves if c],
+            final=[c[max(c)] for c, d in zip(curves, done, strict=True) if c and d],
             best=[max(c.values()) for c in curves if c],
         ))  # fmt: skip
     return rows, varying, common
@@ -432,7 +435,8 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         f"{len(rows)} configurations, {len(runs)} runs. Top-1 is `{key}`"
         + (" (`eval_top1` for a run without an EMA)" if key == "eval_ema_top1" else "")
         + " on the held-out split, in percent: the "
-        f"last evaluation (final) and the best one (best), mean ± sample std (ddof=1) over seeds, n runs. {tied}"
+        f"last evaluation (final; of the finished runs only, where a configuration has any) and the best one (best), "
+        f"mean ± sample std (ddof=1) over seeds, n runs. {tied}"
         f"Params and {_macs_unit(rows)[0]} (forward multiply-accumulates per image) are counted from the model code. "
         f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "
         f"Machine: {machine()}. Total wall time of the finished runs: {hms(sum(walls))}"

@@ -508,6 +508,17 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_final_top1_takes_the_finished_runs_of_a_row_when_it_has_some(tmp_path):
+    """A run stopped at step 10 of 20 was averaged into the row's final top-1 with runs that reached step 20."""
+    _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7, 0.6, 0.6])
+    _workdir(tmp_path / "a1", 1, "ss1", [0.4, 0.8, 0.7, 0.8])
+    _workdir(tmp_path / "a2", 2, "ss1", [0.1, 0.2])  # stopped at step 10
+    assert report.main([str(tmp_path / n) for n in ("a0", "a1", "a2")] + [f"--out={tmp_path / 'out'}"]) == 0
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    # final: mean(0.6, 0.8) of the two finished runs; best over all three: mean(0.7, 0.8, 0.2) = 56.67 ± 32.15
+    assert "| all | s2mlp_tiny | 70.00 ± 14.14 (2) | 56.67 ± 32.15 (3) | 14,826 | 0.222 | 200 | 10-20/20 |" in lines[4]
+
+
 def test_report_leaves_resumed_runs_out_of_the_wall_time_per_run_and_names_them(tmp_path):
     _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7], result={"wall_s": 60, "resumed_from_step": None})
     _workdir(tmp_path / "a1", 1, "ss1", [0.4, 0.8], result={"wall_s": 10, "resumed_from_step": 12})
