@@ -485,9 +485,12 @@ def _scan_split(
     """Lists root/split/<class>/*.{jpg,jpeg,png} of the `wanted` classes (label: the index in `wanted`; `classes`:
     every class of the train split); returns (paths, labels, bad 'path (reason)' entries)."""
     folder = os.path.join(root, split)  # input_pipeline.validate_data_config checked that it exists
-    extra = sorted(set(os.listdir(folder)) - set(classes))
-    if extra and any(os.path.isdir(os.path.join(folder, c)) for c in extra):
-        raise ValueError(f"{folder} has class folders absent from the train split: {extra[:10]}")
+    extra = sorted(set(class_folders(folder)) - set(classes))  # folders only: a README.txt is no class
+    if extra:
+        raise ValueError(
+            f"config.data.eval_split={split!r}: {folder} has class folders the train split lacks: {extra[:10]}; the "
+            "eval split may lack classes but not add any (remove those folders, or add them to the train split)."
+        )
     paths, labels = [], []
     for label, name in enumerate(wanted):
         d = os.path.join(folder, name)

@@ -142,9 +142,10 @@ def _validate(config, process_count: int):
                 folder = os.path.join(root, split, name)
                 if not data_sources.image_files(folder):
                     extensions = ", ".join("*" + e for e in data_sources.IMAGE_EXTENSIONS)
+                    also = "" if name in classes else " and a train folder of that class (the eval split adds none)"
                     raise ValueError(
                         f"config.data.data_dir={root!r}: class folder {folder} holds no images "
-                        f"({extensions}); remove the folder or add images to it."
+                        f"({extensions}); remove the folder or add images to it{also}."
                     )
         return None
     builder = data_sources.tfds_builder(config)

@@ -183,6 +183,32 @@ def four_classes(tmp_path):
     )
 
 
+@pytest.mark.parametrize("with_image", [False, True])
+def test_an_eval_class_folder_the_train_split_lacks_is_refused_naming_it(four_classes, with_image):
+    """Empty, it got 'remove the folder or add images to it' (adding images did not help); with images, a list of
+    'class folders' holding a stray README.txt."""
+    root = four_classes.data.data_dir
+    os.makedirs(os.path.join(root, "val", "zebra"))
+    open(os.path.join(root, "val", "README.txt"), "w").close()
+    if with_image:
+        Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(os.path.join(root, "val", "zebra", "0.png"))
+    four_classes.data.classes = ("dog", "bee")
+    data_sources._scan_split.cache_clear()
+    with pytest.raises(ValueError) as e:
+        ip.build(four_classes)
+    if not with_image:  # caught by the config check, before anything is read
+        assert str(e.value).endswith(
+            "holds no images (*.jpg, *.jpeg, *.png); remove the folder or add images to it and a train folder of "
+            "that class (the eval split adds none)."
+        )
+        return
+    assert str(e.value) == (
+        f"config.data.eval_split='val': {os.path.join(root, 'val')} has class folders the train split lacks: "
+        "['zebra']; the eval split may lack classes but not add any (remove those folders, or add them to the train "
+        "split)."
+    )
+
+
 def test_image_folders_read_only_the_kept_classes(four_classes, monkeypatch):
     config = four_classes
     with pytest.raises(ValueError, match="1 unreadable images"):
