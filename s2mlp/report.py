@@ -88,7 +88,7 @@ def _run(name: str, workdir: Path, pooled: tuple[str, ...] = ("seed",)) -> RunIn
 
 def find_runs(paths: list[str]) -> list[RunInfo]:
     """The runs of study dirs (its study.json, else every subdir with a config.json) and of workdirs, in order."""
-    runs = []
+    runs, listed = [], set()  # listed: runs a study.json names, whose `tied` says what is pooled
     for p in map(Path, paths):
         if _is_workdir(p):
             runs.append(_run(p.name, p))
@@ -97,6 +97,7 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
             pooled = ("seed", *(f for f, axis in listing.get("tied", {}).items() if axis == "seed"))
             for r in listing["runs"]:
                 runs.append(_run(r["name"], p / r["name"], pooled))
+                listed.add(id(runs[-1]))
         elif p.is_dir() and any(_is_workdir(d) for d in p.iterdir() if d.is_dir()):
             runs += [_run(d.name, d) for d in sorted(p.iterdir()) if d.is_dir() and _is_workdir(d)]
         else:
@@ -104,6 +105,12 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
                 f"{p} is neither a training workdir (config.json, metrics.jsonl or checkpoints/) nor a study "
                 f"directory (study.json, or subdirectories that are workdirs)."
             )
+    # Runs without a study.json to say what is tied: a subset seed equal to the seed in every one of them is tied
+    # to it (as the shipped studies do), so it is pooled with the seed instead of making a row per seed.
+    loose = [r for r in runs if id(r) not in listed and r.config]
+    if loose and all((r.config.get("data") or {}).get("subset_seed", 0) == r.config.get("seed", 0) for r in loose):
+        for r in loose:
+            r.pooled = ("seed", "data.subset_seed")
     return runs
 
 

@@ -508,6 +508,20 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_report_of_workdirs_pools_a_subset_seed_that_follows_the_seed(tmp_path):
+    """Without a study.json each seed's own subset made a row of its own (n = 1, labels alike)."""
+    for seed, top1 in enumerate((0.9, 0.93, 0.96)):
+        _workdir(tmp_path / f"r{seed}", seed, "ss1", [top1], fields={"data": {"name": "digits", "subset_seed": seed}})
+    _workdir(tmp_path / "other", 0, "none", [0.5], fields={"data": {"name": "digits", "subset_seed": 0}})
+    assert report.main([str(tmp_path / n) for n in ("r0", "r1", "r2", "other")] + [f"--out={tmp_path / 'o'}"]) == 0
+    lines = (tmp_path / "o" / "report.md").read_text().splitlines()
+    assert lines[4].startswith("| shift_pattern=ss1 | s2mlp_tiny | 93.00 ± 3.00 (3) |"), lines
+    assert lines[5].startswith("| shift_pattern=none | s2mlp_tiny | 50.00 (1) |") and lines[6] == ""
+    _workdir(tmp_path / "r3", 3, "ss1", [0.9], fields={"data": {"name": "digits", "subset_seed": 7}})  # not tied
+    assert report.main([str(tmp_path / n) for n in ("r0", "r1", "r3")] + [f"--out={tmp_path / 'o2'}"]) == 0
+    assert "subset_seed=7" in (tmp_path / "o2" / "report.md").read_text()
+
+
 def test_report_final_top1_takes_the_finished_runs_of_a_row_when_it_has_some(tmp_path):
     """A run stopped at step 10 of 20 was averaged into the row's final top-1 with runs that reached step 20."""
     _workdir(tmp_path / "a0", 0, "ss1", [0.5, 0.7, 0.6, 0.6])
