@@ -61,8 +61,9 @@ class Source:
     info: DatasetInfo
     # (split, process_index, process_count, keep) -> this process's share of the split (of the records at the
     # sorted positions `keep` of the split's record order when keep is not None): a finite tf.data.Dataset of
-    # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one. Labels are
-    # the dataset's own: `split_shard` / `train_shard` relabel them (`label_map`).
+    # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one (a tfds split
+    # of several parts, 'a+b', by up to one per part: tfds divides each part). Labels are the dataset's own:
+    # `split_shard` / `train_shard` relabel them (`label_map`).
     shard: Callable[[str, int, int, np.ndarray | None], tf.data.Dataset]
     train_split: str
     train_keep: np.ndarray | None  # the train examples used (classes, then subset), None: the whole split
