@@ -151,7 +151,10 @@ def expand(
     for field, axis in tied.items():
         overrides_lib.set_field(copy.deepcopy(base), field, grid[axis][0], f"study.tied[{field!r}]")
     given = _command_line_fields(command_line or {}, base, grid, explicit, tied)
-    common = _layered(dict(study.get("overrides") or {}), given)
+    own = dict(study.get("overrides") or {})
+    for key in given.get(OVERRIDES, {}):  # the command line's model field wins over a study's dotted key for it
+        own.pop(f"{OVERRIDES}.{key}", None)
+    common = _layered(own, given)
 
     combos = list(itertools.product(*grid.values())) if grid else [()]
     specs = []
@@ -192,10 +195,11 @@ def expand(
 
 
 def _command_line_fields(command_line: dict, base, grid: dict, explicit: list[dict], tied: dict) -> dict:
-    """The command line's ``--config.FIELD=VALUE`` fields, typed as `base` reads them; ValueError for a field
-    the base config lacks or that the study sets per run (a grid axis, a run, a tie)."""
+    """The command line's fields (``command_line``: ``"args"``, its ``--config.FIELD`` flags, parsed on `base` as
+    main.py parses them; ``"model.overrides"``, its model fields); ValueError for a field the base config lacks or
+    that the study sets per run (a grid axis, a run, a tie)."""
     fields = {f"{OVERRIDES}.{k}": v for k, v in command_line.get(OVERRIDES, {}).items()}  # already typed
-    fields |= {f: overrides_lib.typed(base, f, text) for f, text in command_line.items() if f != OVERRIDES}
+    fields |= overrides_lib.parse_config_args(base, command_line.get("args", []))
     given: dict[str, Any] = {}
     for name, value in fields.items():
         text = overrides_lib.format_value(value, string_field=overrides_lib.string_field(base, name))
@@ -203,6 +207,9 @@ def _command_line_fields(command_line: dict, base, grid: dict, explicit: list[di
         overrides_lib.set_field(copy.deepcopy(base), name, value, flag)
         key = name.removeprefix(OVERRIDES + ".")
         per_run = [f"study.grid[{name!r}]"] * (name in grid) + [f"study.tied[{name!r}]"] * (name in tied)
+        per_run += [f"study.grid[{OVERRIDES!r}]"] * (
+            key != name and any(key in (v or {}) for v in grid.get(OVERRIDES, []))
+        )
         in_run = [name in r or (key != name and key in (r.get(OVERRIDES) or {})) for r in explicit]
         per_run += ["study.runs"] * any(in_run)
         if per_run:
@@ -234,6 +241,7 @@ def validate(run: Run) -> None:
     saved = Path(run.workdir) / "config.json"
     if saved.is_file():
         diff = report_lib.config_changes(json.loads(saved.read_text()), json.loads(run.config.to_json_best_effort()))
+        diff = [d for d in diff if not d.startswith("config.data.data_dir:")]  # the data moved (resume checks classes)
         if diff:
             raise ValueError(
                 f"study run {run.name!r}: {run.workdir} holds a run of a different config (fields "
@@ -342,7 +350,7 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
 # =============================================================================
 # Command line.
 # =============================================================================
-_command_line: dict = {}  # study.py's --config.FIELD=VALUE flags: field -> text, model overrides as one dict
+_command_line: dict = {}  # study.py's --config.FIELD flags: "args" (as given) and "model.overrides" (a dict)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -351,11 +359,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     from absl import app
 
     def parse(args: list[str]) -> list[str]:
-        try:
-            rest, fields = overrides_lib.split_config_fields(args)
-        except ValueError as e:
-            sys.exit(f"FATAL Flags parsing error: {e}")
-        _command_line.update(fields)
+        rest, _command_line["args"] = overrides_lib.split_config_args(args)
         return app.parse_flags_with_usage(rest)
 
     rest, model_fields = overrides_lib.parse_command_line(argv, parse, "study")

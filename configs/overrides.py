@@ -20,6 +20,7 @@ from it (`s2mlp.recipe.OptimizerOptions`, `StepOptions`, `input_pipeline.Recipe`
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import importlib.util
 import os
@@ -150,35 +151,61 @@ def dotted_key(argv: list[str], flag: str) -> str | None:
     for arg in argv:
         group, _, field = arg.partition("=")[0].removeprefix(f"--{flag}.").partition(".")
         if flag != "config" and arg.startswith(f"--{flag}.") and "." in field:
-            return (
-                f"{arg}: the study's dotted keys cannot be set from the command line; give a config field for "
-                f"every run as --config.{field}=VALUE, or edit the study file's {group}."
+            fix = (
+                f"give a config field for every run as --config.{field}=VALUE, or edit the study file's {group}"
+                if group == "overrides"
+                else f"edit the study file's {group} (--only chooses runs)"
             )
+            return f"{arg}: the study's dotted keys cannot be set from the command line; {fix}."
     return None
 
 
-def split_config_fields(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """study.py: takes main.py's ``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``) flags off `argv` (after
-    `split_model_overrides`); returns the other arguments and field -> the value's text."""
-    rest, fields = [], {}
-    args = iter(argv)
-    for arg in args:
-        name, eq, text = arg.partition("=")
-        if not name.startswith("--config."):
+def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """study.py: takes main.py's ``--config.FIELD=VALUE`` flags (``--config.FIELD VALUE``, or a bare boolean
+    ``--config.FIELD``) off `argv` (after `split_model_overrides`); returns the other arguments and those flags."""
+    rest, taken = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--config."):
             rest.append(arg)
-            continue
-        if not eq:
-            text = next(args, None)
-            if text is None:
-                raise ValueError(f"{arg} needs a value: {arg}=VALUE.")
-        fields[name.removeprefix("--config.")] = text
-    return rest, fields
+        else:
+            taken.append(arg)
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # its value (not a flag)
+                i += 1
+                taken.append(argv[i])
+        i += 1
+    return rest, taken
 
 
-def typed(config, field: str, text: str):
-    """A command-line value as ml_collections' config flags read it: the text itself for a string field of
-    `config`, else a Python literal (`literal`)."""
-    return text if string_field(config, field) else literal(text)
+def parse_config_args(config, args: list[str]) -> dict:
+    """`args` (``--config.FIELD`` flags) parsed as ml_collections parses them for main.py, on a copy of `config`
+    (booleans from 'true' or a bare flag, tuples from repeated flags, a string field's text as it is): dotted field ->
+    value. ValueError in one line for an unknown field or a bad value."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["study.py", *args]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict(
+            "config", copy.deepcopy(config), flag_values=values, lock_config=False, sys_argv=argv
+        )
+        values(argv)
+    except (AttributeError, KeyError) as e:  # a field the config does not have
+        raise ValueError(unknown_field(config, args) or f"{' '.join(args)}: {e}") from None
+    except (flags.Error, TypeError, ValueError) as e:  # e.g. 'flag --config.fsdp=maybe: Non-boolean argument ...'
+        raise ValueError(str(e).removeprefix("flag ")) from None
+    parsed = values["config"].value
+    out = {}
+    for arg in args:
+        if arg.startswith("--config."):
+            field = arg.partition("=")[0].removeprefix("--config.")
+            node = parsed
+            for part in field.split("."):
+                node = node[part]
+            out[field] = node
+    return out
 
 
 def string_field(config, field: str) -> bool:

@@ -50,6 +50,7 @@ class RunInfo:
     metrics: dict[int, dict[str, float]]  # step -> {key: value}, the last row of each (step, key) kept
     result: dict | None  # the study runner's result.json
     pooled: tuple[str, ...] = ("seed",)  # fields aggregated over: seed, and fields the study ties to it
+    pooled_why: str = ""  # why fields besides the seed are pooled, for the caption
 
 
 def _is_workdir(path: Path) -> bool:
@@ -97,6 +98,7 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
             pooled = ("seed", *(f for f, axis in listing.get("tied", {}).items() if axis == "seed"))
             for r in listing["runs"]:
                 runs.append(_run(r["name"], p / r["name"], pooled))
+                runs[-1].pooled_why = "tied to the seed by the study" if len(pooled) > 1 else ""
                 listed.add(id(runs[-1]))
         elif p.is_dir() and any(_is_workdir(d) for d in p.iterdir() if d.is_dir()):
             runs += [_run(d.name, d) for d in sorted(p.iterdir()) if d.is_dir() and _is_workdir(d)]
@@ -108,9 +110,16 @@ def find_runs(paths: list[str]) -> list[RunInfo]:
     # Runs without a study.json to say what is tied: a subset seed equal to the seed in every one of them is tied
     # to it (as the shipped studies do), so it is pooled with the seed instead of making a row per seed.
     loose = [r for r in runs if id(r) not in listed and r.config]
-    if loose and all((r.config.get("data") or {}).get("subset_seed", 0) == r.config.get("seed", 0) for r in loose):
+    data = [r.config.get("data") or {} for r in loose]
+    drawn = any(d.get("train_fraction", 1.0) < 1.0 or d.get("train_per_class", 0) > 0 for d in data)  # a subset
+    seeds = {r.config.get("seed", 0) for r in loose}
+    if (
+        drawn
+        and len(seeds) > 1
+        and all(d.get("subset_seed", 0) == r.config.get("seed", 0) for d, r in zip(data, loose))
+    ):
         for r in loose:
-            r.pooled = ("seed", "data.subset_seed")
+            r.pooled, r.pooled_why = ("seed", "data.subset_seed"), "equal to the seed in every run"
     return runs
 
 
@@ -427,7 +436,8 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
     text = table(rows, varying, key)
     tied = ", ".join(sorted({f for r in runs for f in r.pooled if f != "seed"}))
     if tied:
-        tied = f"Each seed also sets {tied} (tied to the seed by the study), so the spread covers both. "
+        how = " or ".join(sorted({r.pooled_why for r in runs if r.pooled_why}))
+        tied = f"Each seed also sets {tied} ({how}), so the spread covers both. "
     if not_started:
         text += f"\n\nNot started ({len(not_started)}): " + ", ".join(not_started)
     walls = [r.result["wall_s"] for r in runs if r.result]

@@ -20,6 +20,7 @@ import ml_collections
 import pytest
 
 import study
+from configs import overrides as overrides_lib
 from configs import studies
 from configs.studies import fields, init_ablation, mixer_vs_s2mlp, shift_ablation
 from s2mlp import report
@@ -246,6 +247,10 @@ def test_a_dry_run_lists_every_run_with_what_its_checks_would_refuse(tmp_path):
             "ERROR --study.overrides.data.train_fraction=0.5: the study's dotted keys cannot be set from the command "
             "line; give a config field for every run as --config.data.train_fraction=VALUE",
         ),
+        (
+            ["--study=configs/studies/shift_ablation.py", "--study.grid.model.overrides.shift_pattern=('ss1',)"],
+            "the study's dotted keys cannot be set from the command line; edit the study file's grid (--only chooses",
+        ),
         (  # it got absl's FATAL line with config_flags' traceback
             ["--study=configs/studies/shift_ablation.py:bogus"],
             "ERROR --study=configs/studies/shift_ablation.py:bogus: ValueError: data='bogus' is unknown",
@@ -260,7 +265,7 @@ def test_a_dry_run_lists_every_run_with_what_its_checks_would_refuse(tmp_path):
         ),
         (
             ["--study=configs/studies/shift_ablation.py", "--config.data.nope=1"],
-            "--config.data.nope=1: config.data.nope is not a field of the base config; valid fields here: [",
+            "--config.data.nope=1: the config has no field 'data.nope'; did you mean data.name,",
         ),
     ],
 )
@@ -285,7 +290,8 @@ def test_config_flags_of_study_py_set_every_runs_config_and_command(tmp_path):
         assert "--config.model.overrides.patch_size=2 " in line and " --config.data.data_dir=7 " in line, line
     assert "--config.data.train_fraction=0.2 " not in commands[0] and not (tmp_path / "w").exists()
 
-    given = {"data.data_dir": "7", "data.train_fraction": "0.5", "model.overrides": {"hidden_dim": 24}}
+    args = ["--config.data.data_dir=7", "--config.data.train_fraction", "0.5"]
+    given = {"args": args, "model.overrides": {"hidden_dim": 24}}
     runs = study.expand(shift_ablation.get_config(), str(tmp_path / "w"), check=False, command_line=given)
     config = runs[0].config
     assert config.data.data_dir == "7" and config.data.train_fraction == 0.5  # typed as the fields are
@@ -297,6 +303,40 @@ def test_config_flags_of_study_py_set_every_runs_config_and_command(tmp_path):
     assert main.get_config().to_json_best_effort(sort_keys=True) == config.to_json_best_effort(sort_keys=True)
     assert config.model.overrides.hidden_dim == 24 and config.model.overrides.patch_size == 2
     assert [r.config.model.overrides.shift_pattern for r in runs[::3]] == list(shift_ablation.PATTERNS)
+
+
+def test_config_flags_of_study_py_are_parsed_as_main_py_parses_them(tmp_path):
+    """Booleans ('true', or a bare flag that must not take the next argument as its value), tuples (repeated
+    flags), and a model field over a study's own dotted ``model.overrides.FIELD`` key (imagenette's patch_size)."""
+    rest, args = overrides_lib.split_config_args(
+        ["--config.fsdp", "--only=x", "--config.data.download=true", "--config.profile_steps=1",
+         "--config.profile_steps=2", "--config.evals=real", "--config.seed", "-3"]
+    )  # fmt: skip
+    assert rest == ["--only=x"] and args[-2:] == ["--config.seed", "-3"]
+    parsed = overrides_lib.parse_config_args(study.load_config_file("configs/demo.py"), args)
+    assert parsed == {"fsdp": True, "data.download": True, "profile_steps": (1, 2), "evals": ("real",), "seed": -3}
+    with pytest.raises(ValueError, match=r"^--config.fsdp=maybe: .*Non-boolean argument"):
+        overrides_lib.parse_config_args(study.load_config_file("configs/demo.py"), ["--config.fsdp=maybe"])
+    imagenette = shift_ablation.get_config("imagenette")
+    assert imagenette.overrides["model.overrides.patch_size"] == 8  # the study's dotted key, after its dict
+    runs = study.expand(
+        imagenette, str(tmp_path / "w"), check=False, command_line={"model.overrides": {"patch_size": 4}}
+    )
+    assert {r.config.model.overrides.patch_size for r in runs} == {4}
+    assert all(r.command.count("--config.model.overrides.patch_size=") == 1 for r in runs)
+
+
+def test_a_rerun_may_point_data_dir_elsewhere_but_not_change_the_run(tmp_path):
+    """The studies' docstrings give --config.data.data_dir: data that moved (or the flag added to a study started
+    without it) refused every run as 'a run of a different config'."""
+    s = _study(base="configs/tiny.py:s2mlp_tiny", grid={"seed": [0]})
+    run = study.expand(s, str(tmp_path / "w"))[0]
+    Path(run.workdir).mkdir(parents=True)
+    (Path(run.workdir) / "config.json").write_text(run.config.to_json_best_effort())
+    moved = study.expand(s, str(tmp_path / "w"), command_line={"args": ["--config.data.data_dir=/elsewhere"]})
+    assert moved[0].config.data.data_dir == "/elsewhere"
+    with pytest.raises(ValueError, match="holds a run of a different config \\(fields config.base_lr: "):
+        study.expand(s, str(tmp_path / "w"), command_line={"args": ["--config.base_lr=0.5"]})
 
 
 def test_tied_field_copies_its_axis_in_each_run_and_command(tmp_path):
@@ -510,16 +550,24 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
 
 def test_report_of_workdirs_pools_a_subset_seed_that_follows_the_seed(tmp_path):
     """Without a study.json each seed's own subset made a row of its own (n = 1, labels alike)."""
+
+    def data(seed):
+        return {"data": {"name": "digits", "subset_seed": seed, "train_fraction": 0.1}}
+
     for seed, top1 in enumerate((0.9, 0.93, 0.96)):
-        _workdir(tmp_path / f"r{seed}", seed, "ss1", [top1], fields={"data": {"name": "digits", "subset_seed": seed}})
-    _workdir(tmp_path / "other", 0, "none", [0.5], fields={"data": {"name": "digits", "subset_seed": 0}})
+        _workdir(tmp_path / f"r{seed}", seed, "ss1", [top1], fields=data(seed))
+    _workdir(tmp_path / "other", 0, "none", [0.5], fields=data(0))
     assert report.main([str(tmp_path / n) for n in ("r0", "r1", "r2", "other")] + [f"--out={tmp_path / 'o'}"]) == 0
-    lines = (tmp_path / "o" / "report.md").read_text().splitlines()
+    text = (tmp_path / "o" / "report.md").read_text()
+    lines = text.splitlines()
     assert lines[4].startswith("| shift_pattern=ss1 | s2mlp_tiny | 93.00 ± 3.00 (3) |"), lines
     assert lines[5].startswith("| shift_pattern=none | s2mlp_tiny | 50.00 (1) |") and lines[6] == ""
-    _workdir(tmp_path / "r3", 3, "ss1", [0.9], fields={"data": {"name": "digits", "subset_seed": 7}})  # not tied
+    assert "Each seed also sets data.subset_seed (equal to the seed in every run), so the spread covers both." in text
+    _workdir(tmp_path / "r3", 3, "ss1", [0.9], fields={"data": {**data(3)["data"], "subset_seed": 7}})  # not tied
     assert report.main([str(tmp_path / n) for n in ("r0", "r1", "r3")] + [f"--out={tmp_path / 'o2'}"]) == 0
     assert "subset_seed=7" in (tmp_path / "o2" / "report.md").read_text()
+    assert report.main([str(tmp_path / "r0"), f"--out={tmp_path / 'o3'}"]) == 0  # one run: nothing to pool
+    assert "Each seed also sets" not in (tmp_path / "o3" / "report.md").read_text()
 
 
 def test_report_final_top1_takes_the_finished_runs_of_a_row_when_it_has_some(tmp_path):
