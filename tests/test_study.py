@@ -324,6 +324,10 @@ def test_config_flags_of_study_py_are_parsed_as_main_py_parses_them(tmp_path):
     )
     assert {r.config.model.overrides.patch_size for r in runs} == {4}
     assert all(r.command.count("--config.model.overrides.patch_size=") == 1 for r in runs)
+    axis = {"model.overrides": [{"hidden_dim": 24}, {"hidden_dim": 48}]}  # a grid of whole dicts: it won silently
+    whole, given = _study(base="configs/tiny.py:s2mlp_tiny", grid=axis), {"model.overrides": {"hidden_dim": 32}}
+    with pytest.raises(ValueError, match=r"^--config.model.overrides.hidden_dim=32: study.grid\['model.overrides'\]"):
+        study.expand(whole, str(tmp_path / "w2"), check=False, command_line=given)
 
 
 def test_a_rerun_may_point_data_dir_elsewhere_but_not_change_the_run(tmp_path):
