@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -232,3 +233,59 @@ def test_batch_must_divide_by_devices_times_accumulation():
     config.batch_size, config.grad_accum_steps = 24, 2
     with pytest.raises(ValueError, match=r"devices \(8\) × grad_accum_steps \(2\) = 16"):
         train_lib.validate_config(config, num_devices=8)
+
+
+def _one_weight_updates(grads, **options):
+    """The optimizer's updates of one kernel weight (lr 1) for the gradients `grads`, step by step."""
+    tx = train_lib.make_optimizer(train_lib.OptimizerOptions(batch_size=1024, base_lr=1.0, **options), lambda s: 1.0)
+    params = {"w": {"kernel": jnp.zeros(1)}}
+    state, out = tx.init(params), []
+    for g in grads:
+        updates, state = tx.update({"w": {"kernel": jnp.asarray([g])}}, state, params)
+        out.append(float(updates["w"]["kernel"][0]))
+    return out
+
+
+def test_adamw_moments_and_gradient_clipping_before_it():
+    """AdamW's b1 0.9, b2 0.999, eps 1e-8 (DeiT's): after gradients 1 then 0 the step is -m̂/(sqrt(v̂)+eps), with
+    m̂ = 0.09/0.19 and v̂ = 0.000999/0.001999. Clipping (grad_clip_norm) acts on the gradients, before Adam: clipped
+    to 1, gradients 100 then 1 give two equal gradients and a step of -1 (unclipped, or clipping Adam's own updates,
+    -0.677)."""
+    m, v = 0.09 / 0.19, 0.000999 / 0.001999
+    assert _one_weight_updates([1.0, 0.0]) == pytest.approx([-1.0, -m / (np.sqrt(v) + 1e-8)], rel=1e-4)
+    assert _one_weight_updates([100.0, 1.0], grad_clip_norm=1.0)[1] == pytest.approx(-1.0, rel=1e-4)
+    assert _one_weight_updates([100.0, 1.0])[1] == pytest.approx(-0.6775, abs=1e-3)
+
+
+def test_step_options_take_each_config_field():
+    config = tiny.get_config("s2mlp_tiny")
+    config.augment.mixup, config.augment.cutmix, config.augment.mix_switch_prob = 0.3, 0.7, 0.4
+    config.augment.label_smoothing, config.ema_decay, config.grad_accum_steps = 0.15, 0.5, 2
+    options = train_lib.StepOptions.from_config(config)
+    assert (options.mixup, options.cutmix, options.mix_switch_prob) == (0.3, 0.7, 0.4)
+    assert (options.label_smoothing, options.ema_decay, options.grad_accum_steps) == (0.15, 0.5, 2)
+
+
+def test_one_step_is_the_smoothed_cross_entropy_and_moves_the_ema_by_one_minus_decay():
+    """The step's loss and gradient norm are those of optax's cross-entropy against smoothed labels (label smoothing
+    reaches the step), and the EMA after it is decay · old params + (1 - decay) · new params."""
+    from s2mlp.mixup import smooth_labels
+
+    config = tiny.get_config("s2mlp_tiny")
+    config.augment.mixup = config.augment.cutmix = 0.0
+    config.augment.label_smoothing, config.ema_decay, config.model.drop_path_rate = 0.1, 0.9, 0.0
+    state, step, sharding = _setup(config, jax.devices()[:1])
+    before = jax.device_get(state.params)
+    batch = _batch(8, config.image_size)
+    model = models.from_config(config, NUM_CLASSES)
+
+    def loss(params):
+        logits = model.apply({"params": params}, jnp.asarray(batch["image"]), train=False)
+        return optax.softmax_cross_entropy(logits, smooth_labels(jnp.asarray(batch["label"]), NUM_CLASSES, 0.1)).mean()
+
+    expected, grads = jax.value_and_grad(loss)(before)
+    state, metrics = step(state, train_lib.to_global(batch, sharding), jax.random.key(1))
+    assert float(metrics["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)), rel=1e-4)
+    after = jax.device_get(state)
+    _assert_trees_close(after.ema_params, jax.tree.map(lambda b, a: 0.9 * b + 0.1 * a, before, after.params))
