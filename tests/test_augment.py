@@ -235,3 +235,12 @@ def test_imports_without_tensorflow():
     root = pathlib.Path(__file__).parents[1]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert result.returncode == 0, result.stderr
+
+
+def test_device_flip_mirrors_left_right_about_half_the_time():
+    """On a 10×12 image: each output is the image or its left-right mirror (not upside down), and both occur."""
+    image = jnp.arange(10 * 12 * 3, dtype=jnp.float32).reshape(1, 10, 12, 3)
+    out = np.asarray(augment.flip(jnp.repeat(image, 200, 0), jax.random.split(jax.random.key(0), 200)))
+    plain = (out == np.asarray(image)).all(axis=(1, 2, 3))
+    mirrored = (out == np.asarray(image)[:, :, ::-1]).all(axis=(1, 2, 3))
+    assert (plain | mirrored).all() and 0.4 < mirrored.mean() < 0.6
