@@ -244,3 +244,13 @@ def test_device_flip_mirrors_left_right_about_half_the_time():
     plain = (out == np.asarray(image)).all(axis=(1, 2, 3))
     mirrored = (out == np.asarray(image)[:, :, ::-1]).all(axis=(1, 2, 3))
     assert (plain | mirrored).all() and 0.4 < mirrored.mean() < 0.6
+
+
+def test_device_erase_boxes_take_timm_aspect_ratios():
+    """Aspect h/w log-uniform in 0.3..3.3 (timm's), not square boxes: over 400 erased 64×64 zero images the ratios
+    span both sides of 1 and their log averages about 0."""
+    out = np.asarray(augment.random_erase(jnp.zeros((400, 64, 64, 1)), jax.random.split(jax.random.key(0), 400), 1.0))
+    rows, cols = (out != 0).any(axis=(2, 3)), (out != 0).any(axis=(1, 3))
+    erased = rows.any(axis=1)
+    ratio = rows.sum(axis=1)[erased] / cols.sum(axis=1)[erased]
+    assert erased.mean() > 0.95 and ratio.min() < 0.5 and ratio.max() > 2 and abs(np.log(ratio).mean()) < 0.15
