@@ -83,3 +83,23 @@ def test_mixup_lambda_is_beta_alpha_alpha():
     mixup = jax.jit(lambda key: mix_batch(key, images, targets, mixup=1e5, cutmix=0.0)[0])
     lams = [1.0 - float(mixup(jax.random.key(seed))[0, 0, 0, 0]) for seed in range(8)]
     np.testing.assert_allclose(lams, 0.5, atol=0.01)
+
+
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_each_example_mixes_images_and_targets_with_the_same_partner(cutmix):
+    """Partner B-1-k (the mirrored position) for the images and the targets alike, on a batch of 5 whose image k is
+    the constant k: image k's pixels are λ·k + (1-λ)·(4-k) (Mixup) or k and 4-k in the kept area's proportions
+    (CutMix, on a non-square 12×20 image), and its target puts the same weights on classes k and 4-k; the middle
+    example mixes with itself and keeps its one-hot target. (A batch of 2 cannot tell a mirror from a roll.)"""
+    images = jnp.broadcast_to(jnp.arange(5.0)[:, None, None, None], (5, 12, 20, 1))
+    alphas = {"mixup": 0.0, "cutmix": 1.0} if cutmix else {"mixup": 0.8, "cutmix": 0.0}
+    out, targets = mix_batch(jax.random.key(3), images, jnp.eye(5), **alphas)
+    out, targets = np.asarray(out), np.asarray(targets)
+    assert 0.05 < targets[0, 0] < 0.95  # this key mixes
+    for k in range(5):
+        own = (out[k] == k).mean() if cutmix else None
+        weight = own if cutmix else (out[k].mean() - (4 - k)) / (2 * k - 4) if k != 2 else 1.0
+        expected = np.zeros(5)
+        expected[k] += weight
+        expected[4 - k] += 1 - weight
+        np.testing.assert_allclose(targets[k], expected, atol=1e-6, err_msg=str(k))
