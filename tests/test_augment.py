@@ -254,3 +254,15 @@ def test_device_erase_boxes_take_timm_aspect_ratios():
     erased = rows.any(axis=1)
     ratio = rows.sum(axis=1)[erased] / cols.sum(axis=1)[erased]
     assert erased.mean() > 0.95 and ratio.min() < 0.5 and ratio.max() > 2 and abs(np.log(ratio).mean()) < 0.15
+
+
+def test_device_randaugment_fills_with_the_mean_colour(monkeypatch):
+    """The chain's device RandAugment fills uncovered pixels with the dataset mean (timm's img_mean), as the host's
+    does: (124, 116, 104) for ImageNet's normalisation."""
+    from s2mlp.augment_chain import RandAugmentSpec
+    from s2mlp.preprocessing import mean_std
+
+    seen = {}
+    monkeypatch.setattr(augment, "randaugment", lambda images, keys, fill, **spec: seen.setdefault("fill", fill))
+    augment.DEVICE_OPS["randaugment"](None, None, *mean_std("imagenet"), spec=RandAugmentSpec(2, 9.0, 0.5))
+    assert tuple(seen["fill"]) == (124.0, 116.0, 104.0)
