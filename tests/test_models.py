@@ -669,3 +669,38 @@ def test_initialisation_options_reject_bad_values(name, kwargs, words):
         get_model(name, **kwargs)
     for word in words:
         assert word in str(error.value)
+
+
+def _recorded(model, module_type, attribute, *, train):
+    """`attribute` of every `module_type` submodule called in one forward pass of `model` (32×32 input)."""
+    seen = []
+
+    def record(f, args, kwargs, context):
+        if isinstance(context.module, module_type) and context.method_name == "__call__":
+            seen.append(getattr(context.module, attribute))
+        return f(*args, **kwargs)
+
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    with flax.linen.intercept_methods(record):
+        model.apply(variables, x, train=train, rngs={"dropout": jax.random.key(1)})
+    return seen
+
+
+def test_mixer_drop_path_rates_rise_linearly_over_its_blocks_and_its_norms_take_eps_1e_6():
+    """0, rate/2, rate over 3 blocks (each block's two branches), as the S² models; every block had the full rate.
+    vision_transformer's LayerNorm epsilon, 1e-6 (1e-5 stayed inside the eval test's tolerance)."""
+    model = get_model("mixer_tiny", num_classes=10, num_blocks=3, drop_path_rate=0.5)
+    assert _recorded(model, DropPath, "rate", train=True) == pytest.approx([0.0, 0.0, 0.25, 0.25, 0.5, 0.5])
+    assert set(_recorded(model, flax.linen.LayerNorm, "epsilon", train=False)) == {1e-6}
+
+
+@pytest.mark.parametrize("name, fields, stack", [("s2mlp_tiny", {"num_blocks": 3}, "blocks"),
+                                                 ("s2mlpv2_tiny", {"depths": (1, 3)}, "stage_1")])  # fmt: skip
+def test_scanned_blocks_start_from_different_weights(name, fields, stack):
+    """Each block of a scanned stack draws its own initial weights (with one key for all, training started from
+    identical blocks)."""
+    model = get_model(name, num_classes=10, scan=True, **fields)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)["params"][stack]
+    for kernel in [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if "kernel" in str(path[-1])]:
+        assert kernel.shape[0] == 3 and not np.allclose(kernel[0], kernel[1]) and not np.allclose(kernel[1], kernel[2])
