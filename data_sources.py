@@ -410,14 +410,16 @@ def _select_subset(labels: np.ndarray, class_names: list[str], config) -> np.nda
         if short:
             (name, n), more = min(short, key=lambda s: s[1] == 0), len(short) - 1  # a class with examples first
             empty = [c for c, k in short if k == 0]
-            leave_out = "leave it out with config.data.classes, or use config.data.train_fraction (a class without "
-            fix = (
-                "lower train_per_class, or use config.data.train_fraction for a stratified fraction."
-                + (f" Class {empty[0]!r} has none: no count can take from it; {leave_out}examples takes none)."
-                   if empty else "")
-                if n
-                else f"no count can take from it: {leave_out}examples takes none)."
-            )  # fmt: skip
+            none = "no count can take from it"
+            leave_out = (
+                "leave it out with config.data.classes, or use config.data.train_fraction (a class without examples "
+                "takes none)."
+            )
+            if not n:
+                fix = f"{none}: {leave_out}"
+            else:
+                fix = "lower train_per_class, or use config.data.train_fraction for a stratified fraction."
+                fix += f" Class {empty[0]!r} has none: {none}; {leave_out}" if empty else ""
             raise ValueError(
                 f"config.data.train_per_class={data.train_per_class}: class {name!r} has only {n} examples in "
                 f"config.data.train_split={data.train_split!r}"

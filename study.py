@@ -108,9 +108,7 @@ def command(base: str, workdir: str, overrides: dict[str, Any], config: ml_colle
     for field, value in overrides.items():
         items = value.items() if field == OVERRIDES else [(None, value)]
         for key, v in items:
-            name = f"{OVERRIDES}.{key}" if key is not None else field
-            text = overrides_lib.format_value(v, string_field=overrides_lib.string_field(config, name))
-            flags.append(f"--config.{name}={text}")
+            flags.append(overrides_lib.config_flag(config, f"{OVERRIDES}.{key}" if key is not None else field, v))
     args = ["python", "main.py", f"--config={base}", f"--workdir={workdir}", *flags]
     return " ".join(shlex.quote(a) for a in args)
 
@@ -120,13 +118,14 @@ def expand(
 ) -> list[Run]:
     """The study's runs, in order (explicit runs outer, grid axes in their order, the last axis fastest).
 
-    `command_line`: study.py's ``--config.FIELD=VALUE`` flags (field -> text; model overrides as a
-    ``model.overrides`` dict), applied to every run after ``study.overrides``.
+    `command_line`: study.py's ``--config.FIELD`` flags (``"args"``, as given; ``"model.overrides"``, a dict of
+    model fields), applied to every run after ``study.overrides``.
     Raises ValueError naming the study or config field for anything that would fail later; with
     `check`, runs train_lib's and the input pipeline's config checks on every run too. Creates nothing.
     """
     if not isinstance(study.get("base"), str) or not study.base:
         raise ValueError("study.base must be a training config file, e.g. 'configs/demo.py' or 'configs/tiny.py:arg'.")
+    own = dict(study.get("overrides") or {})
     grid = dict(study.get("grid") or {})
     explicit = [dict(r) for r in (study.get("runs") or [])]
     if not grid and not explicit:
@@ -139,8 +138,7 @@ def expand(
     for field, axis in tied.items():
         if axis not in grid:
             raise ValueError(f"study.tied[{field!r}]={axis!r} must name an axis of study.grid, one of {list(grid)}.")
-        setters = [name for name, fields in (("study.grid", grid), ("study.overrides", study.get("overrides") or {}))
-                   if field in fields]  # fmt: skip
+        setters = [name for name, fields in (("study.grid", grid), ("study.overrides", own)) if field in fields]
         setters += ["study.runs"] * any(field in r for r in explicit)
         if setters:
             raise ValueError(
@@ -151,7 +149,6 @@ def expand(
     for field, axis in tied.items():
         overrides_lib.set_field(copy.deepcopy(base), field, grid[axis][0], f"study.tied[{field!r}]")
     given = _command_line_fields(command_line or {}, base, grid, explicit, tied)
-    own = dict(study.get("overrides") or {})
     for key in given.get(OVERRIDES, {}):  # the command line's model field wins over a study's dotted key for it
         own.pop(f"{OVERRIDES}.{key}", None)
     common = _layered(own, given)
@@ -202,8 +199,7 @@ def _command_line_fields(command_line: dict, base, grid: dict, explicit: list[di
     fields |= overrides_lib.parse_config_args(base, command_line.get("args", []))
     given: dict[str, Any] = {}
     for name, value in fields.items():
-        text = overrides_lib.format_value(value, string_field=overrides_lib.string_field(base, name))
-        flag = f"--config.{name}={text}"
+        flag = overrides_lib.config_flag(base, name, value)
         overrides_lib.set_field(copy.deepcopy(base), name, value, flag)
         key = name.removeprefix(OVERRIDES + ".")
         per_run = [f"study.grid[{name!r}]"] * (name in grid) + [f"study.tied[{name!r}]"] * (name in tied)

@@ -682,15 +682,14 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     step_dir = directory / str(step)
     # Another run's checkpoint: its results in a folder of its own, not over this run's <split>_step<N>.
     other = directory.parent != workdir and directory != workdir
-    given_dir = eval_dir
-    eval_dir = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval" / (directory.parent.name if other else "")
+    results = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval" / (directory.parent.name if other else "")
     _check_same_classes(step_dir, data.info.class_names, EVAL_ADVICE)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
     _check_same_model(ckpt.read_json(step_dir, ckpt.CONFIG), step_dir, config, trainer.model, data.info.num_classes,
                       EVAL_ADVICE)  # fmt: skip
     split = config.data.eval_split
-    out_dir = evals.out_dir(eval_dir, split, step)
-    runs.check_writable(out_dir, "--eval_dir" if given_dir else "--workdir")
+    out_dir = evals.out_dir(results, split, step)
+    runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
     targets = trainer.targets.params
     items = []  # (key infix, parameters): the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):

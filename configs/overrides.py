@@ -208,6 +208,12 @@ def parse_config_args(config, args: list[str]) -> dict:
     return out
 
 
+def config_flag(config, field: str, value) -> str:
+    """``--config.FIELD=VALUE`` as main.py reads `value` back into dotted `field` of `config` (before shell
+    quoting)."""
+    return f"--config.{field}={format_value(value, string_field=string_field(config, field))}"
+
+
 def string_field(config, field: str) -> bool:
     """Whether dotted `field` of `config` is a string field (also one whose value is None), whose command-line
     text ml_collections takes as it is, quotes included."""
