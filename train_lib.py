@@ -405,11 +405,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     latest = ckpt.latest_step(ckpt_dir)
     convert = False  # the latest step was saved in the other block layout (model.scan)
     if latest is not None:
-        _check_same_classes(ckpt_dir / str(latest), info.class_names, RESUME_ADVICE)
-        convert = ckpt.check_compatible(ckpt_dir, latest, trainer.model, trainer.abstract.params, config.model.name)
-        config_at_latest = ckpt.read_json(ckpt_dir / str(latest), ckpt.CONFIG)
-        _check_same_model(config_at_latest, ckpt_dir / str(latest), config, trainer.model, info.num_classes,
-                          RESUME_ADVICE)  # fmt: skip
+        convert = _check_checkpoint(ckpt_dir, latest, trainer, config, info, RESUME_ADVICE)
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip
@@ -427,7 +423,12 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
             ckpt_dir, latest, trainer, ema_decay=config.ema_decay, grad_clip_norm=config.grad_clip_norm, convert=convert
         )
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
-        _warn_of_changes(config_at_latest, config_json)
+        if changed := report.config_changes(ckpt.read_json(ckpt_dir / str(latest), ckpt.CONFIG) or {}, config_json):
+            logging.warning(
+                "Resuming with a changed config: %s. From here on the run trains with the new values; config.json "
+                "will hold them, and each checkpoint keeps the config it was trained with.",
+                "; ".join(changed),
+            )
     else:
         state = trainer.init(init_rng)
         if config.get("init_from"):
@@ -477,55 +478,29 @@ RESUME_ADVICE = (
 EVAL_ADVICE = "--mode=eval builds the model from the command line's config: evaluate with the run's settings."
 
 
-def _check_same_classes(step_dir: epath.Path, class_names, advice: str) -> None:
-    """ValueError when the checkpoint at `step_dir` was trained on other classes, or the same ones in another
-    order, than `class_names` (the config's data): its head's outputs would be read as the wrong labels."""
-    saved = (ckpt.read_json(step_dir, ckpt.DATASET) or {}).get("class_names")
-    now = list(class_names)
-    if saved is None or list(saved) == now:
-        return
-    if len(saved) != len(now):
-        what = f"{len(saved)} classes ({_some(saved)}), where config.data gives {len(now)} ({_some(now)})"
-    else:
-        i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
-        what = f"other classes or another order of them (label {i} was {saved[i]!r}, config.data makes it {now[i]!r})"
-    raise ValueError(
-        f"{step_dir} was trained on {what}; config.data.name, config.data.data_dir and config.data.classes choose "
-        f"them. {advice}"
-    )
-
-
-def _some(names, k: int = 4) -> str:
-    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
-
-
-def _check_same_model(saved: dict | None, step_dir: epath.Path, config, model, num_classes: int, advice: str):
-    """ValueError when the checkpoint at `step_dir`, whose saved config is `saved`, was trained as another model
-    than `config`'s, though its parameters fit (e.g. another shift pattern or input normalisation)."""
+def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config, info, advice: str) -> bool:
+    """ValueError ending in `advice` when step `step` of `directory` was trained on other classes (or another
+    order of them) than `info` (the config's data) gives, as a model whose parameters do not fit `trainer`'s, or
+    as another model function with the same parameters (e.g. another shift pattern or input normalisation).
+    Returns whether the step was saved in the other block layout (model.scan), so the restore converts it."""
+    step_dir = directory / str(step)
+    ckpt.check_same_classes(step_dir, info.class_names, advice)
+    convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
+    saved = ckpt.read_json(step_dir, ckpt.CONFIG)
     try:
-        before = models.from_config(saved, num_classes)
+        before = models.from_config(saved, info.num_classes)
     except (TypeError, KeyError, ValueError):  # no config item, or one this version cannot build: shapes only
-        return
+        return convert
     if saved["model"]["name"] != config.model.name:
         changed = [f"model.name: {saved['model']['name']!r} -> {config.model.name!r}"]
     else:
-        changed = models.function_changes(before, model)
+        changed = models.function_changes(before, trainer.model)
     normalization = saved.get("data", {}).get("normalization", config.data.normalization)
     if normalization != config.data.normalization:
         changed.append(f"data.normalization: {normalization!r} -> {config.data.normalization!r}")
     if changed:
         raise ValueError(f"{step_dir} was trained as another model (config.{'; config.'.join(changed)}). {advice}")
-
-
-def _warn_of_changes(saved: dict | None, new: dict) -> None:
-    """Logs the fields in which a resumed run's config (`new`, as JSON) differs from `saved`, the one saved with
-    its checkpoint."""
-    if saved and (changed := report.config_changes(saved, new)):
-        logging.warning(
-            "Resuming with a changed config: %s. From here on the run trains with the new values; config.json "
-            "will hold them, and each checkpoint keeps the config it was trained with.",
-            "; ".join(changed),
-        )
+    return convert
 
 
 def _train(run: _Run, state: TrainState) -> dict[str, float]:
@@ -683,10 +658,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     # Another run's checkpoint: its results in a folder of its own, not over this run's <split>_step<N>.
     other = directory.parent != workdir and directory != workdir
     results = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval" / (directory.parent.name if other else "")
-    _check_same_classes(step_dir, data.info.class_names, EVAL_ADVICE)
-    convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
-    _check_same_model(ckpt.read_json(step_dir, ckpt.CONFIG), step_dir, config, trainer.model, data.info.num_classes,
-                      EVAL_ADVICE)  # fmt: skip
+    convert = _check_checkpoint(directory, step, trainer, config, data.info, EVAL_ADVICE)
     split = config.data.eval_split
     out_dir = evals.out_dir(results, split, step)
     runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")

@@ -510,6 +510,28 @@ def check_compatible(directory: epath.Path, step: int, model, abstract_params, m
     return False
 
 
+def check_same_classes(step_dir: epath.Path, class_names, advice: str) -> None:
+    """ValueError ending in `advice` when the step at `step_dir` was trained on other classes than `class_names`
+    (the config's data), or the same ones in another order: its head's outputs would be read as the wrong labels."""
+    saved = (read_json(step_dir, DATASET) or {}).get("class_names")
+    now = list(class_names)
+    if saved is None or list(saved) == now:
+        return
+    if len(saved) != len(now):
+        what = f"{len(saved)} classes ({_some(saved)}), where config.data gives {len(now)} ({_some(now)})"
+    else:
+        i = next(i for i, (a, b) in enumerate(zip(saved, now, strict=True)) if a != b)
+        what = f"other classes or another order of them (label {i} was {saved[i]!r}, config.data makes it {now[i]!r})"
+    raise ValueError(
+        f"{step_dir} was trained on {what}; config.data.name, config.data.data_dir and config.data.classes choose "
+        f"them. {advice}"
+    )
+
+
+def _some(names, k: int = 4) -> str:
+    return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
+
+
 def _body(shapes: dict[str, tuple]) -> dict[str, tuple]:
     return {k: v for k, v in shapes.items() if not k.startswith("head/")}
 
