@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DIGITS_SPLIT_SEED = 0  # fixed: the digits held-out split never depends on config.seed
 DIGITS_NUM_EVAL = 300
+DIGITS_CLASSES = [str(i) for i in range(10)]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 PROGRESS_SECONDS = 5.0  # long start-up passes (image verification, tfds label reads) log progress this often
 # config.data.classes presets: name -> a text file of class names, one a line ('#' starts a comment line).
@@ -63,7 +64,7 @@ class Source:
     # sorted positions `keep` of the split's record order when keep is not None): a finite tf.data.Dataset of
     # (image, int32 label) in a fixed order; shares are contiguous and differ in size by at most one (a tfds split
     # of several parts, 'a+b', by up to one per part: tfds divides each part). Labels are the dataset's own:
-    # `split_shard` / `train_shard` relabel them (`label_map`).
+    # `train_shard` / `eval_shard` relabel them (`label_map`).
     shard: Callable[[str, int, int, np.ndarray | None], tf.data.Dataset]
     train_split: str
     train_keep: np.ndarray | None  # the train examples used (classes, then subset), None: the whole split
@@ -75,12 +76,10 @@ class Source:
     def train_shard(self, process_index: int, process_count: int) -> tf.data.Dataset:
         return self._relabel(self.shard(self.train_split, process_index, process_count, self.train_keep))
 
-    def split_shard(self, split: str, process_index: int, process_count: int) -> tf.data.Dataset:
-        """This process's share of `split` (the kept classes, relabelled; never the train subset)."""
-        return self._relabel(self.shard(split, process_index, process_count, self.class_keep(split)))
-
     def eval_shard(self, process_index: int, process_count: int) -> tf.data.Dataset:
-        return self.split_shard(self.eval_split, process_index, process_count)
+        """This process's share of the eval split (the kept classes, relabelled; never the train subset)."""
+        keep = self.class_keep(self.eval_split)
+        return self._relabel(self.shard(self.eval_split, process_index, process_count, keep))
 
     def _relabel(self, ds: tf.data.Dataset) -> tf.data.Dataset:
         if self.label_map is None:
@@ -198,9 +197,7 @@ def _train_keep(labels: np.ndarray, selection: ClassSelection | None, names: lis
             f"examples in config.data.train_split={config.data.train_split!r}."
         )
     kept = selection.label_map[labels[positions]]
-    empty = [
-        n for n, c in zip(selection.names, np.bincount(kept, minlength=len(selection.names)), strict=True) if not c
-    ]
+    empty = [selection.names[i] for i in np.flatnonzero(np.bincount(kept, minlength=len(selection.names)) == 0)]
     if empty:  # a head output that no example trains
         log.warning(
             "config.data.classes=%s: %d kept class(es) have no examples in config.data.train_split=%r (%s): no "
@@ -209,13 +206,6 @@ def _train_keep(labels: np.ndarray, selection: ClassSelection | None, names: lis
         )  # fmt: skip
     subset = _select_subset(kept, selection.names, config)
     return positions if subset is None else positions[subset]
-
-
-def _split_keeper(labels_of: Callable[[str], np.ndarray], selection: ClassSelection | None):
-    """Source.class_keep: split -> the positions of its kept-class records (labels read once per split)."""
-    if selection is None:
-        return lambda split: None
-    return functools.lru_cache(maxsize=None)(lambda split: selection.positions(labels_of(split)))
 
 
 class _Progress:
@@ -232,15 +222,8 @@ class _Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
             log.info(
-                "%s: %d / %d %s (%.0f%%), %.0f %s/s, ETA %s",
-                self.what,
-                self.done,
-                self.total,
-                self.unit,
-                100.0 * self.done / self.total,
-                rate,
-                self.unit,
-                _duration((self.total - self.done) / rate),
+                f"{self.what}: {self.done} / {self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%), "
+                f"{rate:.0f} {self.unit}/s, ETA {_duration((self.total - self.done) / rate)}"
             )
 
     def seconds(self) -> float:
@@ -281,20 +264,22 @@ def tfds_builder(config):
     return builder
 
 
-def _tfds_read(builder, split, num_threads: int, *, in_order: bool = False) -> tf.data.Dataset:
-    """(encoded image, int32 label) records of `split` (a tfds split or ReadInstruction) in a fixed order.
+def _tfds_read(builder, split, num_threads: int, *, in_order: bool = False, label=None) -> tf.data.Dataset:
+    """(encoded image, int32 label) records of `split` (a tfds split or ReadInstruction) in a fixed order; label:
+    example -> its label, if not the int32 of the label feature.
 
     in_order: read the files one after the other, so that record i of a sub-range [a, b) of the split is record
     a + i of the whole split (tfds otherwise interleaves 16 files, an order that depends on the range).
     """
-    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    keys = builder.info.supervised_keys or ("image", "label")
+    image_key, label = keys[0], label or (lambda ex: tf.cast(ex[keys[1]], tf.int32))
     read_config = tfds.ReadConfig(
         options=dataset_options(num_threads), **({"interleave_cycle_length": 1} if in_order else {})
     )
     ds = builder.as_dataset(
         split=split, shuffle_files=False, read_config=read_config, decoders={image_key: tfds.decode.SkipDecoding()}
     )
-    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+    return ds.map(lambda ex: (ex[image_key], label(ex)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,8 +324,7 @@ def _tfds_range(builder, split: str, lo: int, hi: int):
 
 
 def _tfds_source(config, builder) -> Source:
-    if builder is None:
-        builder = tfds_builder(config)
+    builder = builder or tfds_builder(config)
     if not builder.is_prepared():  # tfds_builder refused this unless config.data.download is on
         builder.download_and_prepare()
     num_threads = config.data.num_threads
@@ -361,26 +345,37 @@ def _tfds_source(config, builder) -> Source:
         ds = ds.filter(lambda i, _: tf.gather(mask, i)).map(lambda _, rec: rec)
         return ds.apply(tf.data.experimental.assert_cardinality(len(part)))
 
-    names = tfds_class_names(builder)
-    train, evals = config.data.train_split, config.data.eval_split
-    selection = select_classes(config, names, f"tfds dataset {config.data.name!r}")
-
     def labels_of(split):
         return _tfds_labels(_TfdsSplit(config.data.name, config.data.data_dir, split, builder))
 
+    def num_records(split):
+        return count_records(shard(split, 0, 1))
+
+    where = f"tfds dataset {config.data.name!r}"
+    return _opened("encoded", config, shard, tfds_class_names(builder), where, labels_of, num_records)
+
+
+def _opened(kind, config, shard, names, where, labels_of, num_records) -> Source:
+    """The Source of `shard` (Source.shard) over a dataset of class names `names` (label order). where: how
+    config.data.classes' errors name the dataset (None: `names` are the kept classes already, as an image folder
+    scans only those); labels_of(split): the labels of the split's records in order (read only to select classes
+    or a subset); num_records(split): the split's size."""
+    selection = None if where is None else select_classes(config, names, where)
+    train, evals = config.data.train_split, config.data.eval_split
     keep = None
     if selection is not None or _subset_requested(config):
         keep = _train_keep(labels_of(train), selection, names, config)
-    class_keep = _split_keeper(labels_of, selection)
+
+    @functools.cache
+    def class_keep(split):  # Source.class_keep, each split's labels read once
+        return None if selection is None else selection.positions(labels_of(split))
+
     eval_keep = class_keep(evals)
-    info = DatasetInfo(
-        len(names) if selection is None else len(selection.names),
-        len(keep) if keep is not None else count_records(shard(train, 0, 1)),
-        len(eval_keep) if eval_keep is not None else count_records(shard(evals, 0, 1)),
-        names if selection is None else selection.names,
-    )
+    kept = names if selection is None else selection.names
+    num_train = num_records(train) if keep is None else len(keep)
+    info = DatasetInfo(len(kept), num_train, num_records(evals) if eval_keep is None else len(eval_keep), kept)
     label_map = None if selection is None else selection.label_map
-    return Source("encoded", info, shard, train, keep, evals, class_keep, label_map)
+    return Source(kind, info, shard, train, keep, evals, class_keep, label_map)
 
 
 def tfds_class_names(builder) -> list[str]:
@@ -512,12 +507,8 @@ def _scan_split(
     keep = [i for i, r in enumerate(reasons) if not r]
     labels = [labels[i] for i in keep]
     log.info(
-        "%s: %d readable images in %d classes, %d unreadable; verified in %.1fs.",
-        folder,
-        len(keep),
-        len(set(labels)),
-        len(bad),
-        progress.seconds(),
+        f"{folder}: {len(keep)} readable images in {len(set(labels))} classes, {len(bad)} unreadable; "
+        f"verified in {progress.seconds():.1f}s."
     )
     return [paths[i] for i in keep], labels, bad
 
@@ -559,16 +550,7 @@ def _directory_source(config) -> Source:
                 "add readable images to it or remove the folder."
             )
         splits[split] = (np.array([p.encode() for p in paths], dtype=object), np.array(labels, np.int32))
-
-    def shard(split, index, count, keep=None):
-        paths, labels = (np.array_split(a if keep is None else a[keep], count)[index] for a in splits[split])
-        return tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels))
-
-    train = config.data.train_split
-    keep = _select_subset(splits[train][1], list(wanted), config)
-    num_train = len(splits[train][1]) if keep is None else len(keep)
-    info = DatasetInfo(len(wanted), num_train, len(splits[config.data.eval_split][1]), list(wanted))
-    return Source("path", info, shard, train, keep, config.data.eval_split)
+    return _in_memory_source("path", splits, list(wanted), config)
 
 
 @functools.lru_cache(maxsize=1)
@@ -583,33 +565,18 @@ def _digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (images[i], digits.target[i].astype(np.int32)) for k, i in idx.items()}
 
 
-def _in_memory_source(splits: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], config, where: str) -> Source:
-    """A 'raw' Source over split -> (uint8 images (N, H, W, 3), int32 labels (N,)) held in memory."""
+def _in_memory_source(kind: str, splits: dict, names: list[str], config, where: str | None = None) -> Source:
+    """A Source over split -> (uint8 images (N, H, W, 3) or encoded file paths (N,), int32 labels (N,)) held in
+    memory; names and where as `_opened` takes them."""
 
     def shard(split, index, count, keep=None):
         arrays = splits[split] if keep is None else tuple(a[keep] for a in splits[split])
         return tf.data.Dataset.from_tensor_slices(tuple(np.array_split(a, count)[index] for a in arrays))
 
-    train, evals = config.data.train_split, config.data.eval_split
-    selection = select_classes(config, names, where)
-    keep = _train_keep(splits[train][1], selection, names, config)
-    class_keep = _split_keeper(lambda split: splits[split][1], selection)
-    eval_keep = class_keep(evals)
-    info = DatasetInfo(
-        len(names) if selection is None else len(selection.names),
-        len(splits[train][1]) if keep is None else len(keep),
-        len(splits[evals][1]) if eval_keep is None else len(eval_keep),
-        names if selection is None else selection.names,
-    )
-    label_map = None if selection is None else selection.label_map
-    return Source("raw", info, shard, train, keep, evals, class_keep, label_map)
+    def labels_of(split):
+        return splits[split][1]
 
-
-DIGITS_CLASSES = [str(i) for i in range(10)]
-
-
-def _digits_source(config) -> Source:
-    return _in_memory_source(_digits(), DIGITS_CLASSES, config, "digits")
+    return _opened(kind, config, shard, names, where, labels_of, lambda split: len(labels_of(split)))
 
 
 # ---------------------------------------------------------------- IDX files (MNIST's format)
@@ -638,9 +605,8 @@ def idx_files(data_dir: str, split: str) -> tuple[str, str]:
             {
                 p
                 for stem in IDX_SPLITS[split]
-                for sep in "-."
                 for ext in ("", ".gz")
-                for p in glob.glob(os.path.join(glob.escape(data_dir), f"*{stem}-{kind}{sep}idx{ndim}-ubyte{ext}"))
+                for p in glob.glob(os.path.join(glob.escape(data_dir), f"*{stem}-{kind}[-.]idx{ndim}-ubyte{ext}"))
             }
         )
         want = f"{IDX_SPLITS[split][0]}-{kind}-idx{ndim}-ubyte[.gz]"
@@ -749,11 +715,6 @@ def _idx_splits(config) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[
     return {s: (images, labels) for s, (images, labels, _) in splits.items()}, names
 
 
-def _idx_source(config) -> Source:
-    splits, names = _idx_splits(config)
-    return _in_memory_source(splits, names, config, f"the IDX files in {config.data.data_dir}")
-
-
 def class_names(config, builder=None) -> tuple[list[str], str] | None:
     """(every class name of config.data.name in label order, how errors name the dataset), read cheaply: tfds
     metadata, the train split's folder names, the IDX label files (read once per process), the digits; None for a
@@ -777,11 +738,11 @@ def source(config, *, builder=None) -> Source:
     if already made."""
     name = config.data.name
     if name == "digits":
-        return _digits_source(config)
+        return _in_memory_source("raw", _digits(), DIGITS_CLASSES, config, "digits")
     if name == "directory":
         return _directory_source(config)
     if name == "idx":
-        return _idx_source(config)
+        return _in_memory_source("raw", *_idx_splits(config), config, f"the IDX files in {config.data.data_dir}")
     return _tfds_source(config, builder)
 
 
@@ -800,23 +761,13 @@ def multi_label_source(config, labels: str, *, builder=None) -> Source:
             f"(a Sequence of ClassLabel); its features: {found}."
         )
     classes = feature.feature
-    image_key = (builder.info.supervised_keys or ("image",))[0]
-    num_threads = config.data.num_threads
+
+    def multi_hot(ex):  # no label: all zero (a sum over none)
+        return tf.minimum(tf.reduce_sum(tf.one_hot(ex[labels], classes.num_classes, dtype=tf.int32), axis=0), 1)
 
     def shard(split, index, count, keep=None):
-        read_config = tfds.ReadConfig(options=dataset_options(num_threads))
-        ds = builder.as_dataset(
-            split=tfds.split_for_jax_process(split, process_index=index, process_count=count),
-            shuffle_files=False,
-            read_config=read_config,
-            decoders={image_key: tfds.decode.SkipDecoding()},
-        )
-
-        def multi_hot(ex):  # no label: all zero (a sum over none)
-            hot = tf.one_hot(ex[labels], classes.num_classes, dtype=tf.int32)
-            return ex[image_key], tf.minimum(tf.reduce_sum(hot, axis=0), 1)
-
-        return ds.map(multi_hot)
+        share = tfds.split_for_jax_process(split, process_index=index, process_count=count)
+        return _tfds_read(builder, share, config.data.num_threads, label=multi_hot)
 
     split = config.data.eval_split
     info = DatasetInfo(classes.num_classes, 0, count_records(shard(split, 0, 1)), list(classes.names))
