@@ -30,6 +30,7 @@ from s2mlp import augment_chain
 from s2mlp.preprocessing import mean_std
 
 _AUTO = tf.data.AUTOTUNE
+_fold_in = tf.random.experimental.stateless_fold_in
 
 
 def _hide_accelerators():
@@ -257,16 +258,13 @@ class Data:
         first_epoch, offset = divmod(start_step * r.batch, n)
         block = n if source.kind != "encoded" else min(n, r.shuffle_buffer)  # in memory: full permutation
         seed = tf.constant([r.seed, self.process_index], tf.int64)
-        shuffle_key = tf.random.experimental.stateless_fold_in(seed, 1)
-        example_key = tf.random.experimental.stateless_fold_in(seed, 2)
+        shuffle_key, example_key = _fold_in(seed, 1), _fold_in(seed, 2)
 
         def epoch_stream(epoch):
-            key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
-            ds = _block_shuffle(records, block, key).enumerate()
-            ds = ds.map(lambda i, rec: (epoch, i, rec[0], rec[1]))
-            return ds.skip(tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64)))
+            ds = _block_shuffle(records, block, _fold_in(shuffle_key, epoch)).enumerate()
+            return ds.map(lambda i, rec: (epoch, i, rec[0], rec[1]))
 
-        ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream)
+        ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_stream).skip(offset)
         return self._augment_and_batch(ds, example_key)
 
     def _repeated_train_dataset(self, start_step: int) -> tf.data.Dataset:
@@ -301,20 +299,17 @@ class Data:
         first_epoch, offset = divmod(start_step * r.batch * count, n)  # global positions before start_step
         block = n if source.kind != "encoded" else min(n, r.shuffle_buffer)
         seed = tf.constant([r.seed, 0], tf.int64)  # no process index: every process draws the same epochs
-        shuffle_key = tf.random.experimental.stateless_fold_in(seed, 3)
-        example_key = tf.random.experimental.stateless_fold_in(seed, 4)
+        shuffle_key, example_key = _fold_in(seed, 3), _fold_in(seed, 4)
 
         def epoch_stream(epoch):
-            key = tf.random.experimental.stateless_fold_in(shuffle_key, epoch)
+            key = _fold_in(shuffle_key, epoch)
             mine = tf.math.floormod(p - epoch * n, count)  # j ≡ mine (mod P): this process's positions
             low = tf.where(epoch == first_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64))
 
             def pick(b, recs):
                 size = tf.shape(recs[1], out_type=tf.int64)[0]
                 start = b * block
-                perm = tf.random.experimental.stateless_shuffle(
-                    tf.range(size), tf.random.experimental.stateless_fold_in(key, b)
-                )
+                perm = tf.random.experimental.stateless_shuffle(tf.range(size), _fold_in(key, b))
                 j = tf.range(start + tf.math.floormod(mine - start, count), start + size, count)
                 j = tf.boolean_mask(j, j >= low)
                 rows = tf.gather(perm, (j - start) // reps)
@@ -333,10 +328,7 @@ class Data:
         shape = [r.image_size, r.image_size, 3]
 
         def augment(epoch, index, image, label):
-            key = tf.random.experimental.stateless_fold_in(
-                tf.random.experimental.stateless_fold_in(example_key, epoch), index
-            )
-            image = image_ops.apply(r.augment.host, image, key, context)
+            image = image_ops.apply(r.augment.host, image, _fold_in(_fold_in(example_key, epoch), index), context)
             return {"image": tf.ensure_shape(image, shape), "label": label}
 
         ds = ds.map(tf.autograph.experimental.do_not_convert(augment), num_parallel_calls=_AUTO)
@@ -371,17 +363,18 @@ def build(config, *, process_index: int = 0, process_count: int = 1) -> Data:
     builder = _validate(config, process_count)
     source = data_sources.source(config, builder=builder)
     recipe = Recipe.from_config(config, process_count)
-    count, batch = data_sources.count_records, recipe.eval_batch
-    train_records = count(source.train_shard(process_index, process_count))
-    eval_batches = max(-(-count(source.eval_shard(p, process_count)) // batch) for p in range(process_count))
-    _check_eval_examples(eval_batches, f"config.data.eval_split={source.eval_split!r}")
+    train_records = data_sources.count_records(source.train_shard(process_index, process_count))
+    eval_batches = _eval_batches(source, recipe, process_count, f"config.data.eval_split={source.eval_split!r}")
     return Data(source.info, source, recipe, process_index, process_count, train_records, eval_batches)
 
 
-def _check_eval_examples(eval_batches: int, field: str) -> None:
-    """An eval without examples would fail at its first evaluation, mid-run: refuse it before anything is compiled."""
-    if not eval_batches:
+def _eval_batches(source, recipe: Recipe, process_count: int, field: str) -> int:
+    """Eval batches of every process: the largest share, padded up. An eval without examples would fail at its first
+    evaluation, mid-run: it is refused before anything is compiled."""
+    largest = max(data_sources.count_records(source.eval_shard(p, process_count)) for p in range(process_count))
+    if not largest:
         raise ValueError(f"{field} has no examples (of the kept classes); give a split with images to evaluate on.")
+    return -(-largest // recipe.eval_batch)
 
 
 def _block_shuffle(records, block: int, key):
@@ -389,9 +382,7 @@ def _block_shuffle(records, block: int, key):
     of the whole dataset). Unlike Dataset.shuffle, it does not depend on TF's global seed."""
 
     def permute(j, recs):
-        perm = tf.random.experimental.stateless_shuffle(
-            tf.range(tf.shape(recs[1])[0]), tf.random.experimental.stateless_fold_in(key, j)
-        )
+        perm = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(recs[1])[0]), _fold_in(key, j))
         return tuple(tf.gather(t, perm) for t in recs)
 
     return records.batch(block).enumerate().map(permute).prefetch(1).unbatch()
@@ -444,9 +435,7 @@ def build_eval(config, *, data: str, split: str, labels: str = "", process_index
     source = (data_sources.multi_label_source(copy, labels, builder=builder) if labels
               else data_sources.source(copy, builder=builder))  # fmt: skip
     recipe = Recipe.from_config(copy, process_count)
-    count, batch = data_sources.count_records, recipe.eval_batch
-    eval_batches = max(-(-count(source.eval_shard(p, process_count)) // batch) for p in range(process_count))
-    _check_eval_examples(eval_batches, f"split={split!r} of {data!r}")
+    eval_batches = _eval_batches(source, recipe, process_count, f"split={split!r} of {data!r}")
     return (MultiLabelData if labels else Data)(
         source.info, source, recipe, process_index, process_count, 0, eval_batches
     )
