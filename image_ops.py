@@ -41,7 +41,7 @@ def decode(image, kind):
 
 def crop_window(shape, key, area_min):
     """Inception's window, as big_vision and vision_transformer draw it: TF's sample_distorted_bounding_box."""
-    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    return tf.image.stateless_sample_distorted_bounding_box(
         shape,
         tf.zeros([1, 0, 4]),
         seed=key,
@@ -50,8 +50,7 @@ def crop_window(shape, key, area_min):
         area_range=(area_min, 1.0),
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
-    )
-    return begin, size
+    )[:2]  # (begin, size)
 
 
 def rrc_window(shape, key, area_min):

@@ -33,29 +33,25 @@ def mean_std(kind: str) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-# =============================================================================
-# Preprocessing: the training pipeline's eval branch, without TensorFlow.
-# =============================================================================
+# ---------------------------------------------------------------- the training pipeline's eval branch, without TF
 def _as_image_list(images) -> list[np.ndarray]:
     """One image (H, W), (H, W, C) or a batch (B, H, W, C) / list of images -> list of (H, W, C)."""
     if isinstance(images, list | tuple):
-        if not images:
-            raise ValueError("no images given: pass one image, a batch or a non-empty list.")
         out = []
-        for image in images:
-            image = np.asarray(image)
+        for image in map(np.asarray, images):
             if image.ndim not in (2, 3):
                 raise ValueError(f"each image of a list must be (H, W) or (H, W, C), got shape {image.shape}.")
             out.append(image)
-        return out
-    images = np.asarray(images)
-    if images.ndim in (2, 3):
-        return [images]
-    if images.ndim == 4 and len(images):
-        return list(images)
-    if images.ndim == 4:
+    else:
+        images = np.asarray(images)
+        if images.ndim not in (2, 3, 4):
+            raise ValueError(
+                f"images must be one image (H, W) / (H, W, C) or a batch (B, H, W, C), got shape {images.shape}."
+            )
+        out = list(images) if images.ndim == 4 else [images]
+    if not out:
         raise ValueError("no images given: pass one image, a batch or a non-empty list.")
-    raise ValueError(f"images must be one image (H, W) / (H, W, C) or a batch (B, H, W, C), got shape {images.shape}.")
+    return out
 
 
 def _to_rgb_float(image: np.ndarray) -> np.ndarray:
@@ -135,14 +131,11 @@ def resize_shape(height: int, width: int, image_size: int, crop_pct: float) -> t
 def preprocess(images, *, image_size: int, crop_pct: float, normalization: str) -> np.ndarray:
     """Images -> the float32 batch (B, image_size, image_size, 3) a model was evaluated on.
 
-    `images`: one image (H, W) grey, (H, W, 1|3|4), a batch (B, H, W, C) or a list of
-    images of any sizes; uint8, or float with values on the same 0..255 scale
-    (floats outside [0, 255] are refused; floats in [0, 1] give a warning).
-    Grey images are repeated to RGB, alpha is dropped. Each image's shorter side
-    is resized to ``floor(image_size / crop_pct)`` (`resize_bicubic`: bicubic with
-    antialiasing, as TensorFlow's ``tf.image.resize(..., 'bicubic', antialias=True)``),
-    rounded and clipped to whole grey levels (the pipeline stores uint8),
-    centre-cropped to image_size and normalised: ``(x - mean) / std``.
+    `images`: one image (H, W) grey, (H, W, 1|3|4), a batch (B, H, W, C) or a list of images of any sizes; uint8,
+    or float on the same 0..255 scale (outside [0, 255]: refused; in [0, 1]: a warning). Grey images are repeated
+    to RGB, alpha is dropped. Each image's shorter side is resized to ``floor(image_size / crop_pct)``
+    (`resize_bicubic`, the pipeline's antialiased bicubic), rounded and clipped to whole grey levels (the pipeline
+    stores uint8), centre-cropped to image_size and normalised: ``(x - mean) / std``.
     """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct={crop_pct} must be in (0, 1].")
