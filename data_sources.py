@@ -208,26 +208,21 @@ def _train_keep(labels: np.ndarray, selection: ClassSelection | None, names: lis
     return positions if subset is None else positions[subset]
 
 
-class _Progress:
-    """Logs `done / total`, rate and ETA of a long pass every PROGRESS_SECONDS, and nothing for short ones."""
-
-    def __init__(self, what: str, total: int, unit: str = "images"):
-        self.what, self.total, self.unit, self.done = what, total, unit, 0
-        self.start = self.last = time.monotonic()
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
+def _progress(items, what: str, total: int, unit: str = "images", size=None):
+    """Yields `items` (each counts size(item), default 1), logging `done / total`, rate and ETA of a long pass every
+    PROGRESS_SECONDS, and nothing for short ones."""
+    done, start = 0, time.monotonic()
+    last = start
+    for item in items:
+        yield item
+        done += 1 if size is None else size(item)
         now = time.monotonic()
-        if now - self.last >= PROGRESS_SECONDS and self.done < self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
+        if now - last >= PROGRESS_SECONDS and done < total:
+            last, rate = now, done / max(now - start, 1e-9)
             log.info(
-                f"{self.what}: {self.done} / {self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%), "
-                f"{rate:.0f} {self.unit}/s, ETA {_duration((self.total - self.done) / rate)}"
+                f"{what}: {done} / {total} {unit} ({100.0 * done / total:.0f}%), {rate:.0f} {unit}/s, "
+                f"ETA {_duration((total - done) / rate)}"
             )
-
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
 
 
 def _duration(seconds: float) -> str:
@@ -298,15 +293,12 @@ def _tfds_labels(key: _TfdsSplit) -> np.ndarray:
     process for each (name, data_dir, split)."""
     name, split = key.name, key.split
     ds = _tfds_read(key.builder, split, 0, in_order=True)
-    progress = _Progress(
-        f"Reading the labels of {name} {split} to select its examples (classes, subset)", count_records(ds), "records"
-    )
-    labels = []
-    for batch in ds.map(lambda image, label: label).batch(4096).as_numpy_iterator():
-        labels.append(batch)
-        progress.update(len(batch))
+    batches = ds.map(lambda image, label: label).batch(4096).as_numpy_iterator()
+    what = f"Reading the labels of {name} {split} to select its examples (classes, subset)"
+    start = time.monotonic()
+    labels = list(_progress(batches, what, count_records(ds), "records", len))
     labels = np.concatenate(labels) if labels else np.zeros([0], np.int32)
-    log.info("Read %d labels of %s %s in %.1fs.", len(labels), name, split, progress.seconds())
+    log.info("Read %d labels of %s %s in %.1fs.", len(labels), name, split, time.monotonic() - start)
     return labels
 
 
@@ -498,17 +490,15 @@ def _scan_split(
         files = image_files(d) if os.path.isdir(d) else []
         paths += [os.path.join(d, f) for f in files]
         labels += [label] * len(files)
-    progress, reasons = _Progress(f"Verifying the images of {folder}", len(paths)), []
+    start = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        for reason in pool.map(_verify_image, paths):
-            reasons.append(reason)
-            progress.update()
+        reasons = list(_progress(pool.map(_verify_image, paths), f"Verifying the images of {folder}", len(paths)))
     bad = [f"{p} ({r})" for p, r in zip(paths, reasons, strict=True) if r]
     keep = [i for i, r in enumerate(reasons) if not r]
     labels = [labels[i] for i in keep]
     log.info(
         f"{folder}: {len(keep)} readable images in {len(set(labels))} classes, {len(bad)} unreadable; "
-        f"verified in {progress.seconds():.1f}s."
+        f"verified in {time.monotonic() - start:.1f}s."
     )
     return [paths[i] for i in keep], labels, bad
 
@@ -715,10 +705,10 @@ def _idx_splits(config) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[
     return {s: (images, labels) for s, (images, labels, _) in splits.items()}, names
 
 
-def class_names(config, builder=None) -> tuple[list[str], str] | None:
-    """(every class name of config.data.name in label order, how errors name the dataset), read cheaply: tfds
-    metadata, the train split's folder names, the IDX label files (read once per process), the digits; None for a
-    tfds dataset that is not prepared yet. For `input_pipeline.validate_data_config`'s check of config.data.classes."""
+def class_names(config, builder=None) -> tuple[list[str], str]:
+    """(every class name of config.data.name in label order, how errors name the dataset), read cheaply: the tfds
+    metadata of `builder` (prepared), the train split's folder names, the IDX label files (read once per process),
+    the digits. For `input_pipeline.validate_data_config`'s check of config.data.classes."""
     name = config.data.name
     if name == "digits":
         return DIGITS_CLASSES, "digits"
@@ -727,8 +717,7 @@ def class_names(config, builder=None) -> tuple[list[str], str] | None:
         return list(class_folders(train_dir)), f"folder {train_dir}"
     if name == "idx":
         return _idx_splits(config)[1], f"the IDX files in {config.data.data_dir}"
-    builder = builder or tfds_builder(config)
-    return (tfds_class_names(builder), f"tfds dataset {name!r}") if builder.is_prepared() else None
+    return tfds_class_names(builder), f"tfds dataset {name!r}"
 
 
 def source(config, *, builder=None) -> Source:
