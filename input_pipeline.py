@@ -1,14 +1,13 @@
 """tf.data input pipeline: checks the data config, opens the data source once (`build`) and assembles the train
 and eval pipelines from `data_sources` (where examples come from) and `image_ops` (what is done to each image).
 
-Train batches are a pure function of (config.seed, step, process_index): the stream is the
-concatenation of per-epoch shuffles (explicit seeds per epoch), every random choice of the
-augmentation is a stateless op keyed by (seed, process_index, epoch, index in epoch), and
-`build(config).train_iterator(start_step=k)` re-enters that stream at batch k by skipping
-undecoded records of one epoch at most. With config.data.aug_repeats > 1 (DeiT's repeated
-augmentation, `Data._repeated_train_dataset`) the stream is one global stream, keyed by (seed,
-epoch, index in epoch), that the processes interleave. Mixup/CutMix/label smoothing run on device,
-not here. TensorFlow is kept off accelerators (`_hide_accelerators`, called by `build`).
+Train batches are a pure function of (config.seed, step, process_index): the stream is the concatenation of
+per-epoch shuffles (explicit seeds per epoch), every random choice of the augmentation is a stateless op keyed by
+(seed, process_index, epoch, index in epoch), and `build(config).train_iterator(start_step=k)` re-enters that stream
+at batch k by skipping undecoded records of one epoch at most. With config.data.aug_repeats > 1 (DeiT's repeated
+augmentation, `Data._repeated_train_dataset`) the stream is one global stream, keyed by (seed, epoch, index in
+epoch), that the processes interleave. Mixup/CutMix/label smoothing run on device, not here. TensorFlow is kept off
+accelerators (`_hide_accelerators`, called by `build`).
 """
 
 from __future__ import annotations
@@ -193,7 +192,6 @@ class Recipe:
     mean: np.ndarray  # normalisation, per channel
     std: np.ndarray
     augment: augment_chain.Chain  # config.augment.ops; the pipeline runs its host ops
-    eval_split: str
     eval_crop_pct: float
     repeats: int  # config.data.aug_repeats; 1: off (0 reads as 1)
 
@@ -210,7 +208,6 @@ class Recipe:
             mean=mean,
             std=std,
             augment=augment_chain.parse(config.augment.ops),
-            eval_split=config.data.eval_split,
             eval_crop_pct=config.data.eval_crop_pct,
             repeats=max(int(config.data.aug_repeats), 1),
         )
@@ -218,11 +215,8 @@ class Recipe:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Data:
-    """One process's view of a dataset, made by `build`: its DatasetInfo and its train and eval iterators.
-
-    The source (tfds builder, scanned image folder or digits) is opened, and the splits counted, once; every
-    iterator reuses them.
-    """
+    """One process's view of a dataset, made by `build`: its DatasetInfo and its train and eval iterators, which
+    reuse the source (tfds builder, scanned image folder, IDX files or digits) opened and counted once."""
 
     info: DatasetInfo
     source: data_sources.Source = dataclasses.field(repr=False)
@@ -397,12 +391,10 @@ def dataset_info(config) -> DatasetInfo:
 def create_train_iterator(
     config, *, start_step: int = 0, process_index: int = 0, process_count: int = 1
 ) -> Iterator[dict[str, np.ndarray]]:
-    """build(config, ...).train_iterator(start_step)."""
     return build(config, process_index=process_index, process_count=process_count).train_iterator(start_step)
 
 
 def create_eval_iterator(config, *, process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """build(config, ...).eval_iterator()."""
     return build(config, process_index=process_index, process_count=process_count).eval_iterator()
 
 
