@@ -129,9 +129,8 @@ def centre_offset(d):
 
 
 def eval_image(image, kind, size: int, crop_pct: float):
-    """Eval: resize the shorter side to size / crop_pct, centre-crop size x size.
-
-    Raw records (the digits, IDX files: `s2mlp.preprocessing.WHOLE_IMAGE_SOURCES`) are resized whole."""
+    """Eval: resize the shorter side to size / crop_pct, centre-crop size x size; raw records (the digits, IDX
+    files: `s2mlp.preprocessing.WHOLE_IMAGE_SOURCES`) are resized whole."""
     s = size
     image = decode(image, kind)
     if kind == "raw":
