@@ -28,7 +28,7 @@ from absl import logging
 from etils import epath
 
 from s2mlp import checkpoint as ckpt
-from s2mlp.report import metrics_row
+from s2mlp.report import metrics_row, read_metrics
 
 # Exit status of main.py when SIGTERM/SIGINT stopped training after saving a checkpoint (sysexits' EX_TEMPFAIL:
 # "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
@@ -40,7 +40,8 @@ class WorkdirBusy(RuntimeError):
 
 
 class JsonlWriter:
-    """A clu MetricWriter that appends ``{"step": s, name: value, ...}`` lines to a file."""
+    """Appends ``{"step": s, name: value, ...}`` lines to a file; the two MetricWriter methods the trainer's
+    `clu.metric_writers.MultiWriter` calls (write_scalars, flush)."""
 
     def __init__(self, path: epath.Path):
         self._path = path
@@ -50,16 +51,7 @@ class JsonlWriter:
         with self._path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    def write_texts(self, step: int, texts) -> None:
-        pass
-
-    def write_hparams(self, hparams) -> None:
-        pass
-
     def flush(self):
-        pass
-
-    def close(self):
         pass
 
 
@@ -100,9 +92,8 @@ class ProfileTrace:
 
 
 def last_eval(path: epath.Path) -> dict[str, float]:
-    """The eval metrics of the last eval row of metrics.jsonl ({} when there is none)."""
-    rows = [r for line in path.read_text().splitlines() if (r := metrics_row(line))] if path.exists() else []
-    evals = [r for r in rows if "eval_top1" in r]
+    """The eval metrics of the last evaluated step in metrics.jsonl ({} when there is none)."""
+    evals = [row for row in read_metrics(path).values() if "eval_top1" in row]
     return {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else {}
 
 
@@ -177,9 +168,6 @@ def drop_rows_after(path: epath.Path, step: int) -> None:
         logging.info("Dropped %d rows after step %d from %s (trained again).", len(lines) - len(kept), step, path)
 
 
-EVENTS_GLOB = "events.out.tfevents.*"
-
-
 def drop_events_after(logdir: epath.Path, step: int) -> None:
     """Rewrites the TensorBoard event files of `logdir` (its eval/ and profile/ folders aside) without the points
     after `step`, nor the step-0 config text and hparams (each start writes them anew); a file left without any
@@ -189,13 +177,9 @@ def drop_events_after(logdir: epath.Path, step: int) -> None:
     from tensorboard.compat.proto import event_pb2
 
     dropped = 0
-    for path in sorted(logdir.glob(EVENTS_GLOB)):
-        events, records = [], iter(tf.data.TFRecordDataset(str(path)))
-        while True:
-            try:
-                events.append(event_pb2.Event.FromString(next(records).numpy()))
-            except (StopIteration, tf.errors.DataLossError):  # the end, or a record cut by a kill
-                break
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        records = tf.data.TFRecordDataset(str(path)).ignore_errors()  # a record cut by a kill ends the file
+        events = [event_pb2.Event.FromString(record.numpy()) for record in records]
         keep = [e for e in events if not e.HasField("summary") or 0 < e.step <= step]
         dropped += sum(len(e.summary.value) for e in events) - sum(len(e.summary.value) for e in keep)
         if not any(e.HasField("summary") for e in keep):
