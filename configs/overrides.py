@@ -20,9 +20,12 @@ from it (`s2mlp.recipe.OptimizerOptions`, `StepOptions`, `input_pipeline.Recipe`
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import difflib
+import functools
 import importlib.util
+import operator
 import os
 import sys
 from collections.abc import Callable
@@ -196,22 +199,21 @@ def parse_config_args(config, args: list[str]) -> dict:
         raise ValueError(unknown_field(config, args) or f"{' '.join(args)}: {e}") from None
     except (flags.Error, TypeError, ValueError) as e:  # e.g. 'flag --config.fsdp=maybe: Non-boolean argument ...'
         raise ValueError(str(e).removeprefix("flag ")) from None
-    parsed = values["config"].value
-    out = {}
-    for arg in args:
-        if arg.startswith("--config."):
-            field = arg.partition("=")[0].removeprefix("--config.")
-            node = parsed
-            for part in field.split("."):
-                node = node[part]
-            out[field] = node
-    return out
+    fields = [arg.partition("=")[0].removeprefix("--config.") for arg in args if arg.startswith("--config.")]
+    return {field: functools.reduce(operator.getitem, field.split("."), values["config"].value) for field in fields}
 
 
 def config_flag(config, field: str, value) -> str:
     """``--config.FIELD=VALUE`` as main.py reads `value` back into dotted `field` of `config` (before shell
-    quoting)."""
-    return f"--config.{field}={format_value(value, string_field=string_field(config, field))}"
+    quoting); a string field takes the text as it is."""
+    if not isinstance(value, str):
+        return f"--config.{field}={repr(tuple(value) if isinstance(value, (list, tuple)) else value)}"
+    text = value
+    if not string_field(config, field):
+        with contextlib.suppress(ValueError, SyntaxError):  # a string that reads as a literal ('1', 'True')
+            ast.literal_eval(value)
+            text = repr(value)  # must keep its quotes
+    return f"--config.{field}={text}"
 
 
 def string_field(config, field: str) -> bool:
@@ -232,22 +234,6 @@ def literal(text: str):
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return text
     return tuple(value) if isinstance(value, list) else value
-
-
-def format_value(value, *, string_field: bool = False) -> str:
-    """A value as ``--config.FIELD=VALUE`` reads it back (before shell quoting); a `string_field` takes the text
-    as it is."""
-    if isinstance(value, str) and string_field:
-        return value
-    if isinstance(value, str):
-        try:  # a string that reads as a literal ('1', 'True') must keep its quotes
-            ast.literal_eval(value)
-            return repr(value)
-        except (ValueError, SyntaxError):
-            return value
-    if isinstance(value, (list, tuple)):
-        return repr(tuple(value))
-    return repr(value)
 
 
 def split_model_overrides(argv: list[str]) -> tuple[list[str], dict]:
