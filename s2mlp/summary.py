@@ -74,10 +74,7 @@ def rows(with_xla: bool = True):
     for name in PAPER_MODELS:
         model = get_model(name)
         total, no_head = param_counts(model)
-        if with_xla:
-            macs, flops = macs_and_xla_flops(model)
-        else:
-            macs, flops = count_macs(model), float("nan")
+        macs, flops = macs_and_xla_flops(model) if with_xla else (count_macs(model), float("nan"))
         yield name, total, no_head, macs, flops / 2
 
 
