@@ -3,20 +3,11 @@
     python -m s2mlp.report runs/shift_ablation                       # a study dir: writes its report there
     python -m s2mlp.report runs/a runs/b --out=docs/studies/mine     # workdirs of main.py, finished or not
 
-Runs are grouped into configurations (identical config.json except ``seed`` and the fields a study's
-``study.json`` ties to the seed, e.g. ``data.subset_seed``) and aggregated over seeds: one table row
-per configuration with the fields that vary (short names), the final and the best held-out top-1
-(mean ± sample std over seeds, and n), parameters and forward GMACs (from the model code, no
-compile), the median logged train images/s, steps done / total, and the mean wall time per run
-(from the study runner's ``result.json``; a run resumed from a checkpoint is timed from its last start
-only, so it is left out of that mean and named in the caption). The EMA top-1 (``eval_ema_top1``) is
-used where a run logs it. A study's runs that have no workdir yet are listed on one "not started" line.
-Writes ``report.md``, ``top1_vs_step.png`` and, where configurations differ in MACs,
-``top1_vs_gmacs.png`` (final top-1 against forward MACs), else ``top1_by_config.png`` (final
-top-1 per configuration with its spread over seeds) into the output directory (default: the study
-dir) and prints the table. ``report.md``'s title names the study (its directory's name, or the
-workdirs'); ``--out`` refuses a folder holding another study's report unless ``--force``. Needs
-matplotlib (Agg).
+Runs are grouped into configurations (identical config.json except ``seed``, the fields a study's
+``study.json`` ties to the seed, e.g. ``data.subset_seed``, and `MACHINE_FIELDS`) and aggregated over seeds:
+one row per configuration in ``report.md``, with ``top1_vs_step.png`` and ``top1_vs_gmacs.png`` (or
+``top1_by_config.png`` where all configurations have the same MACs), in the output directory (default: the
+study dir). README.md's "Studies" section describes the columns, the caption and the plots. Needs matplotlib (Agg).
 """
 
 from __future__ import annotations
@@ -269,7 +260,7 @@ def _steps(row: Row) -> str:
     return f"{min(done)}/{total}" if len(set(done)) == 1 else f"{min(done)}-{max(done)}/{total}"
 
 
-def table(rows: list[Row], varying: list[str], key: str) -> str:
+def table(rows: list[Row], varying: list[str]) -> str:
     unit, scale = _macs_unit(rows)
     head = ["configuration", "model", "final top-1 % (n)", "best top-1 % (n)", "params", unit, "train img/s", "steps",
             "wall / run"]  # fmt: skip
@@ -304,20 +295,14 @@ def machine() -> str:
 
 
 def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    fig, ax = _figure(4)
     for color, row in zip(_colors(len(rows)), rows):
         curves = [_curve(r, key) for r in row.runs]
         steps = sorted({s for c in curves for s in c})
         if not steps:
             continue
         vals = [[100 * c[s] for c in curves if s in c] for s in steps]
-        mean = np.array([np.mean(v) for v in vals])
+        mean = [statistics.fmean(v) for v in vals]
         ax.plot(steps, mean, label=_label(row, varying), lw=1.2, color=color)
         ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.15)
     _finish(fig, ax, path, "step", f"held-out top-1 % ({key})", "top-1 vs step: mean over seeds, min–max band")
@@ -325,13 +310,8 @@ def plot_curves(rows: list[Row], varying: list[str], key: str, path: Path) -> No
 
 def plot_by_config(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
     """Final top-1 per configuration, one line each in study order: mean over seeds, min–max bar, each seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [(color, row) for color, row in zip(_colors(len(rows)), rows) if row.final]
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.3 * len(shown)), dpi=100)
+    fig, ax = _figure(1.2 + 0.3 * len(shown))
     for y, (color, row) in enumerate(shown):
         values = [100 * v for v in row.final]
         mean = statistics.fmean(values)
@@ -344,13 +324,8 @@ def plot_by_config(rows: list[Row], varying: list[str], key: str, path: Path) ->
 
 
 def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     unit, scale = _macs_unit(rows)
-    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    fig, ax = _figure(4)
     for color, row in zip(_colors(len(rows)), rows):
         if row.gmacs is None or not row.final:
             continue
@@ -361,6 +336,16 @@ def plot_gmacs(rows: list[Row], varying: list[str], key: str, path: Path) -> Non
         )
     _finish(fig, ax, path, f"forward {unit} per image", f"final top-1 % ({key})",
             "final top-1 vs compute: mean ± std over seeds")  # fmt: skip
+
+
+def _figure(height: float):
+    """A new 8-inch-wide figure and its axes, drawn by matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(8, height), dpi=100)
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> None:
@@ -433,7 +418,7 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         first = row.runs[0]
         if first.config is not None:
             row.params, row.gmacs = model_size(first.config, _num_classes(first))
-    text = table(rows, varying, key)
+    text = table(rows, varying)
     tied = ", ".join(sorted({f for r in runs for f in r.pooled if f != "seed"}))
     if tied:
         how = " or ".join(sorted({r.pooled_why for r in runs if r.pooled_why}))
