@@ -36,13 +36,10 @@ time, whether it was resumed) and is skipped next time; a run with checkpoints b
 ``result.json`` (the runner was killed) resumes from its latest checkpoint.
 
 Runs train in this process, one after another, with JAX's persistent compilation cache under
-``WORKDIR/compilation_cache`` (runs whose programs are the same, e.g. differing only in seed,
-compile once). Measured on the 2-core development CPU (shared with other jobs), configs/demo.py
-cut to 1 step (so the wall time is all overhead: imports, compiles, one eval, one checkpoint):
-a fresh ``python main.py`` process takes 31 s without the cache and 19-22 s with a warm one; a
-run in this process takes 12 s when it compiles and 4-5 s when the cache has its programs.
-Against a study run of about 1 minute of training that is 7% in-process versus 33-50% for a
-process per run.
+``WORKDIR/compilation_cache`` (runs whose programs are the same, e.g. differing only in seed, compile once).
+Why in-process, measured on the 2-core development CPU with configs/demo.py cut to 1 step (all overhead:
+imports, compiles, one eval, one checkpoint): a fresh ``python main.py`` takes 31 s (19-22 s with a warm
+cache), a run in this process 12 s (4-5 s): 7% of a 1-minute study run instead of 33-50%.
 """
 
 from __future__ import annotations
@@ -64,11 +61,9 @@ import ml_collections
 from configs import overrides as overrides_lib
 from s2mlp import checkpoint as ckpt
 from s2mlp import report as report_lib
-from s2mlp.report import hms
+from s2mlp.report import RESULT_JSON, STUDY_JSON, hms
 
 ROOT = Path(__file__).resolve().parent  # main.py's directory: relative config paths resolve here
-STUDY_JSON = "study.json"
-RESULT_JSON = "result.json"
 CACHE_DIR = "compilation_cache"
 OVERRIDES = overrides_lib.MODEL_OVERRIDES
 
@@ -153,22 +148,21 @@ def expand(
         own.pop(f"{OVERRIDES}.{key}", None)
     common = _layered(own, given)
 
-    combos = list(itertools.product(*grid.values())) if grid else [()]
-    specs = []
-    for i, run in enumerate(explicit or [{}]):
+    combos = list(itertools.product(*grid.values()))  # [()] for no axes
+    specs = []  # (label, run fields, grid values) of each run
+    for run in explicit or [{}]:
         label = run.pop("name", None)
-        for combo in combos:
-            specs.append((i, label, run, dict(zip(grid, combo, strict=True))))
+        specs += [(label, run, dict(zip(grid, combo, strict=True))) for combo in combos]
 
     def varies(field) -> bool:
-        return len({json.dumps({**s[2], **s[3]}.get(field), default=str, sort_keys=True) for s in specs}) > 1
+        return len({json.dumps({**s[1], **s[2]}.get(field), default=str, sort_keys=True) for s in specs}) > 1
 
     def part(field, value) -> str:
         return f"{short.get(field, field.rsplit('.', 1)[-1])}={_name_part(value)}"
 
     run_fields = [f for f in dict.fromkeys(k for r in explicit for k in r) if varies(f)]
     runs, names = [], {}
-    for _, label, run, combo in specs:
+    for label, run, combo in specs:
         # The name: the run's label (else the run's fields that vary), then the grid axes that vary.
         parts = [_name_part(label)] if label else [part(f, run[f]) for f in run_fields if f in run]
         parts += [part(f, v) for f, v in combo.items() if varies(f)]
@@ -179,10 +173,9 @@ def expand(
                 f"study: runs {names[name]} and {overrides} get the same name {name!r}; label study.runs with 'name'."
             )
         names[name] = overrides
-        where = f"study run {name!r}"
         config = copy.deepcopy(base)
         for field, value in overrides.items():
-            overrides_lib.set_field(config, field, value, where)
+            overrides_lib.set_field(config, field, value, f"study run {name!r}")
         run_dir = str(Path(workdir) / name)
         runs.append(Run(name, overrides, config, run_dir, command(study.base, run_dir, overrides, config)))
     if check:
@@ -253,14 +246,6 @@ def read_result(run_dir) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _latest_step(run_dir) -> int | None:
-    import orbax.checkpoint as ocp
-
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    steps = ocp.utils.checkpoint_steps(ckpt_dir) if ckpt_dir.is_dir() else []
-    return max(steps) if steps else None
-
-
 def write_study_json(study, runs: list[Run], workdir: str) -> None:
     listing = {
         "base": study.base,
@@ -311,14 +296,13 @@ def run_study(study, workdir: str, *, only: tuple[str, ...] | list[str] = (), dr
     write_study_json(study, expand(study, workdir, check=False, command_line=command_line) if only else runs, workdir)
     if compilation_cache is None:
         compilation_cache = str(Path(workdir) / CACHE_DIR)
-    if compilation_cache:
-        runs_lib.enable_compilation_cache(compilation_cache)
+    runs_lib.enable_compilation_cache(compilation_cache)  # '' leaves it off
     walls = []
     for k, run in enumerate(runs, 1):
         if read_result(run.workdir):
             out(f"run {k} of {n}: {run.name}: done, skipped")
             continue
-        resumed_from = _latest_step(run.workdir)
+        resumed_from = ckpt.latest_step(Path(run.workdir) / ckpt.CHECKPOINTS)
         out(f"run {k} of {n}: {run.name}" + (f" (resuming from step {resumed_from})" if resumed_from else ""))
         out(f"  {run.command}")
         t0 = time.time()
