@@ -167,17 +167,12 @@ def split_config_args(argv: list[str]) -> tuple[list[str], list[str]]:
     """study.py: takes main.py's ``--config.FIELD=VALUE`` flags (``--config.FIELD VALUE``, or a bare boolean
     ``--config.FIELD``) off `argv` (after `split_model_overrides`); returns the other arguments and those flags."""
     rest, taken = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--config."):
-            rest.append(arg)
-        else:
+    for i, arg in enumerate(argv):
+        after_bare_flag = i > 0 and argv[i - 1].startswith("--config.") and "=" not in argv[i - 1]
+        if arg.startswith("--config.") or (after_bare_flag and not arg.startswith("--")):  # a flag, or its value
             taken.append(arg)
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # its value (not a flag)
-                i += 1
-                taken.append(argv[i])
-        i += 1
+        else:
+            rest.append(arg)
     return rest, taken
 
 
