@@ -55,7 +55,7 @@ class JsonlWriter:
         pass
 
 
-class ProfileTrace:
+class ProfileTrace(contextlib.AbstractContextManager):
     """A `jax.profiler` trace of steps first .. first+num-1 into `logdir`; `steps` = (first, num), config.profile_steps.
 
     Open the trace with TensorBoard's profile plugin (``tensorboard --logdir=WORKDIR/profile``) or load
@@ -83,9 +83,6 @@ class ProfileTrace:
             logging.info(
                 "Profiler trace of steps %d-%d written to %s.", self.first, self.first + self.num - 1, self.logdir
             )
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc) -> None:
         self.stop()  # a run that ends or stops inside the traced steps still writes what it traced
