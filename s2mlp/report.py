@@ -227,9 +227,7 @@ def _short_names(fields: list[str]) -> dict[str, str]:
 
 
 def _fmt(value) -> str:
-    if isinstance(value, tuple):
-        return "(" + ", ".join(map(str, value)) + ")"
-    return str(value)
+    return "(" + ", ".join(map(str, value)) + ")" if isinstance(value, tuple) else str(value)
 
 
 def hms(seconds: float) -> str:
