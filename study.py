@@ -101,9 +101,8 @@ def command(base: str, workdir: str, overrides: dict[str, Any], config: ml_colle
     main.py reads a value)."""
     flags = []
     for field, value in overrides.items():
-        items = value.items() if field == OVERRIDES else [(None, value)]
-        for key, v in items:
-            flags.append(overrides_lib.config_flag(config, f"{OVERRIDES}.{key}" if key is not None else field, v))
+        pairs = [(f"{OVERRIDES}.{k}", v) for k, v in value.items()] if field == OVERRIDES else [(field, value)]
+        flags += [overrides_lib.config_flag(config, name, v) for name, v in pairs]
     args = ["python", "main.py", f"--config={base}", f"--workdir={workdir}", *flags]
     return " ".join(shlex.quote(a) for a in args)
 
