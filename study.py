@@ -127,7 +127,7 @@ def expand(
     for field, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise ValueError(f"study.grid[{field!r}]={values!r} must be a non-empty list of values.")
-    short = {**{f: f.rsplit(".", 1)[-1] for f in grid}, **dict(study.get("name_fields") or {})}
+    short = dict(study.get("name_fields") or {})  # else a field's last part (`part`)
     tied = dict(study.get("tied") or {})
     for field, axis in tied.items():
         if axis not in grid:
