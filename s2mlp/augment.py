@@ -32,7 +32,6 @@ Sharpness filter) are done exactly in integers. Verified on XLA:CPU (tests/test_
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -86,10 +85,6 @@ def _equalize_channel(c: jax.Array) -> jax.Array:
     step = (v.size - hist[v.max()]) // 255
     lut = jnp.minimum((jnp.cumsum(hist) - hist + step // 2) // jnp.maximum(step, 1), 255)
     return jnp.where(step > 0, lut[c.astype(jnp.int32)], c.astype(jnp.int32)).astype(jnp.uint8)
-
-
-def _equalize(image: jax.Array) -> jax.Array:
-    return jnp.stack([_equalize_channel(image[..., i]) for i in range(3)], -1)
 
 
 def _posterize(f: jax.Array, bits: jax.Array) -> jax.Array:
@@ -184,7 +179,7 @@ def _pixel_op(f: jax.Array, name: str, argument: jax.Array) -> jax.Array:
     if name == "AutoContrast":
         return _autocontrast(f)
     if name == "Equalize":
-        return _equalize(_u8(f))
+        return jnp.stack([_equalize_channel(_u8(f)[..., i]) for i in range(3)], -1)
     if name == "Invert":
         return _u8(255.0 - f)
     if name == "Posterize":
@@ -237,12 +232,9 @@ def op_argument(name: str, level, sign, increasing: bool) -> jax.Array:
 # apply_drawn computes these candidates and selects one: _CASE[op index] says which.
 _PIXEL_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd")
 _CASE = np.array(
-    [
-        _PIXEL_OPS.index(n) if n in _PIXEL_OPS else len(_PIXEL_OPS) + (n in _GEOMETRIC)
-        for n in RANDAUGMENT_OPS + ("identity",)
-    ]
+    [_PIXEL_OPS.index(n) if n in _PIXEL_OPS else len(_PIXEL_OPS) + (n in _GEOMETRIC) for n in RANDAUGMENT_OPS]
+    + [len(_PIXEL_OPS) + 2]  # IDENTITY: the image
 )
-_CASE[IDENTITY] = len(_PIXEL_OPS) + 2
 
 
 def apply_drawn(image: jax.Array, index: jax.Array, argument: jax.Array, fill=_FILL) -> jax.Array:
@@ -292,19 +284,6 @@ def draw_ops(
     return jax.vmap(layer)(jnp.arange(num_ops))
 
 
-def _randaugment_one(image, key, *, num_ops, magnitude, magnitude_std, magnitude_max, increasing, prob, fill):
-    ops, mags, signs = draw_ops(
-        key, num_ops=num_ops, magnitude=magnitude, magnitude_std=magnitude_std, magnitude_max=magnitude_max, prob=prob
-    )
-
-    def layer(i, image):
-        level = mags[i] / 10.0  # XLA: mags[i] * float32(0.1), 1 ulp off TF's division at m = 9; same integer arguments
-        arguments = jnp.stack([op_argument(n, level, signs[i], increasing) for n in RANDAUGMENT_OPS] + [level])
-        return apply_drawn(image, ops[i], arguments[ops[i]], fill)
-
-    return jax.lax.fori_loop(0, num_ops, layer, image)
-
-
 def randaugment(
     images: jax.Array,
     keys: jax.Array,
@@ -318,25 +297,30 @@ def randaugment(
     fill=_FILL,
 ) -> jax.Array:
     """timm RandAugment on uint8 (B, H, W, 3) -> uint8 (B, H, W, 3), each example with its own key (keys: (B,) typed
-    or (B, 2) raw uint32). Per example, `num_ops` ops drawn uniformly with replacement, each applied with probability
-    `prob` at a magnitude ~ N(magnitude, magnitude_std) clipped to [0, magnitude_max] (uniform(0, magnitude) when
-    magnitude_std is inf), the argument's sign +-1 with probability 1/2 (`draw_ops`); `increasing` picks timm's
-    '*Increasing' ops. The settings are Python values (static under jit).
-
-    Every image pays for every op (vmap turns the per-example choice into a select): see `apply_drawn` for how the
-    16 branches are shared."""
+    or (B, 2) raw uint32), its ops drawn by `draw_ops`; `increasing` picks timm's '*Increasing' ops. The settings
+    are Python values (static under jit). Every image pays for every op (vmap turns the per-example choice into a
+    select): see `apply_drawn` for how the 16 branches are shared."""
     if num_ops == 0 or prob <= 0:
         return images
-    one = functools.partial(
-        _randaugment_one,
-        num_ops=num_ops,
-        magnitude=magnitude,
-        magnitude_std=magnitude_std,
-        magnitude_max=magnitude_max,
-        increasing=increasing,
-        prob=prob,
-        fill=fill,
-    )
+
+    def one(image, key):
+        ops, mags, signs = draw_ops(
+            key,
+            num_ops=num_ops,
+            magnitude=magnitude,
+            magnitude_std=magnitude_std,
+            magnitude_max=magnitude_max,
+            prob=prob,
+        )
+
+        def layer(i, image):
+            # XLA: mags[i] * float32(0.1), 1 ulp off TF's division at m = 9; the same integer arguments.
+            level = mags[i] / 10.0
+            arguments = jnp.stack([op_argument(n, level, signs[i], increasing) for n in RANDAUGMENT_OPS] + [level])
+            return apply_drawn(image, ops[i], arguments[ops[i]], fill)
+
+        return jax.lax.fori_loop(0, num_ops, layer, image)
+
     return jax.vmap(one)(images, keys)
 
 
