@@ -75,11 +75,8 @@ def _number(value, name: str, low: float, high: float, *, low_open: bool = False
 
 
 # ---------------------------------------------------------------- the ops' signatures (arguments and their checks)
-RESIZE_METHODS = ("bicubic", "bilinear")
-
-
 def _method(method: str) -> str:
-    if method not in RESIZE_METHODS:
+    if method not in ("bicubic", "bilinear"):
         raise ValueError(f"method={method!r} must be 'bicubic' (antialiased, DeiT's) or 'bilinear' (no antialiasing).")
     return method
 
@@ -153,9 +150,8 @@ class OpSpec:
     signature: Callable[..., dict]
     takes: str  # 'record', 'uint8' or 'float'
     gives: str
-    slot: int  # the example's random key this op draws from (image_ops.op_key / augment.op_key)
-    host: bool = True
-    device: bool = True
+    slot: int  # the example's random key this op draws from (image_ops.apply / augment.apply)
+    device: bool = True  # every op runs on the host; this one on the device too
 
 
 OPS: dict[str, OpSpec] = {
