@@ -2,8 +2,7 @@
 
 `count_macs` traces ``model.apply(params, x, train=False)`` with abstract shapes
 only (``jax.eval_shape`` for the parameters, ``jax.jit(...).trace`` on
-``ShapeDtypeStruct`` inputs, i.e. ``jax.make_jaxpr``: nothing is allocated or
-compiled) and sums the
+``ShapeDtypeStruct`` inputs: nothing is allocated or compiled) and sums the
 multiply-accumulates of every ``dot_general`` and ``conv_general_dilated``,
 walking nested jaxprs (jit/pjit, custom_jvp/custom_vjp calls, closed calls,
 remat, scan bodies × their length, while bodies once, the largest cond branch).
@@ -22,22 +21,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 from s2mlp.models import abstract_params
 
 
-def _is_jaxpr(v: Any) -> bool:
-    return hasattr(v, "eqns") and hasattr(v, "invars")
-
-
-def _as_jaxpr(v: Any):
+def _as_jaxpr(v: Any) -> Jaxpr | None:
     """The open jaxpr of a Jaxpr or ClosedJaxpr, else None."""
-    if _is_jaxpr(v):
-        return v
-    inner = getattr(v, "jaxpr", None)
-    if inner is not None and _is_jaxpr(inner):
-        return inner
-    return None
+    if isinstance(v, ClosedJaxpr):
+        return v.jaxpr
+    return v if isinstance(v, Jaxpr) else None
 
 
 def _sub_jaxprs(params: dict[str, Any]):
@@ -90,20 +83,15 @@ def jaxpr_macs(jaxpr) -> int:
     return total
 
 
-def _abstract_inputs(model, image_size: int, batch: int):
-    """(abstract variables, abstract images) of a (batch, S, S, 3) forward."""
-    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
-    return {"params": abstract_params(model, image_size)}, x
-
-
 # Backend (LLVM) optimisation off: about half the CPU compile time, and the HLO that
 # cost_analysis() reads is the same (its passes still run), so the flops are identical.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _trace(model, image_size: int, batch: int):
-    """``jax.jit(forward).trace`` on abstract inputs: the jaxpr, ready to lower; nothing allocated."""
-    params, x = _abstract_inputs(model, image_size, batch)
+    """``jax.jit(forward).trace`` on abstract (batch, S, S, 3) inputs: the jaxpr, ready to lower; nothing allocated."""
+    params = {"params": abstract_params(model, image_size)}
+    x = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
     return jax.jit(lambda p, images: model.apply(p, images, train=False)).trace(params, x)
 
 
