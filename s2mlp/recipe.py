@@ -26,7 +26,8 @@ def validate_config(config, *, num_devices: int) -> None:
 
     def check(ok: bool, field: str, why: str):
         if not ok:
-            raise ValueError(f"config.{field}={_get(config, field)!r} {why}.")
+            value = functools.reduce(lambda node, key: node[key], field.split("."), config)  # "augment.mixup"
+            raise ValueError(f"config.{field}={value!r} {why}.")
 
     _check_finite_floats(config)  # base_lr=inf, weight_decay=nan, ...
     check(config.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
@@ -66,11 +67,6 @@ def validate_config(config, *, num_devices: int) -> None:
     )
     models.check_config(config)  # model name, overrides, rates, compute_dtype and image_size
     evals.from_config(config)  # config.evals (presets, names) and config.best_eval
-
-
-def _get(config, dotted: str):
-    """``_get(config, "augment.mixup")`` is ``config.augment.mixup``."""
-    return functools.reduce(lambda node, key: node[key], dotted.split("."), config)
 
 
 def _check_finite_floats(config, prefix: str = "config") -> None:
