@@ -13,14 +13,11 @@ array is read, the saved parameter shapes are checked against the model the
 config builds, so a checkpoint that does not fit its config is refused with the
 list of differing keys.
 
-`Classifier.preprocess` reproduces the eval preprocessing of the training
-pipeline (`input_pipeline`'s eval branch) with NumPy in and out
-(`s2mlp.preprocessing.preprocess`, re-exported here): resize the shorter side to
-``floor(image_size / eval_crop_pct)`` (bicubic, antialiased, rounded to whole
-grey levels as the pipeline does), centre-crop ``image_size`` (the whole image for the digits and IDX
-files, whose eval ignores eval_crop_pct: `s2mlp.preprocessing.eval_crop_pct`), normalise with
-``s2mlp.preprocessing.mean_std(config.data.normalization)``. On the same image
-it matches the tf.data pipeline to within one grey level (a rounding tie).
+`Classifier.preprocess` is the eval preprocessing of the training pipeline
+(`input_pipeline`'s eval branch) with NumPy in and out: `s2mlp.preprocessing.preprocess`
+(re-exported here) at the run's image_size, `s2mlp.preprocessing.eval_crop_pct` (the digits
+and IDX files ignore eval_crop_pct) and config.data.normalization. On the same image it
+matches the tf.data pipeline to within one grey level (a rounding tie).
 """
 
 from __future__ import annotations
@@ -39,15 +36,7 @@ from s2mlp import checkpoint as ckpt
 from s2mlp import models
 from s2mlp.preprocessing import eval_crop_pct, preprocess, resize_bicubic
 
-__all__ = [
-    "Classifier",
-    "ConfigView",
-    "Prediction",
-    "from_params",
-    "load",
-    "preprocess",
-    "resize_bicubic",
-]
+__all__ = ["Classifier", "ConfigView", "Prediction", "from_params", "load", "preprocess", "resize_bicubic"]
 
 
 # =============================================================================
@@ -203,17 +192,14 @@ def load(path: epath.PathLike, *, ema: bool = True, dtype: str | None = None) ->
     `ema`: take the EMA parameters when the run kept them (else the raw ones).
     `dtype`: compute dtype override ('float32', 'bfloat16'); default the run's.
 
-    Reads the ``config`` and ``dataset`` items (JSON) and one parameter item
-    (tensorstore); the optimizer state is never read and no code from the
-    checkpoint is executed (no pickle). The saved shapes are compared with the
-    model the config builds before any array is read. Raises FileNotFoundError
-    when `path` holds no checkpoint; ValueError naming the path when the
-    checkpoint is incomplete or corrupt, or does not fit its own config.
+    Reads the ``config`` and ``dataset`` items and one parameter item, as the
+    module docstring says. Raises FileNotFoundError when `path` holds no
+    checkpoint; ValueError naming the path when the checkpoint is incomplete or
+    corrupt, or does not fit its own config.
     """
     directory, step = ckpt.locate(path)
     step_dir = directory / str(step)
-    items = ckpt.saved_items(step_dir)
-    if ckpt.PARAMS not in items:
+    if ckpt.PARAMS not in ckpt.saved_items(step_dir):
         raise FileNotFoundError(f"{step_dir} has no '{ckpt.PARAMS}' item: not a checkpoint written by main.py.")
     item = ckpt.params_item(step_dir, ema=ema)
 

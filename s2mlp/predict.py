@@ -191,12 +191,10 @@ class _Writer:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.top_k < 1:
-        print(f"error: --top_k={args.top_k} must be at least 1.", file=sys.stderr)
-        return 2
-    if args.batch_size < 1:
-        print(f"error: --batch_size={args.batch_size} must be at least 1.", file=sys.stderr)
-        return 2
+    for flag, value in (("top_k", args.top_k), ("batch_size", args.batch_size)):
+        if value < 1:
+            print(f"error: --{flag}={value} must be at least 1.", file=sys.stderr)
+            return 2
     npz = _is_npz(args.checkpoint)
     if npz and args.no_ema or not npz and args.mixer_model:
         flag, applies = ("--no_ema", "a training run's checkpoint") if npz else ("--mixer_model", "a Mixer .npz")
@@ -225,23 +223,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         which = "EMA" if clf.params_item == "ema_params" else "raw"
         why = " (--no_ema)" if args.no_ema else "" if which == "EMA" else " (the run kept no EMA)"
         print(f"note: {clf.checkpoint_dir} step {clf.step}, {which} parameters{why}.", file=sys.stderr)
-    names = clf.class_names
     if given_names is not None:
-        names = given_names
-        if len(names) != clf.num_classes:
-            print(f"error: {args.class_names} has {len(names)} names; the model has {clf.num_classes} classes.",
+        if len(given_names) != clf.num_classes:
+            print(f"error: {args.class_names} has {len(given_names)} names; the model has {clf.num_classes} classes.",
                   file=sys.stderr)  # fmt: skip
             return 2
-    elif clf.num_classes == 1000 and names == [str(i) for i in range(1000)]:
-        names = imagenet_class_names()
-        if names is None:
+        clf.class_names = given_names
+    elif clf.num_classes == 1000 and clf.class_names == [str(i) for i in range(1000)]:
+        imagenet = imagenet_class_names()
+        if imagenet is None:
             print("note: the checkpoint has no class names and tensorflow_datasets is unavailable; printing indices.",
                   file=sys.stderr)  # fmt: skip
-            names = clf.class_names
         else:
             print("note: class names are ImageNet WordNet IDs from tensorflow_datasets' imagenet2012 metadata.",
                   file=sys.stderr)  # fmt: skip
-    clf.class_names = list(names)
+            clf.class_names = imagenet
 
     writer = _Writer(args.output, min(args.top_k, clf.num_classes))
     failed = 0
