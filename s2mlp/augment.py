@@ -43,7 +43,6 @@ from s2mlp.preprocessing import fill_colour, mean_std
 
 IDENTITY = len(RANDAUGMENT_OPS)  # the op index of "not applied" in `draw_ops`
 _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-_ENHANCE = ("Color", "Contrast", "Brightness", "Sharpness")  # blends with a degenerate image, 1 = identity
 _FILL = (128.0, 128.0, 128.0)
 
 
@@ -114,15 +113,12 @@ def _sharpness_degenerate(f: jax.Array) -> jax.Array:
     return jnp.where(interior, smooth, f)
 
 
-def _degenerate(f: jax.Array, name: str) -> jax.Array:
-    """The image an enhance op blends with: broadcastable to (H, W, 3)."""
-    if name == "Color":
-        return _grey(f)
-    if name == "Contrast":
-        return _contrast_degenerate(f)
-    if name == "Brightness":
-        return jnp.zeros((), jnp.float32)
-    return _sharpness_degenerate(f)
+_DEGENERATE = {  # the enhance ops: the image each blends with (factor 1 = identity), broadcastable to (H, W, 3)
+    "Color": _grey,
+    "Contrast": _contrast_degenerate,
+    "Brightness": lambda f: jnp.zeros((), jnp.float32),
+    "Sharpness": _sharpness_degenerate,
+}
 
 
 # ---------------------------------------------------------------- the geometric ops
@@ -174,21 +170,14 @@ def _matrix(name: str, argument: jax.Array, height: int, width: int) -> list[jax
 
 
 # ---------------------------------------------------------------- one op
-def _pixel_op(f: jax.Array, name: str, argument: jax.Array) -> jax.Array:
-    """The non-geometric, non-enhance ops: float (H, W, 3) -> uint8 (H, W, 3)."""
-    if name == "AutoContrast":
-        return _autocontrast(f)
-    if name == "Equalize":
-        return jnp.stack([_equalize_channel(_u8(f)[..., i]) for i in range(3)], -1)
-    if name == "Invert":
-        return _u8(255.0 - f)
-    if name == "Posterize":
-        return _posterize(f, argument)
-    if name == "Solarize":
-        return _u8(jnp.where(f < argument, f, 255.0 - f))
-    if name == "SolarizeAdd":
-        return _u8(jnp.where(f < 128.0, jnp.minimum(f + argument, 255.0), f))
-    raise ValueError(f"unknown RandAugment op {name!r}; the ops are {RANDAUGMENT_OPS}")
+_PIXEL_OPS = {  # the non-geometric, non-enhance ops: (float (H, W, 3), argument) -> uint8 (H, W, 3)
+    "AutoContrast": lambda f, _: _autocontrast(f),
+    "Equalize": lambda f, _: jnp.stack([_equalize_channel(c) for c in _u8(f).transpose(2, 0, 1)], -1),
+    "Invert": lambda f, _: _u8(255.0 - f),
+    "Posterize": _posterize,
+    "Solarize": lambda f, threshold: _u8(jnp.where(f < threshold, f, 255.0 - f)),
+    "SolarizeAdd": lambda f, added: _u8(jnp.where(f < 128.0, jnp.minimum(f + added, 255.0), f)),
+}
 
 
 def apply_op(image: jax.Array, name: str, argument, fill=_FILL) -> jax.Array:
@@ -203,9 +192,11 @@ def apply_op(image: jax.Array, name: str, argument, fill=_FILL) -> jax.Array:
     argument = jnp.asarray(argument, jnp.float32)
     if name in _GEOMETRIC:
         return _affine(f, _matrix(name, argument, *image.shape[:2]), jnp.asarray(fill, jnp.float32))
-    if name in _ENHANCE:
-        return _blend(_degenerate(f, name), f, argument)
-    return _pixel_op(f, name, argument)
+    if name in _DEGENERATE:
+        return _blend(_DEGENERATE[name](f), f, argument)
+    if name not in _PIXEL_OPS:
+        raise ValueError(f"unknown RandAugment op {name!r}; the ops are {RANDAUGMENT_OPS}")
+    return _PIXEL_OPS[name](f, argument)
 
 
 def op_argument(name: str, level, sign, increasing: bool) -> jax.Array:
@@ -219,7 +210,7 @@ def op_argument(name: str, level, sign, increasing: bool) -> jax.Array:
         return 256.0 - jnp.floor(256.0 * level) if increasing else jnp.floor(256.0 * level)
     if name == "SolarizeAdd":
         return jnp.floor(110.0 * level)
-    if name in _ENHANCE:
+    if name in _DEGENERATE:  # the enhance factor
         return 1.0 + 0.9 * level * sign if increasing else _rounded(1.8 * level) + 0.1
     if name in ("ShearX", "ShearY"):
         return 0.3 * level * sign
@@ -230,9 +221,8 @@ def op_argument(name: str, level, sign, increasing: bool) -> jax.Array:
 
 # ---------------------------------------------------------------- RandAugment
 # apply_drawn computes these candidates and selects one: _CASE[op index] says which.
-_PIXEL_OPS = ("AutoContrast", "Equalize", "Invert", "Posterize", "Solarize", "SolarizeAdd")
 _CASE = np.array(
-    [_PIXEL_OPS.index(n) if n in _PIXEL_OPS else len(_PIXEL_OPS) + (n in _GEOMETRIC) for n in RANDAUGMENT_OPS]
+    [list(_PIXEL_OPS).index(n) if n in _PIXEL_OPS else len(_PIXEL_OPS) + (n in _GEOMETRIC) for n in RANDAUGMENT_OPS]
     + [len(_PIXEL_OPS) + 2]  # IDENTITY: the image
 )
 
@@ -249,10 +239,10 @@ def apply_drawn(image: jax.Array, index: jax.Array, argument: jax.Array, fill=_F
     argument = jnp.asarray(argument, jnp.float32)
     matrices = jnp.stack([jnp.stack(_matrix(n, argument, h, w)) for n in RANDAUGMENT_OPS + ("identity",)])
     geometric = _affine(f, list(matrices[index]), jnp.asarray(fill, jnp.float32))
-    degenerates = [jnp.broadcast_to(_degenerate(f, n), f.shape) for n in _ENHANCE]
-    enhance_index = jnp.clip(index - RANDAUGMENT_OPS.index(_ENHANCE[0]), 0, len(_ENHANCE) - 1)
+    degenerates = [jnp.broadcast_to(degenerate(f), f.shape) for degenerate in _DEGENERATE.values()]
+    enhance_index = jnp.clip(index - RANDAUGMENT_OPS.index("Color"), 0, len(_DEGENERATE) - 1)  # in the same order
     enhanced = _blend(jax.lax.select_n(enhance_index, *degenerates), f, argument)
-    pixel = [_pixel_op(f, n, argument) for n in _PIXEL_OPS]
+    pixel = [op(f, argument) for op in _PIXEL_OPS.values()]
     return jax.lax.select_n(jnp.asarray(_CASE)[index], *pixel, enhanced, geometric, image)
 
 
