@@ -2,24 +2,13 @@
 
 The host pipeline (`image_ops.py`, TensorFlow) implements timm's RandAugment (15 ops with PIL semantics) and
 RandomErasing ('pixel' mode) with explicit stateless seeds. This module computes the same ops with the same float32
-arithmetic in JAX, so augmentation can run on the accelerator instead:
-
-- ``apply_op(image, name, argument, fill)`` is ``image_ops._OP_FNS[name]`` on one uint8 (H, W, 3) image. The
-  pixel ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd, Color, Contrast, Brightness,
-  Sharpness) give TF's pixels exactly; the geometric ops (Rotate, ShearX/Y, TranslateX/YRel) sample the input like
-  TF's ``ImageProjectiveTransformV3`` (bilinear, integer pixel coordinates, out-of-image neighbours read as 0, a 4th
-  "inside" channel blending in the fill) and match it exactly too, except Rotate, whose cos/sin may differ from
-  TF's in the last bit (then an output pixel can differ by 1; tests/test_augment.py pins the tolerances).
-- ``randaugment(images, keys, ...)``: per example, ``num_ops`` ops drawn uniformly with replacement, each applied
-  with probability ``prob`` at a magnitude ~ N(m, mstd) clipped to [0, mmax] (uniform(0, m) when mstd is inf), the
-  sign of the argument +-1 with probability 1/2: the distribution of ``image_ops.randaugment`` (not its random
-  streams: JAX keys, not TF seeds). ``draw_ops`` gives one example's draws and ``apply_drawn`` applies a drawn
-  (traced) op index.
-- ``random_erase(x, keys, prob)``: timm RandomErasing 'pixel' mode on normalised float images, the distribution of
-  ``image_ops.random_erase``.
-- ``example_keys(seed, step, batch, offset=...)``: one key per example from (seed, step, global example index).
-- ``DEVICE_OPS`` and ``apply``: the device implementations of a config.augment.ops chain's ops (those after its
-  ``to_device``; s2mlp/augment_chain.py registers them), as the train step runs them.
+arithmetic in JAX, so augmentation can run on the accelerator instead. ``apply_op(image, name, argument, fill)`` is
+``image_ops._OP_FNS[name]``: the pixel and enhance ops give TF's pixels exactly, and so do the geometric ops (sampled
+like TF's ``ImageProjectiveTransformV3``: `_affine`) except Rotate, whose cos/sin may differ from TF's in the last bit
+(then an output pixel can differ by 1; tests/test_augment.py pins the tolerances). ``randaugment`` and
+``random_erase`` follow the distributions of ``image_ops.randaugment`` and ``image_ops.random_erase``, not their
+random streams (JAX keys, not TF seeds). ``DEVICE_OPS`` and ``apply`` run the ops of a config.augment.ops chain
+after its ``to_device`` (s2mlp/augment_chain.py registers them), as the train step does.
 
 Exactness against TF needs TF's roundings. XLA fuses ``a * b + c`` into one FMA (rounded once, where TF rounds the
 product and then the sum) and turns division by a constant into multiplication by its reciprocal; both move
@@ -255,9 +244,9 @@ def draw_ops(
     magnitude_max: float = 10.0,
     prob: float = 0.5,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One example's RandAugment draws: op indices (num_ops,) int32 (IDENTITY where the op is not applied),
-    magnitudes (num_ops,) in [0, magnitude_max] and signs (num_ops,) +-1. Layer i uses split(fold_in(key, i), 4):
-    the op, the magnitude, whether to apply it, the sign."""
+    """One example's RandAugment draws, of the distribution `augment_chain.RandAugmentSpec` describes: op indices
+    (num_ops,) int32 (IDENTITY where the op is not applied), magnitudes (num_ops,) in [0, magnitude_max] and signs
+    (num_ops,) +-1. Layer i uses split(fold_in(key, i), 4): the op, the magnitude, whether to apply it, the sign."""
 
     def layer(i):
         k = jax.random.split(jax.random.fold_in(key, i), 4)
@@ -315,24 +304,6 @@ def randaugment(
 
 
 # ---------------------------------------------------------------- random erasing, normalisation, keys
-def _random_erase_one(x: jax.Array, key: jax.Array, prob: float) -> jax.Array:
-    h_img, w_img = x.shape[:2]
-    k = jax.random.split(key, 6)
-    area = jax.random.uniform(k[0], (10,), jnp.float32, 0.02, 1 / 3) * (h_img * w_img)
-    ratio = jnp.exp(jax.random.uniform(k[1], (10,), jnp.float32, math.log(0.3), math.log(1 / 0.3)))
-    hs = jnp.round(jnp.sqrt(area * ratio)).astype(jnp.int32)
-    ws = jnp.round(jnp.sqrt(area / ratio)).astype(jnp.int32)
-    fits = (hs < h_img) & (ws < w_img)
-    first = jnp.argmax(fits)  # the first try that fits (0 when none does; then nothing is erased)
-    h, w = hs[first], ws[first]
-    top = jax.random.randint(k[2], (), 0, h_img - h + 1)
-    left = jax.random.randint(k[3], (), 0, w_img - w + 1)
-    rows, cols = jnp.arange(h_img)[:, None, None], jnp.arange(w_img)[None, :, None]
-    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-    erase = (jax.random.uniform(k[4]) < prob) & fits.any()
-    return jnp.where(erase & inside, jax.random.normal(k[5], x.shape, x.dtype), x)
-
-
 def random_erase(x: jax.Array, keys: jax.Array, prob: float) -> jax.Array:
     """timm RandomErasing, 'pixel' mode, on normalised float (B, H, W, C) -> (B, H, W, C), one key per example.
 
@@ -341,7 +312,25 @@ def random_erase(x: jax.Array, keys: jax.Array, prob: float) -> jax.Array:
     noise per pixel and channel; when no try fits, nothing is erased."""
     if prob <= 0:
         return x
-    return jax.vmap(lambda x, key: _random_erase_one(x, key, prob))(x, keys)
+    h_img, w_img = x.shape[1:3]
+
+    def one(x, key):
+        k = jax.random.split(key, 6)
+        area = jax.random.uniform(k[0], (10,), jnp.float32, 0.02, 1 / 3) * (h_img * w_img)
+        ratio = jnp.exp(jax.random.uniform(k[1], (10,), jnp.float32, math.log(0.3), math.log(1 / 0.3)))
+        hs = jnp.round(jnp.sqrt(area * ratio)).astype(jnp.int32)
+        ws = jnp.round(jnp.sqrt(area / ratio)).astype(jnp.int32)
+        fits = (hs < h_img) & (ws < w_img)
+        first = jnp.argmax(fits)  # the first try that fits (0 when none does; then nothing is erased)
+        h, w = hs[first], ws[first]
+        top = jax.random.randint(k[2], (), 0, h_img - h + 1)
+        left = jax.random.randint(k[3], (), 0, w_img - w + 1)
+        rows, cols = jnp.arange(h_img)[:, None, None], jnp.arange(w_img)[None, :, None]
+        inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+        erase = (jax.random.uniform(k[4]) < prob) & fits.any()
+        return jnp.where(erase & inside, jax.random.normal(k[5], x.shape, x.dtype), x)
+
+    return jax.vmap(one)(x, keys)
 
 
 def normalize(images: jax.Array, mean, std) -> jax.Array:
@@ -371,7 +360,6 @@ def flip(images: jax.Array, keys: jax.Array) -> jax.Array:
 
 def pad_crop(images: jax.Array, keys: jax.Array, padding: int) -> jax.Array:
     """Each (H, W, C) image zero-padded by `padding` on every side and cropped back at a uniform offset per example."""
-    height, width = images.shape[1:3]
     pad = ((padding, padding), (padding, padding), (0, 0))
 
     def one(image, key):
