@@ -39,9 +39,6 @@ from s2mlp.preprocessing import eval_crop_pct, preprocess, resize_bicubic
 __all__ = ["Classifier", "ConfigView", "Prediction", "from_params", "load", "preprocess", "resize_bicubic"]
 
 
-# =============================================================================
-# The run's config, read back from JSON.
-# =============================================================================
 class ConfigView(Mapping):
     """A read-only attribute view of a JSON config: ``config.data.normalization``, ``config.get('x', d)``.
 
@@ -78,9 +75,6 @@ class ConfigView(Mapping):
         return json.loads(json.dumps(self._data))
 
 
-# =============================================================================
-# The classifier.
-# =============================================================================
 class Prediction(NamedTuple):
     """Top-k of each image, best first. Unpacks as ``indices, probabilities, labels = clf.predict(...)``."""
 
@@ -99,12 +93,10 @@ class Prediction(NamedTuple):
 
 @dataclasses.dataclass
 class Classifier:
-    """A model, its parameters and the eval preprocessing of its run.
+    """A model, its parameters (on the first local device) and the eval preprocessing of its run.
 
-    Attributes: ``model`` (flax module), ``params`` (pytree of arrays on the
-    first local device), ``config`` (`ConfigView` of the run's config, or any
-    object with the same fields), ``class_names`` (list of K strings),
-    ``image_size``; ``checkpoint_dir`` and ``step`` say where it came from.
+    ``config`` is a `ConfigView` of the run's config, or any object with the same fields;
+    ``checkpoint_dir`` and ``step`` say where it came from.
     """
 
     model: Any
@@ -181,9 +173,6 @@ class Classifier:
         )
 
 
-# =============================================================================
-# Loading.
-# =============================================================================
 def load(path: epath.PathLike, *, ema: bool = True, dtype: str | None = None) -> Classifier:
     """Loads a run's model for inference from `path`.
 

@@ -4,36 +4,20 @@
     python -m s2mlp.predict --checkpoint=/tmp/s2mlp_demo --output=csv photos/ > top5.csv
     python -m s2mlp.predict --checkpoint=imagenet1k_Mixer-B_16.npz --mixer_model=mixer_b16 cat.jpg
 
-`--checkpoint` is a training workdir, its ``checkpoints/`` folder or a step
-folder (local or ``gs://``), or a vision_transformer Mixer ``.npz``. Each input
-is an image file (always used, whatever its extension) or a folder, searched
-recursively for files whose name matches ``--glob`` (comma-separated patterns,
-case-insensitive; default the common image extensions), in sorted path order.
+`--checkpoint` is a training workdir, its ``checkpoints/`` folder or a step folder (local or ``gs://``), or a
+vision_transformer Mixer ``.npz``. Each input is an image file (whatever its extension) or a folder
+(`find_images`); images are decoded with `read_image`. A 1000-class model without class names gets ImageNet's
+WordNet IDs from tensorflow_datasets' bundled metadata (offline), or plain indices without tensorflow_datasets.
 
-Class names come from the checkpoint's ``dataset`` item; a 1000-class model
-without names gets ImageNet's WordNet IDs from tensorflow_datasets' bundled
-metadata (offline), or plain indices when tensorflow_datasets is not installed.
-Images are decoded with PIL (EXIF orientation applied; grey, palette and RGBA
-images converted to RGB).
+``--output=text`` (default) prints, per image, its path and then `Prediction.format`'s lines
+(``  1.  87.31%  n02123045 (281)``); ``--output=json`` one JSON object per line and image: ``{"path": ...,
+"labels": [...], "indices": [...], "probabilities": [...]}`` (best first); ``--output=csv`` a header and one
+row per image: ``path``, then ``label_r``, ``index_r``, ``probability_r`` for r = 1..k.
 
-``--output=text`` (default) prints, per image, its path and then one line per
-class (rank, probability, name, and the class index when the name is not the
-index)::
-
-    cat.jpg
-      1.  87.31%  n02123045 (281)
-      2.   6.02%  n02123159 (282)
-
-``--output=json`` prints one JSON object per line and image: ``{"path": ...,
-"labels": [...], "indices": [...], "probabilities": [...]}`` (best first);
-``--output=csv`` prints a header and one row per image: ``path``, then
-``label_r``, ``index_r``, ``probability_r`` for r = 1..k.
-
-**Unreadable images** (not an image, truncated, unsupported format) are reported
-on stderr by path (``error: cannot read PATH: reason``) and left out of the
-output; the other images are still classified, and the exit status is then 1.
-Exit status 2: bad arguments, an input path that does not exist, a folder with
-no matching file, or a checkpoint that cannot be loaded (nothing is classified).
+**Unreadable images** (not an image, truncated, unsupported format) are reported on stderr by path
+(``error: cannot read PATH: reason``) and left out; the others are still classified, and the exit status is 1.
+Exit status 2: bad arguments, an input path that does not exist, a folder with no matching file, or a checkpoint
+that cannot be loaded (nothing is classified).
 """
 
 from __future__ import annotations
@@ -106,20 +90,6 @@ def find_images(inputs: Sequence[str], glob: str = DEFAULT_GLOB) -> list[str]:
         else:
             raise FileNotFoundError(f"{item} does not exist.")
     return found
-
-
-def _is_npz(path: str) -> bool:
-    return path.lower().endswith(".npz")
-
-
-def _load(args):
-    if _is_npz(args.checkpoint):
-        from s2mlp import mixer_npz
-
-        return mixer_npz.classifier_from_npz(args.checkpoint, args.mixer_model or "mixer_b16")
-    from s2mlp import inference
-
-    return inference.load(args.checkpoint, ema=not args.no_ema)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -195,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value < 1:
             print(f"error: --{flag}={value} must be at least 1.", file=sys.stderr)
             return 2
-    npz = _is_npz(args.checkpoint)
+    npz = args.checkpoint.lower().endswith(".npz")
     if npz and args.no_ema or not npz and args.mixer_model:
         flag, applies = ("--no_ema", "a training run's checkpoint") if npz else ("--mixer_model", "a Mixer .npz")
         print(f"error: {flag} applies to {applies} only; --checkpoint={args.checkpoint} is not one.", file=sys.stderr)
@@ -214,7 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: --class_names={args.class_names}: {e.strerror or e}.", file=sys.stderr)
             return 2
     try:
-        clf = _load(args)
+        if npz:
+            from s2mlp import mixer_npz
+
+            clf = mixer_npz.classifier_from_npz(args.checkpoint, args.mixer_model or "mixer_b16")
+        else:
+            from s2mlp import inference
+
+            clf = inference.load(args.checkpoint, ema=not args.no_ema)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
