@@ -26,44 +26,30 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 from s2mlp.models import abstract_params
 
 
-def _as_jaxpr(v: Any) -> Jaxpr | None:
-    """The open jaxpr of a Jaxpr or ClosedJaxpr, else None."""
-    if isinstance(v, ClosedJaxpr):
-        return v.jaxpr
-    return v if isinstance(v, Jaxpr) else None
-
-
 def _sub_jaxprs(params: dict[str, Any]):
+    """The jaxprs among an equation's parameters (each a value or a tuple/list of values)."""
     for value in params.values():
-        items = value if isinstance(value, (tuple, list)) else (value,)
-        for item in items:
-            jaxpr = _as_jaxpr(item)
-            if jaxpr is not None:
-                yield jaxpr
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, (Jaxpr, ClosedJaxpr)):
+                yield item
 
 
 def _dot_macs(eqn) -> int:
     (lhs_contract, _), _ = eqn.params["dimension_numbers"]
     lhs_shape = eqn.invars[0].aval.shape
-    out_shape = eqn.outvars[0].aval.shape
-    return math.prod(out_shape) * math.prod(lhs_shape[d] for d in lhs_contract)
+    return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contract)
 
 
 def _conv_macs(eqn) -> int:
-    dn = eqn.params["dimension_numbers"]
-    rhs_shape = eqn.invars[1].aval.shape
-    out_shape = eqn.outvars[0].aval.shape
-    # rhs_spec = (out-feature dim, in-feature dim, *spatial dims). The kernel's in-feature
-    # size is already in_channels / feature_group_count.
-    rhs_spec = dn.rhs_spec
-    in_per_group = rhs_shape[rhs_spec[1]]
-    kernel_spatial = math.prod(rhs_shape[d] for d in rhs_spec[2:])
-    return math.prod(out_shape) * kernel_spatial * in_per_group
+    # The kernel's dims are rhs_spec = (out features, in features, *spatial); its in-feature size is already
+    # in_channels / feature_group_count, so each output sums over its in-feature and spatial dims.
+    rhs_spec, rhs_shape = eqn.params["dimension_numbers"].rhs_spec, eqn.invars[1].aval.shape
+    return math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs_shape[d] for d in rhs_spec[1:])
 
 
 def jaxpr_macs(jaxpr) -> int:
     """Multiply-accumulates of the dots and convolutions in `jaxpr` (Jaxpr or ClosedJaxpr)."""
-    jaxpr = _as_jaxpr(jaxpr)
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
     total = 0
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
