@@ -44,9 +44,8 @@ def validate_config(config, *, num_devices: int) -> None:
         f"must be a positive multiple of the device count {num_devices}",
     )
     check(config.base_lr > 0, "base_lr", "must be positive")
-    check(config.min_lr >= 0, "min_lr", "must be >= 0")
-    check(config.weight_decay >= 0, "weight_decay", "must be >= 0")
-    check(config.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+    for field in ("min_lr", "weight_decay", "warmup_epochs"):
+        check(config[field] >= 0, field, "must be >= 0")
     check(config.num_epochs > 0 or config.total_steps > 0, "num_epochs", "must be positive (or set total_steps)")
     check(config.total_steps >= 0, "total_steps", "must be >= 0 (0 means num_epochs worth of steps)")
     check(0 <= config.ema_decay < 1, "ema_decay", "must be in [0, 1); 0 turns the EMA off")
