@@ -158,9 +158,8 @@ class Classifier:
         chunks = []
         for start in range(0, len(batch), batch_size):
             chunk = batch[start : start + batch_size]
-            padded = min(max(8, 1 << (len(chunk) - 1).bit_length()), max(batch_size, len(chunk)))
-            chunk = np.concatenate([chunk, np.zeros((padded - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            chunks.append(self.logits(chunk)[: min(batch_size, len(batch) - start)])
+            padded = min(max(8, 1 << (len(chunk) - 1).bit_length()), batch_size)
+            chunks.append(self.logits(np.pad(chunk, [(0, padded - len(chunk))] + [(0, 0)] * 3))[: len(chunk)])
         logits = np.concatenate(chunks)
         exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs = exp / exp.sum(axis=-1, keepdims=True)
