@@ -5,13 +5,11 @@
     result = clf.predict(images, k=5)                # uint8 or float images in [0, 255]
     print(result.format(0))                          # top-5 of the first image with class names
 
-`load` reads the run's config and dataset items (JSON) and the parameters
-(tensorstore arrays, the EMA ones when the run kept them), never the optimizer
-state. **Loading never executes code from the checkpoint**: it reads JSON and
-array data through Orbax/tensorstore only; nothing is unpickled. Before any
-array is read, the saved parameter shapes are checked against the model the
-config builds, so a checkpoint that does not fit its config is refused with the
-list of differing keys.
+`load` reads the run's config and dataset items (JSON) and the parameters (tensorstore
+arrays, the EMA ones when the run kept them), never the optimizer state, and **never
+executes code from the checkpoint** (nothing is unpickled). Before any array is read, the
+saved shapes are checked against the model the config builds: a checkpoint that does not
+fit its config is refused with the list of differing keys.
 
 `Classifier.preprocess` is the eval preprocessing of the training pipeline
 (`input_pipeline`'s eval branch) with NumPy in and out: `s2mlp.preprocessing.preprocess`

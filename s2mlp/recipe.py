@@ -113,10 +113,7 @@ class StepOptions:
     def from_config(cls, config) -> StepOptions:
         aug = config.augment
         return cls(
-            label_smoothing=aug.label_smoothing,
-            mixup=aug.mixup,
-            cutmix=aug.cutmix,
-            mix_switch_prob=aug.mix_switch_prob,
+            **{name: aug[name] for name in ("label_smoothing", "mixup", "cutmix", "mix_switch_prob")},
             grad_accum_steps=config.grad_accum_steps,
             ema_decay=config.ema_decay,
             device_ops=augment_chain.parse(aug.ops).device,
