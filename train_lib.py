@@ -1,21 +1,16 @@
-"""Training and evaluation of S²-MLP, S²-MLPv2 and Mixer: read top to bottom.
+"""Training and evaluation of S²-MLP, S²-MLPv2 and Mixer, top to bottom: the train state · mesh and sharding · the
+train step · the trainer (`setup`: what training, `evaluate`, the benchmarks and the tests all compile) · the train
+loop · eval-only.
 
-Sections: the train state · mesh and sharding · the train step · the trainer
-(`setup`: what the trainer, `evaluate`, the benchmarks and the tests all compile) ·
-train loop · eval-only.
-
-One jitted train step runs over a 1-D device mesh ``('data',)``: the global
-batch is sharded over 'data', parameters are replicated (or FSDP-sharded over
-'data' with ``config.fsdp``). Multi-host runs feed each process's share of the
+One jitted train step runs over a 1-D device mesh ``('data',)``: the global batch is sharded over 'data', parameters
+are replicated (or FSDP-sharded over 'data' with ``config.fsdp``). Multi-host runs feed each process's share of the
 batch through `jax.make_array_from_process_local_data`.
 
-Importing this module needs no TensorFlow: the input pipeline is imported inside
-`train_and_evaluate`/`evaluate`, so the train step and the benchmarks run on hosts
-without TensorFlow. The config arrives checked (`configs/overrides.py` is the boundary; the recipe's fields,
-their checks and the typed options built from them are `s2mlp/recipe.py`'s). Around it: the workdir's lock, metric
-writers, stop signals and progress in `s2mlp/runs.py`; the train state on disk (save, resume,
-fine-tune, block-layout conversion) in `s2mlp/checkpoint.py`; eval steps, metrics and per-class
-results in `s2mlp/evals.py`.
+Importing this module needs no TensorFlow (the input pipeline is imported inside `train_and_evaluate`/`evaluate`), so
+the train step and the benchmarks run without it. The config arrives checked (`configs/overrides.py`; the recipe's
+fields and checks are `s2mlp/recipe.py`'s). Around the trainer: the workdir's lock, metric writers, stop signals and
+progress in `s2mlp/runs.py`; the train state on disk (save, resume, fine-tune, block-layout conversion) in
+`s2mlp/checkpoint.py`; eval steps, metrics and per-class results in `s2mlp/evals.py`.
 """
 
 from __future__ import annotations
@@ -191,16 +186,14 @@ def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions
 
 
 # =============================================================================
-# The trainer: one model and recipe on one mesh, compiled the same way for
-# training, eval-only runs, the benchmarks and the tests.
+# The trainer: compiled the same way for training, eval-only runs, the benchmarks and the tests.
 # =============================================================================
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """The jitted functions of one model and recipe on one mesh, and the state's shapes and shardings.
 
-    ``init(rng)`` and ``create(params)`` return a sharded `TrainState`; ``train_step(state, batch, rng)``
-    donates `state`; ``eval_step(params, batch)`` returns sums (`evaluate` turns them into metrics).
-    Nothing is compiled until first called (or lowered, as `train_and_evaluate` does).
+    ``init(rng)`` and ``create(params)`` return a sharded `TrainState`; ``train_step(state, batch, rng)`` donates
+    `state`; ``eval_step(params, batch)`` returns sums. Nothing is compiled until first called (or lowered).
     """
 
     model: Any
