@@ -336,7 +336,6 @@ class _Run:
     data: Any  # input_pipeline.Data
     trainer: Trainer
     total_steps: int
-    start_step: int
     step_rng: jax.Array
     mngr: ocp.CheckpointManager
     writer: Any  # a clu MetricWriter (process 0 writes metrics.jsonl and TensorBoard events; others nothing)
@@ -344,7 +343,6 @@ class _Run:
     saved_config: dict  # the JSON items saved with every checkpoint
     saved_dataset: dict
     evals: list[tuple[evals.EvalSpec, Any]]  # (spec, data): the main eval first, then config.evals
-    best: evals.EvalSpec  # the eval whose top-1 ranks the best checkpoint (config.best_eval)
 
     @property
     def ckpt_dir(self) -> epath.Path:
@@ -451,7 +449,6 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         data=data,
         trainer=trainer,
         total_steps=total_steps,
-        start_step=int(state.step),
         step_rng=step_rng,
         mngr=mngr,
         writer=metric_writers.MultiWriter(writers),
@@ -459,7 +456,6 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         saved_config=config_json,
         saved_dataset={"num_classes": info.num_classes, "class_names": list(info.class_names)},
         evals=eval_sets,
-        best=evals.best_spec(specs, config.get("best_eval") or ""),
     )
     return run, state
 
@@ -497,14 +493,14 @@ def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config
 
 
 def _train(run: _Run, state: TrainState) -> dict[str, float]:
-    """Steps from `run.start_step` to `run.total_steps`, with metrics, evals and checkpoints on their schedules."""
-    config, trainer = run.config, run.trainer
-    train_iter = run.data.train_iterator(run.start_step)
+    """Steps from `state.step` to `run.total_steps`, with metrics, evals and checkpoints on their schedules."""
+    config, trainer, start_step = run.config, run.trainer, int(state.step)
+    train_iter = run.data.train_iterator(start_step)
     changed = models.changed_fields(trainer.model, config.model.name)
     logging.info(
         "Training %s (%s%s params) for %d steps from step %d; %d images/step over %d devices.",
         config.model.name, "".join(f"{k}={v!r}, " for k, v in changed.items()),
-        f"{sum(x.size for x in jax.tree.leaves(trainer.abstract.params)):,}", run.total_steps, run.start_step,
+        f"{sum(x.size for x in jax.tree.leaves(trainer.abstract.params)):,}", run.total_steps, start_step,
         config.batch_size, jax.device_count(),
     )  # fmt: skip
     logging.info("Compiling the train step…")
@@ -512,37 +508,46 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     batch_spec = trainer.batch_spec(config.batch_size, config.image_size)
     step_fn = trainer.train_step.lower(state, batch_spec, run.step_rng).compile()
     logging.info("compiled in %.1f s.", time.time() - t_compile)
-    meter = runs.Throughput(run.start_step, run.total_steps, config.batch_size)
+    meter = runs.Throughput(start_step, run.total_steps, config.batch_size)
     eval_metrics: dict[str, float] = {}
     confusion = None  # of the main eval at the last evaluated step
     pending: list[dict[str, jax.Array]] = []  # train metrics of the steps since the last logged one
-    step = saved = run.start_step  # saved: the step of the latest save started (Orbax completes it in the background)
+    step = saved = start_step  # saved: the step of the latest save started (Orbax completes it in the background)
     trace = runs.ProfileTrace(config.get("profile_steps"), run.workdir / "profile")
-    with jax.set_mesh(trainer.mesh), _finish_writes(run, lambda: saved), trace:
-        for step in range(run.start_step + 1, run.total_steps + 1):
-            batch = trainer.to_global(next(train_iter))
-            trace.before(step)
-            state, metrics = step_fn(state, batch, run.step_rng)
-            trace.after(step, state)
-            with ckpt.save_errors(run.ckpt_dir, saved):  # a failed background save stops the run at once
-                run.mngr.check_for_errors()
-            pending.append(metrics)
-            last = step == run.total_steps
-            checkpoint = step % config.checkpoint_every_steps == 0 or last
-            # A row at each checkpoint too: a run resumed from it writes the rows an uninterrupted run writes.
-            if step % config.log_every_steps == 0 or checkpoint:
-                _write_train_metrics(run, state, step, pending, meter)
-            evaluated = step % config.eval_every_steps == 0 or last
-            if evaluated:
-                eval_metrics, confusion = _evaluate_now(run, state, step)
-            if checkpoint:
-                saved = _save(run, state, step, eval_metrics if evaluated else None)
-            if run.stop.should_stop(step) and not last:
-                if pending:
+    try:  # the metrics and the checkpoint already started are completed, also when training stops with an error
+        with jax.set_mesh(trainer.mesh), trace:
+            for step in range(start_step + 1, run.total_steps + 1):
+                batch = trainer.to_global(next(train_iter))
+                trace.before(step)
+                state, metrics = step_fn(state, batch, run.step_rng)
+                trace.after(step, state)
+                with ckpt.save_errors(run.ckpt_dir, saved):  # a failed background save stops the run at once
+                    run.mngr.check_for_errors()
+                pending.append(metrics)
+                last = step == run.total_steps
+                checkpoint = step % config.checkpoint_every_steps == 0 or last
+                # A row at each checkpoint too: a run resumed from it writes the rows an uninterrupted run writes.
+                if step % config.log_every_steps == 0 or checkpoint:
                     _write_train_metrics(run, state, step, pending, meter)
-                if not checkpoint:
+                evaluated = step % config.eval_every_steps == 0 or last
+                if evaluated:
+                    # The parameters' and their EMA's: eval_*, eval_ema_*, eval_NAME_*, eval_NAME_ema_*.
+                    items = [(k, p) for k, p in [("", state.params), ("ema_", state.ema_params)] if p is not None]
+                    eval_metrics, confusion = _evaluate_sets(trainer, run.evals, items)
+                    run.writer.write_scalars(step, eval_metrics)
+                    logging.info("eval step %d: %s", step, " | ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if checkpoint:
                     saved = _save(run, state, step, eval_metrics if evaluated else None)
-                break
+                if run.stop.should_stop(step) and not last:
+                    if pending:
+                        _write_train_metrics(run, state, step, pending, meter)
+                    if not checkpoint:
+                        saved = _save(run, state, step, eval_metrics if evaluated else None)
+                    break
+    finally:
+        run.writer.flush()
+        with ckpt.save_errors(run.ckpt_dir, saved):  # SaveFailed naming the step whose save did not complete
+            run.mngr.wait_until_finished()
     if run.stop.received and step < run.total_steps:
         message = (
             f"stopped by {run.stop.received} at step {step}; checkpoint saved in {run.ckpt_dir}; "
@@ -579,17 +584,6 @@ def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list,
     )  # fmt: skip
 
 
-def _evaluate_now(run: _Run, state: TrainState, step: int) -> tuple[dict[str, float], np.ndarray]:
-    """Every eval's metrics of the parameters and of their EMA, written: the main eval's ``eval_*`` and
-    ``eval_ema_*``, eval NAME's ``eval_NAME_*`` and ``eval_NAME_ema_*``. Also returns the main eval's confusion
-    matrix (of the EMA when on)."""
-    items = [("", state.params)] + ([("ema_", state.ema_params)] if state.ema_params is not None else [])
-    out, confusion = _evaluate_sets(run.trainer, run.evals, items)
-    run.writer.write_scalars(step, out)
-    logging.info("eval step %d: %s", step, " | ".join(f"{k} {v:.4f}" for k, v in out.items()))
-    return out, confusion
-
-
 def _check_finite(run: _Run, state: TrainState) -> None:
     """FloatingPointError naming the first step whose loss or gradient was NaN/Inf, and the last good checkpoint."""
     bad = int(state.bad_step)
@@ -609,23 +603,11 @@ def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | N
     named by config.best_eval (the main one by default), the EMA's when on. Returns `step`."""
     _check_finite(run, state)
     args = ckpt.save_args(state, config=run.saved_config, dataset=run.saved_dataset)
-    prefix = run.best.prefix
+    prefix = evals.best_spec([spec for spec, _ in run.evals], run.config.get("best_eval") or "").prefix
     best = {ckpt.BEST_METRIC: metrics.get(f"{prefix}ema_top1", metrics[f"{prefix}top1"])} if metrics else None
     with ckpt.save_errors(run.ckpt_dir, step):
         run.mngr.save(step, args=args, metrics=best)
     return step
-
-
-@contextlib.contextmanager
-def _finish_writes(run: _Run, last_saved: Callable[[], int]):
-    """Completes the metrics and the checkpoint already started, also when training stops with an error; a
-    checkpoint that fails to complete raises `ckpt.SaveFailed` naming its step (`last_saved()`)."""
-    try:
-        yield
-    finally:
-        run.writer.flush()
-        with ckpt.save_errors(run.ckpt_dir, last_saved()):
-            run.mngr.wait_until_finished()
 
 
 # =============================================================================
