@@ -76,11 +76,6 @@ def create_state(params, tx: optax.GradientTransformation, use_ema: bool) -> Tra
     )
 
 
-def init_state(rng: jax.Array, model, tx: optax.GradientTransformation, image_size: int, use_ema: bool) -> TrainState:
-    params = model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)["params"]
-    return create_state(params, tx, use_ema)
-
-
 # =============================================================================
 # Mesh and sharding.
 # =============================================================================
@@ -264,13 +259,16 @@ def setup(
     mesh = mesh or make_mesh()
     schedule = learning_rate_schedule(optimizer, steps_per_epoch, total_steps)
     tx = make_optimizer(optimizer, schedule)
-    use_ema = options.ema_decay > 0
-    init = functools.partial(init_state, model=model, tx=tx, image_size=image_size, use_ema=use_ema)
+    create = functools.partial(create_state, tx=tx, use_ema=options.ema_decay > 0)
+
+    def init(rng):
+        return create(model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)["params"])
+
     abstract = jax.eval_shape(init, jax.random.key(0))
     shardings = state_sharding(mesh, abstract, fsdp)
     batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     step = functools.partial(train_step, model=model, tx=tx, options=options, batch_sharding=batch_sharding)
-    eval_in = (shardings.params, batch_sharding)
+    jit_eval = functools.partial(jax.jit, in_shardings=(shardings.params, batch_sharding))
     return Trainer(
         model=model,
         tx=tx,
@@ -281,17 +279,15 @@ def setup(
         batch_sharding=batch_sharding,
         init=jax.jit(init, out_shardings=shardings),
         # Inside jit, so the EMA gets its own buffers (the step donates both) and every leaf its sharding.
-        create=jax.jit(functools.partial(create_state, tx=tx, use_ema=use_ema), out_shardings=shardings),
+        create=jax.jit(create, out_shardings=shardings),
         train_step=jax.jit(
             step,
             in_shardings=(shardings, batch_sharding, replicated),
             out_shardings=(shardings, replicated),
             donate_argnums=0,
         ),
-        eval_step=jax.jit(functools.partial(evals.eval_step, model=model), in_shardings=eval_in),
-        multi_label_eval_step=jax.jit(
-            functools.partial(evals.multi_label_eval_step, model=model), in_shardings=eval_in
-        ),
+        eval_step=jit_eval(functools.partial(evals.eval_step, model=model)),
+        multi_label_eval_step=jit_eval(functools.partial(evals.multi_label_eval_step, model=model)),
         image_dtype=jnp.uint8 if options.device_ops else jnp.float32,
     )
 
@@ -314,9 +310,8 @@ def setup_from_config(config, num_classes: int, *, steps_per_epoch: int = 1, tot
 # Train loop.
 # =============================================================================
 def _evaluate_sets(trainer: Trainer, eval_sets: list[tuple[evals.EvalSpec, Any]], items: list[tuple[str, Any]]):
-    """Every (spec, data) of `eval_sets` with each (key infix, params) of `items` ('' for the parameters, 'ema_' for
-    their EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item: the EMA's when
-    on)."""
+    """Each (spec, data) of `eval_sets` with each (key infix, params) of `items` ('' the parameters, 'ema_' their
+    EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item, the EMA's when on)."""
     out, confusion = {}, None
     for spec, data in eval_sets:
         for infix, params in items:
@@ -386,7 +381,6 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         config.data.name, config.data.train_split, f"{info.num_train:,}", config.data.eval_split,
         f"{info.num_eval:,}", info.num_classes,
     )  # fmt: skip
-    specs = [spec for spec, _ in eval_sets]
     steps_per_epoch = max(info.num_train // config.batch_size, 1)
     total_steps = config.total_steps or config.num_epochs * steps_per_epoch
     trainer = setup_from_config(config, info.num_classes, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
@@ -440,7 +434,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         runs.drop_rows_after(workdir / METRICS_FILE, latest or 0)
         runs.drop_events_after(workdir, latest or 0)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split, evals=[s.name for s in specs[1:]])
+        tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split, evals=[s.name for s, _ in eval_sets[1:]])
         tensorboard.write_config(config)
         writers = [tensorboard, runs.JsonlWriter(workdir / METRICS_FILE)]
     run = _Run(
@@ -618,11 +612,10 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     returns the metrics (metrics.jsonl's keys).
 
     The results get their own folder, ``<eval_dir>/<split>_step<N>/`` (default eval_dir: ``<workdir>/eval``, or
-    ``<workdir>/eval/<run>`` for a `checkpoint` of another run, named by its directory):
-    ``metrics.json`` (metrics.jsonl's keys), TensorBoard events tagged ``<split>/top1``, ``<eval name>/top1``, ...
-    and the main eval's ``per_class.json`` (+ ``confusion.png`` up to 100 classes; of the EMA when saved). They add
-    no point to the training curves, and nothing else is written, so a read-only run can be evaluated with
-    ``--eval_dir`` elsewhere.
+    ``<workdir>/eval/<run>`` for a `checkpoint` of another run, named by its directory): ``metrics.json``,
+    TensorBoard events tagged ``<split>/top1``, ``<eval name>/top1``, ... and the main eval's ``per_class.json``
+    (+ ``confusion.png`` up to 100 classes; of the EMA when saved). They add no point to the training curves, and
+    nothing else is written, so a read-only run can be evaluated with ``--eval_dir`` elsewhere.
     """
     workdir = ckpt.absolute(workdir)
     data, eval_sets = _checked_data(config)
@@ -637,12 +630,11 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     split = config.data.eval_split
     out_dir = evals.out_dir(results, split, step)
     runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
-    targets = trainer.targets.params
-    items = []  # (key infix, parameters): the parameters, then their EMA when saved
+    saved = ckpt.param_items(step_dir)  # the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):
-        for item in ckpt.param_items(step_dir):
-            params = ckpt.restore_items(step_dir, {item: targets}, trainer.model, convert, trainer.replicated)[item]
-            items.append(("ema_" if item == ckpt.EMA_PARAMS else "", params))
+        targets = dict.fromkeys(saved, trainer.targets.params)
+        restored = ckpt.restore_items(step_dir, targets, trainer.model, convert, trainer.replicated)
+        items = [("ema_" if item == ckpt.EMA_PARAMS else "", restored[item]) for item in saved]
         out, confusion = _evaluate_sets(trainer, eval_sets, items)
     if jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -655,8 +647,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
         tensorboard = runs.TensorBoardWriter(out_dir, split, evals=[s.name for s in specs[1:]])
         tensorboard.write_scalars(step, out)
         tensorboard.close()
-        item = ckpt.EMA_PARAMS if items[-1][0] == "ema_" else ckpt.PARAMS
-        evals.write_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=item)
+        evals.write_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=saved[-1])
     logging.info(
         "eval of %s step %d on %s: %s. Results: %s",
         directory, step, ", ".join(repr(s.name) for s in specs), " | ".join(f"{k} {v:.4f}" for k, v in out.items()),
