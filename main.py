@@ -1,21 +1,18 @@
 """Trains or evaluates a model: ``python main.py --config=configs/s2mlp_v2_medium.py --workdir=DIR``.
 
-Modes: ``--mode=train`` (default; resumes from the latest checkpoint in DIR,
-fine-tunes from ``--config.init_from=OTHER_RUN`` when DIR has none) and
-``--mode=eval`` (evaluates DIR's latest checkpoint, or ``--checkpoint``).
-Multi-host: ``--multihost`` calls ``jax.distributed.initialize()`` (TPU VMs and
-SLURM/GPU clusters detect their peers), or pass the coordinator explicitly.
+Modes: ``--mode=train`` (default; resumes from the latest checkpoint in DIR, fine-tunes from
+``--config.init_from=OTHER_RUN`` when DIR has none) and ``--mode=eval`` (evaluates DIR's latest checkpoint, or
+``--checkpoint``). Multi-host: ``--multihost`` calls ``jax.distributed.initialize()`` (TPU VMs and SLURM/GPU clusters
+detect their peers), or pass the coordinator explicitly.
 
-Model hyperparameters: ``--config.model.overrides.FIELD=VALUE`` sets one field of
-the model (any field of its class, e.g. ``shift_pattern=eight``, ``hidden_dim=64``,
-``shift_patterns='("none","none")'``) and merges into the config's own overrides.
-These flags are taken off the command line before absl parses it (ml_collections
-only accepts fields a config already defines) and applied after the config is
-loaded; VALUE is a Python literal where it parses as one, else a string.
+Model hyperparameters: ``--config.model.overrides.FIELD=VALUE`` sets one field of the model (any field of its class,
+e.g. ``shift_pattern=eight``, ``hidden_dim=64``, ``shift_patterns='("none","none")'``) and merges into the config's
+own overrides; VALUE is a Python literal where it parses as one, else a string. These flags are taken off the command
+line before absl parses it (ml_collections only accepts fields a config already defines).
 
-Exit status: 0 done; 1 a clear error (bad config or data, locked workdir, ...),
-printed as one message without a traceback; ``train_lib.EXIT_STOPPED`` (75) stopped
-by SIGTERM/SIGINT with a checkpoint saved (rerun the same command to resume).
+Exit status: 0 done; 1 a clear error (bad config or data, locked workdir, ...), printed as one message without a
+traceback; ``train_lib.EXIT_STOPPED`` (75) stopped by SIGTERM/SIGINT with a checkpoint saved (rerun the same command
+to resume).
 """
 
 import contextlib
@@ -95,9 +92,8 @@ def main(argv):
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
                  jax.devices()[0].platform)  # fmt: skip
 
-    with runs.native_stderr_once():
-        with contextlib.suppress(ImportError):
-            import tensorflow  # noqa: F401 - loaded here so its native start-up lines print once
+    with runs.native_stderr_once(), contextlib.suppress(ImportError):
+        import tensorflow  # noqa: F401 - loaded here so its native start-up lines print once
 
     import train_lib
 
