@@ -54,9 +54,7 @@ CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy, 
 METRICS_FILE = "metrics.jsonl"
 
 
-# =============================================================================
-# The train state.
-# =============================================================================
+# ---- the train state ---------------------------------------------------------------------------------------------
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -76,9 +74,7 @@ def create_state(params, tx: optax.GradientTransformation, use_ema: bool) -> Tra
     )
 
 
-# =============================================================================
-# Mesh and sharding.
-# =============================================================================
+# ---- mesh and sharding -------------------------------------------------------------------------------------------
 def make_mesh(devices=None) -> jax.sharding.Mesh:
     """`devices` (default: all devices of all processes) on one 'data' axis."""
     devices = list(devices or jax.devices())
@@ -104,9 +100,7 @@ def to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-# =============================================================================
-# The train step (the eval steps are in s2mlp/evals.py).
-# =============================================================================
+# ---- the train step (the eval steps are in s2mlp/evals.py) -------------------------------------------------------
 def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions, batch_sharding=None):
     """One update on the global batch {'image': (B, H, W, 3), 'label': (B,)}.
 
@@ -131,12 +125,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions
         images = augment.apply(options.device_ops, images, jax.random.fold_in(rng, 1), options.normalization, positions)
     targets = smooth_labels(batch["label"], model.num_classes, options.label_smoothing)
     images, targets = mix_batch(
-        mix_rng,
-        images,
-        targets,
-        mixup=options.mixup,
-        cutmix=options.cutmix,
-        switch_prob=options.mix_switch_prob,
+        mix_rng, images, targets, mixup=options.mixup, cutmix=options.cutmix, switch_prob=options.mix_switch_prob
     )
 
     def loss_fn(params, images, targets, rng):
@@ -180,9 +169,7 @@ def train_step(state: TrainState, batch, rng, *, model, tx, options: StepOptions
     return new_state, {"loss": loss, "grad_norm": grad_norm}
 
 
-# =============================================================================
-# The trainer: compiled the same way for training, eval-only runs, the benchmarks and the tests.
-# =============================================================================
+# ---- the trainer: compiled the same way for training, eval-only runs, the benchmarks and the tests ---------------
 @dataclasses.dataclass(frozen=True)
 class Trainer:
     """The jitted functions of one model and recipe on one mesh, and the state's shapes and shardings.
@@ -306,9 +293,7 @@ def setup_from_config(config, num_classes: int, *, steps_per_epoch: int = 1, tot
     )
 
 
-# =============================================================================
-# Train loop.
-# =============================================================================
+# ---- train loop --------------------------------------------------------------------------------------------------
 def _evaluate_sets(trainer: Trainer, eval_sets: list[tuple[evals.EvalSpec, Any]], items: list[tuple[str, Any]]):
     """Each (spec, data) of `eval_sets` with each (key infix, params) of `items` ('' the parameters, 'ema_' their
     EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item, the EMA's when on)."""
@@ -419,10 +404,9 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         if config.get("init_from"):
             # Replicated first: FSDP-sharded parameters of several processes are not all addressable here.
             fresh = jax.device_get(jax.jit(lambda p: p, out_shardings=trainer.replicated)(state.params))
-            params = ckpt.fine_tune_params(
-                config.init_from, config.init_from_ema, trainer.model, fresh, config.model.name
+            state = trainer.create(
+                ckpt.fine_tune_params(config.init_from, config.init_from_ema, trainer.model, fresh, config.model.name)
             )
-            state = trainer.create(params)
     # Opened once the state is in hand, so a failed restore leaves the folder as it was (opening it deletes
     # the temporary folders of unfinished saves).
     mngr = ckpt.manager(ckpt_dir, keep=config.keep_checkpoints)
@@ -552,8 +536,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
     if confusion is not None and step == run.total_steps and jax.process_index() == 0:
         item = ckpt.EMA_PARAMS if state.ema_params is not None else ckpt.PARAMS
         out_dir = evals.out_dir(run.workdir / "eval", config.data.eval_split, step)
-        names = run.saved_dataset["class_names"]
-        evals.write_per_class(out_dir, confusion, names, spec=run.evals[0][0], step=step, item=item)
+        evals.write_per_class(out_dir, confusion, run.data.info.class_names, spec=run.evals[0][0], step=step, item=item)
     if eval_metrics:
         logging.info(
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
@@ -604,9 +587,7 @@ def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | N
     return step
 
 
-# =============================================================================
-# Eval-only: evaluate the latest (or a given) checkpoint of a run.
-# =============================================================================
+# ---- eval-only: the latest (or a given) checkpoint of a run ------------------------------------------------------
 def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str | None = None) -> dict[str, float]:
     """Evaluates `checkpoint` (default: `workdir`'s latest) on config.data.eval_split and every eval of config.evals;
     returns the metrics (metrics.jsonl's keys).
