@@ -330,11 +330,9 @@ class _Run:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last eval metrics.
-
-    Every check runs before anything is compiled or written into `workdir`. Raises `WorkdirBusy` when
-    another trainer holds the workdir, and `Stopped` when SIGTERM/SIGINT stopped training (after a checkpoint).
-    """
+    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last eval metrics. Every check
+    runs before anything is compiled or written into `workdir`. Raises `WorkdirBusy` when another trainer holds the
+    workdir, and `Stopped` when SIGTERM/SIGINT stopped training (after a checkpoint)."""
     workdir = ckpt.absolute(workdir)  # relative, ~, trailing '/': resolved once, here
     with contextlib.ExitStack() as cleanup:  # the workdir lock and the signal handlers, released on any exit
         prepared = _prepare(config, workdir, cleanup)
@@ -563,8 +561,7 @@ def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list,
 
 def _check_finite(run: _Run, state: TrainState) -> None:
     """FloatingPointError naming the first step whose loss or gradient was NaN/Inf, and the last good checkpoint."""
-    bad = int(state.bad_step)
-    if bad >= 0:
+    if (bad := int(state.bad_step)) >= 0:
         kept = run.mngr.latest_step()
         where = "No checkpoint was written yet"
         if kept is not None:
