@@ -24,6 +24,7 @@ step folder, the first bad parameter and the other complete steps of the run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -83,9 +84,7 @@ def manager(directory: epath.PathLike, *, keep: int = 3) -> ocp.CheckpointManage
         # fails there; made in the background, the failure leaves Orbax's threads waiting, unreported, for ever.
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     )
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _UnrankedSaves) for f in absl_logger.filters):
-        absl_logger.addFilter(_UnrankedSaves())
+    logging.getLogger("absl").addFilter(_unranked_saves)  # added once: addFilter skips a filter already there
     mngr = ocp.CheckpointManager(epath.Path(directory), options=options)
     # Orbax deletes them in a background thread that it joins only at the first save; join it here, so the
     # folder is settled when this returns and no file-system call of that thread overlaps the run's own
@@ -122,8 +121,7 @@ def save_errors(directory: epath.Path, step: int | None):
 def save_args(state: Any, *, config: dict, dataset: dict) -> ocp.args.Composite:
     """The items of one training step (`state_items`; no EMA item when state.ema_params is None), for
     `manager(...).save`."""
-    arrays = state_items(state, ema=state.ema_params is not None)
-    args = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
+    args = {k: ocp.args.StandardSave(v) for k, v in state_items(state, ema=state.ema_params is not None).items()}
     return ocp.args.Composite(**args, **{CONFIG: ocp.args.JsonSave(config), DATASET: ocp.args.JsonSave(dataset)})
 
 
@@ -147,10 +145,8 @@ def latest_step(directory: epath.PathLike) -> int | None:
 
 
 def restore_state(step_dir: epath.PathLike, targets: dict[str, Any]) -> dict[str, Any]:
-    """`{item: arrays}` for each `{item: abstract tree}` of `targets` (leaves keep their shardings).
-
-    Each item is read and checked as `restore` does; raises `BadCheckpoint` for damaged data.
-    """
+    """`{item: arrays}` for each `{item: abstract tree}` of `targets` (leaves keep their shardings), each read and
+    checked as `restore` does (`BadCheckpoint` for damaged data)."""
     return {item: restore(step_dir, item, abstract) for item, abstract in targets.items()}
 
 
@@ -213,12 +209,10 @@ def corrupt(step_dir: epath.Path, e: BaseException) -> BadCheckpoint:
     return BadCheckpoint(step_dir, f"is incomplete or corrupt ({type(e).__name__}: {reason})")
 
 
-class _UnrankedSaves(logging.Filter):
+def _unranked_saves(record: logging.LogRecord) -> bool:
     """Drops Orbax's "Requested `tracked_metric`; did not provide metrics." warning: steps saved between evals
     (and the step saved on SIGTERM) have no eval metrics by design; they are kept while among the last `keep`."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
+    return "did not provide metrics" not in record.getMessage()
 
 
 class _QuietOrbax(logging.Filter):
@@ -230,23 +224,25 @@ class _QuietOrbax(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_orbax():
+def _reading(step_dir: epath.Path):
+    """Reads of `step_dir` with Orbax's notices quieted; any error (Orbax, JSON, tensorstore's ValueError, OSError
+    or RuntimeError on damaged files) is raised as `corrupt`, whose message holds the reason."""
     _silence_abandoned_reads()
     quiet, logger = _QuietOrbax(), logging.getLogger("absl")
     logger.addFilter(quiet)
     try:
         yield
+    except Exception as e:  # noqa: BLE001 - any failure of the read means a damaged item
+        raise corrupt(step_dir, e) from None
     finally:
         logger.removeFilter(quiet)
 
 
-class _AbandonedTasks(logging.Filter):
+def _abandoned_tasks(record: logging.LogRecord) -> bool:
     """Drops asyncio's reports of Orbax read tasks that nobody awaits any more."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        abandoned = message.startswith(("Task exception was never retrieved", "Task was destroyed but it is pending"))
-        return not (abandoned and "orbax" in message)
+    message = record.getMessage()
+    abandoned = message.startswith(("Task exception was never retrieved", "Task was destroyed but it is pending"))
+    return not (abandoned and "orbax" in message)
 
 
 def _is_abandoned_read(unraisable) -> bool:
@@ -256,23 +252,16 @@ def _is_abandoned_read(unraisable) -> bool:
     return code is not None and "orbax" in code.co_filename
 
 
-_silenced = False
-
-
+@functools.cache  # once per process
 def _silence_abandoned_reads() -> None:
     """Keeps the real error of a failed read readable.
 
-    When one array of a step cannot be read, Orbax stops waiting for the step's other
-    reads; as they finish (in tensorstore's threads, while and after the error is
-    raised) each one prints a traceback ("Event loop is closed", "Task exception was
-    never retrieved"), hundreds of lines for a large model. From the first read through
-    this module on, those reports (and only those) are dropped for the rest of the process.
+    When one array of a step cannot be read, Orbax stops waiting for the step's other reads; as they finish (in
+    tensorstore's threads, while and after the error is raised) each one prints a traceback ("Event loop is
+    closed", "Task exception was never retrieved"), hundreds of lines for a large model. From the first read
+    through this module on, those reports (and only those) are dropped for the rest of the process.
     """
-    global _silenced
-    if _silenced:
-        return
-    _silenced = True
-    logging.getLogger("asyncio").addFilter(_AbandonedTasks())
+    logging.getLogger("asyncio").addFilter(_abandoned_tasks)
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -287,11 +276,8 @@ def read_json(step_dir: epath.PathLike, item: str) -> dict[str, Any] | None:
     step_dir = epath.Path(step_dir)
     if not (step_dir / item).is_dir():
         return None
-    try:
-        with _quiet_orbax():
-            value = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
-    except Exception as e:  # noqa: BLE001 - any Orbax / JSON failure means a damaged item
-        raise corrupt(step_dir, e) from None  # the reason is in the message
+    with _reading(step_dir):
+        value = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / item)
     if not isinstance(value, dict):
         raise corrupt(step_dir, TypeError(f"item '{item}' holds {type(value).__name__}, not a JSON object"))
     return value
@@ -303,13 +289,10 @@ def saved_shapes(step_dir: epath.PathLike, item: str = PARAMS) -> dict[str, tupl
 
 
 def _saved_arrays(step_dir: epath.Path, item: str) -> dict[str, Any]:
-    try:
-        with _quiet_orbax():
-            meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(step_dir / item)
+    with _reading(step_dir):
+        meta = ocp.Checkpointer(ocp.StandardCheckpointHandler()).metadata(step_dir / item)
         tree = getattr(meta, "item_metadata", meta)
         leaves = flatten(getattr(tree, "tree", tree))
-    except Exception as e:  # noqa: BLE001
-        raise corrupt(step_dir, e) from None  # the reason is in the message
     if not leaves:
         raise corrupt(step_dir, ValueError(f"the array metadata of item '{item}' cannot be read"))
     return leaves
@@ -331,14 +314,11 @@ def restore(step_dir: epath.PathLike, item: str, abstract: Any = None, sharding=
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding or getattr(a, "sharding", None) or default),
         abstract,
     )
-    try:
-        with _quiet_orbax():
-            arrays = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
-                step_dir / item, args=ocp.args.StandardRestore(target)
-            )
+    with _reading(step_dir):
+        arrays = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
+            step_dir / item, args=ocp.args.StandardRestore(target)
+        )
         arrays = jax.block_until_ready(arrays)
-    except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError/OSError/RuntimeError on damaged files
-        raise corrupt(step_dir, e) from None  # the reason is in the message
     bad = first_nonfinite(arrays)
     if bad is not None:
         raise BadCheckpoint(step_dir, f"holds NaN/Inf values in '{item}' (first: {bad})")
@@ -547,9 +527,7 @@ def check_init_from(init_from: str, ema: bool, model, abstract_params, model_nam
         raise ValueError(f"config.init_from={init_from!r}: {e}") from None
     problems = shape_mismatch(_body(flat_shapes(abstract_params)), _body(saved))
     other = _other_layout(model, abstract_params) if problems else None  # saved with the other model.scan
-    if other is not None and not shape_mismatch(_body(flat_shapes(other)), _body(saved)):
-        problems = ""
-    if problems:
+    if problems and (other is None or shape_mismatch(_body(flat_shapes(other)), _body(saved))):
         raise ValueError(f"config.init_from={init_from!r}: its parameters do not fit {model_name}:\n{problems}")
 
 
