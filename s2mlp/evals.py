@@ -74,10 +74,10 @@ def from_config(config) -> list[EvalSpec]:
     if isinstance(entries, str) or hasattr(entries, "items"):
         raise ValueError(f'config.evals={entries!r} must be a tuple of evals, e.g. --config.evals=\'("real", "v2")\'.')
     for i, entry in enumerate(entries):
-        spec = _parse(entry, f"config.evals[{i}]={_show(entry)}", config.data.name)
+        field = f"config.evals[{i}]={_show(entry)}"
+        spec = _parse(entry, field, config.data.name)
         if (spec.data, spec.split, spec.labels) == (main.data, main.split, main.labels):
             continue  # the main eval itself (e.g. 'validation' in an ImageNet run): evaluated once
-        field = f"config.evals[{i}]={_show(entry)}"
         if spec.name == main.name:
             raise ValueError(
                 f"{field}: the name {spec.name!r} is the main eval's (config.data.eval_split={main.split!r}); "
@@ -248,9 +248,8 @@ def confusion_figure(record: Mapping[str, Any], max_pairs: int = 12):
     ticks = np.arange(k) if k <= 30 else np.arange(0, k, max(1, k // 10))
     ax_m.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
     ax_m.set_yticks(ticks, [names[i] for i in ticks], fontsize=7)
-    about = ([repr(record["eval"])] if record.get("eval") else []) + (
-        [f"step {record['step']}"] if record.get("step") is not None else []
-    )
+    about = [repr(record["eval"])] if record.get("eval") else []
+    about += [f"step {record['step']}"] if record.get("step") is not None else []
     title = "confusion" + (f" of {' at '.join(about)}" if about else "") + f": top-1 {100 * record['top1']:.1f}%"
     ax_m.set(xlabel="predicted (top-1)", ylabel="true class", title=title)
     if pairs:

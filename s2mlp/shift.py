@@ -103,10 +103,7 @@ def spatial_shift(x: jax.Array, pattern: str = "ss1") -> jax.Array:
             f"shift_pattern={pattern!r} splits channels into {len(directions)} groups, "
             f"but the input has {channels} channels; use a multiple of {len(directions)}."
         )
-    if len(directions) == 1:
-        groups = [x]
-    else:
-        groups = jnp.split(x, len(directions), axis=-1)
+    groups = jnp.split(x, len(directions), axis=-1) if len(directions) > 1 else [x]
     moved = [shift_axis(shift_axis(g, 1, dr), 2, dc) for g, (dr, dc) in zip(groups, directions)]
     return moved[0] if len(moved) == 1 else jnp.concatenate(moved, axis=-1)
 
