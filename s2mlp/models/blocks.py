@@ -14,11 +14,8 @@ import jax.numpy as jnp
 
 
 def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None, *, deterministic: bool) -> jax.Array:
-    """DropPath with the rate as an array and an explicit key: the S² blocks' DropPath in both layouts.
-
-    Stochastic depth: identity when `deterministic` or `key` is None; otherwise each example's whole
-    residual branch is kept with probability ``1 - rate`` and scaled by ``1 / (1 - rate)`` (`_keep_or_drop`).
-    """
+    """Stochastic depth with the rate as an array and an explicit key (the S² blocks' DropPath in both layouts):
+    identity when `deterministic` or `key` is None, else `_keep_or_drop` with ``keep = 1 - rate``."""
     if deterministic or key is None:
         return x
     return _keep_or_drop(x, 1.0 - jnp.asarray(rate, jnp.float32), key)
@@ -34,11 +31,8 @@ def _keep_or_drop(x: jax.Array, keep, key: jax.Array) -> jax.Array:
 
 
 def drop_path_schedule(model: nn.Module, rate: float, depth: int, *, train: bool) -> tuple[jax.Array, jax.Array | None]:
-    """The DropPath rate of each of `depth` blocks (float32, 0 ... `rate`) and their keys for `block_stack`.
-
-    Keys: one per block, split from one ``'dropout'`` key of `model`; None (nothing is dropped) at
-    eval or when `rate` is 0.
-    """
+    """The DropPath rate of each of `depth` blocks (float32, 0 ... `rate`) and their keys for `block_stack`: one
+    per block, split from one ``'dropout'`` key of `model`; None (nothing is dropped) at eval or when `rate` is 0."""
     rates = jnp.asarray(drop_path_rates(rate, depth), jnp.float32)
     if not train or rate <= 0:
         return rates, None
@@ -53,11 +47,7 @@ def branch_keys(key: jax.Array | None) -> tuple[jax.Array | None, jax.Array | No
 # Rematerialisation of each block's activations in the backward pass (`remat` model field):
 # 'none' keeps every activation; 'full' saves nothing (the block is recomputed); 'dots' saves the
 # matmul outputs and recomputes the rest (GELU, norms, shifts).
-REMAT_POLICIES = {
-    "none": None,
-    "full": None,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def block_stack(
@@ -108,10 +98,8 @@ def block_stack(
 
 
 def block_output(block: nn.Module, x: jax.Array):
-    """What a block run by `block_stack` returns: `x`.
-
-    Inside ``nn.scan`` (``block.scanned``): the carry ``(x, None)``, with `x` sown as ``out``.
-    """
+    """What a block run by `block_stack` returns: `x`; inside ``nn.scan`` (``block.scanned``) the carry
+    ``(x, None)``, with `x` sown as ``out``."""
     if not block.scanned:
         return x
     block.sow("intermediates", "out", x)
@@ -119,10 +107,8 @@ def block_output(block: nn.Module, x: jax.Array):
 
 
 class DropPath(nn.Module):
-    """`drop_path` as a Module (Mixer's blocks): the key from the ``'dropout'`` RNG stream, the rate a float.
-
-    Identity when `deterministic` or ``rate == 0``.
-    """
+    """`drop_path` as a Module (Mixer's blocks): the key from the ``'dropout'`` RNG stream, the rate a float;
+    identity when `deterministic` or ``rate == 0``."""
 
     rate: float
 

@@ -1,4 +1,5 @@
-"""The checks of the fields every model has, and renamed fields; each model class's ``check_fields`` adds its own.
+"""The checks of the fields every model has (each class's ``check_fields`` adds its own), renamed fields, and
+`ModelFields`: the rest of what the registry asks of a model class.
 
 The registry (`s2mlp.models.get_model`) calls a class's ``upgrade_fields`` then ``check_fields`` before it
 builds the Module, so a bad field fails with one line naming it, before anything is traced.
@@ -17,9 +18,31 @@ import flax.linen as nn
 from s2mlp.models.blocks import REMAT_POLICIES
 from s2mlp.models.layers import INITS
 
-# Each model class's ``input_divisor``: what image sides must be multiples of, its ``divisor_of`` its own fields
-# (a staticmethod, so that the registry checks an image size before it builds anything).
-INPUT_DIVISOR = property(lambda self: self.divisor_of(vars(self)), doc="Image sides must be multiples of this.")
+
+class ModelFields:
+    """What the registry asks of a model class besides its ``check_fields``; these defaults suit a model of one
+    stage, no renamed field and no scanned blocks (Mixer), the S² models override what differs."""
+
+    @staticmethod
+    def divisor_of(fields: Mapping[str, Any]) -> int:
+        """Image sides must be multiples of this: the patch size, of a model with `fields` (a staticmethod, so that
+        the registry checks an image size before it builds anything)."""
+        return fields["patch_size"]
+
+    @property
+    def input_divisor(self) -> int:
+        """Image sides must be multiples of this."""
+        return self.divisor_of(vars(self))
+
+    @classmethod
+    def upgrade_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
+        """`fields` with the former names of renamed fields replaced (FutureWarning, `renamed_field`); here none."""
+        return dict(fields)
+
+    def block_groups(self) -> list[tuple[str, list[str]]]:
+        """The runs of identical blocks, (scanned name, [unrolled names]) each (`s2mlp.checkpoint.convert_params`):
+        [] here, as Mixer's blocks are always unrolled (``MixerBlock_{i}``, vision_transformer's names)."""
+        return []
 
 
 # Annotation (as written in the model classes) -> what a value of it is, for the type check of `common_fields`.

@@ -49,11 +49,7 @@ def resmlp_branch_scale(depth: int) -> float:
     The LayerScale rule of CaiT (Touvron et al., 2021, §2.1), used by ResMLP-12/24/36:
     0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper.
     """
-    if depth <= 18:
-        return 0.1
-    if depth <= 24:
-        return 1e-5
-    return 1e-6
+    return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
 
 
 class Affine(nn.Module):
@@ -88,15 +84,8 @@ def patch_conv(
     The stems of all three models and S²-MLPv2's 2×2 downsampling. Mixer keeps vision_transformer's
     ``padding='SAME'``, the same as 'VALID' on sides divisible by the patch.
     """
-    return nn.Conv(
-        features,
-        (patch, patch),
-        strides=(patch, patch),
-        padding=padding,
-        dtype=dtype,
-        kernel_init=kernel_init(weight_init),
-        name=name,
-    )
+    size, init = (patch, patch), kernel_init(weight_init)
+    return nn.Conv(features, size, strides=size, padding=padding, dtype=dtype, kernel_init=init, name=name)
 
 
 def dense(features: int, *, dtype: Dtype, weight_init: str, name: str | None = None) -> nn.Dense:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from s2mlp.models.blocks import DropPath, drop_path_rates
-from s2mlp.models.fields import INPUT_DIVISOR, common_fields, invalid
+from s2mlp.models.fields import ModelFields, common_fields, invalid
 from s2mlp.models.layers import Dtype, classifier_head, mlp, patch_conv
 
 
@@ -58,7 +58,7 @@ class MixerBlock(nn.Module):
         return x + drop(y, deterministic=not train)
 
 
-class MlpMixer(nn.Module):
+class MlpMixer(ModelFields, nn.Module):
     """MLP-Mixer on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes)."""
 
     num_classes: int
@@ -98,24 +98,7 @@ class MlpMixer(nn.Module):
         x = nn.LayerNorm(dtype=self.dtype, name="pre_head_layer_norm")(x)
         return classifier_head(self, jnp.mean(x, axis=1), self.num_classes, self.dtype)
 
-    # ---- the model's fields -------------------------------------------------------------
-    @staticmethod
-    def divisor_of(fields: Mapping[str, Any]) -> int:
-        """Image sides must be multiples of this: the patch size, of a model with `fields`."""
-        return fields["patch_size"]
-
-    input_divisor = INPUT_DIVISOR
-
-    @nn.nowrap
-    def block_groups(self) -> list[tuple[str, list[str]]]:
-        """[]: Mixer's blocks are always unrolled (``MixerBlock_{i}``, vision_transformer's names)."""
-        return []
-
-    @classmethod
-    def upgrade_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> dict[str, Any]:
-        """`fields` unchanged: no Mixer field was renamed."""
-        return dict(fields)
-
+    # ---- the model's fields (the rest of the registry's interface: `ModelFields`) -------------
     @classmethod
     def check_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> None:
         """Raises ValueError ``"{name}: {field}={value!r} ..."`` for the first bad field, as `S2MLP.check_fields`."""

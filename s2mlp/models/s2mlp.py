@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from s2mlp.models.blocks import block_output, block_stack, branch_keys, drop_path, drop_path_schedule
-from s2mlp.models.fields import INPUT_DIVISOR, common_fields, invalid, renamed_field
+from s2mlp.models.fields import ModelFields, common_fields, invalid, renamed_field
 from s2mlp.models.layers import Dtype, classifier_head, dense, make_norm, mlp, patch_conv, resmlp_branch_scale
 from s2mlp.shift import PATTERNS, num_groups, spatial_shift
 
@@ -63,7 +63,7 @@ class S2MLPBlock(nn.Module):
         return block_output(self, x)
 
 
-class S2MLP(nn.Module):
+class S2MLP(ModelFields, nn.Module):
     """S²-MLP on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
     `mlp_ratio` is the paper's expansion ratio r of the channel MLP (fc3: c -> r·c).
@@ -100,36 +100,21 @@ class S2MLP(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-        x = patch_conv(
-            self.hidden_dim, self.patch_size, dtype=self.dtype, weight_init=self.weight_init, name="patch_embed"
-        )(images.astype(self.dtype))
+        init = dict(dtype=self.dtype, weight_init=self.weight_init)
+        x = patch_conv(self.hidden_dim, self.patch_size, **init, name="patch_embed")(images.astype(self.dtype))
         x = make_norm(self.norm, self.dtype, "patch_norm")(x)  # scale 1, like ResMLP's non-branch Affines
         self.sow("intermediates", "stem_out", x)
-        scale = self.branch_scale_init
-        scale = resmlp_branch_scale(self.num_blocks) if scale is None else scale
+        scale = resmlp_branch_scale(self.num_blocks) if self.branch_scale_init is None else self.branch_scale_init
         rates, keys = drop_path_schedule(self, self.drop_path_rate, self.num_blocks, train=train)
-        kwargs = dict(
-            mlp_ratio=self.mlp_ratio,
-            norm=self.norm,
-            shift_pattern=self.shift_pattern,
-            dtype=self.dtype,
-            branch_scale=scale,
-            weight_init=self.weight_init,
-        )
+        kwargs = dict(mlp_ratio=self.mlp_ratio, norm=self.norm, shift_pattern=self.shift_pattern, branch_scale=scale)
+        kwargs |= init
         x = block_stack(
             self, S2MLPBlock, kwargs, x, first=0, depth=self.num_blocks, rates=rates, keys=keys, train=train,
             scan=self.scan, remat=self.remat, scan_name="blocks",
         )  # fmt: skip
         return classifier_head(self, jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
 
-    # ---- the model's fields, and its parameter layouts -----------------------------------
-    @staticmethod
-    def divisor_of(fields: Mapping[str, Any]) -> int:
-        """Image sides must be multiples of this: the patch size, of a model with `fields`."""
-        return fields["patch_size"]
-
-    input_divisor = INPUT_DIVISOR
-
+    # ---- the model's fields, and its parameter layouts (the rest: `ModelFields`) --------
     @nn.nowrap
     def block_groups(self) -> list[tuple[str, list[str]]]:
         """The run of identical blocks: [(scanned name, [unrolled names])] (see `s2mlp.checkpoint.convert_params`)."""

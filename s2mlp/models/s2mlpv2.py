@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from s2mlp.models.blocks import block_output, block_stack, branch_keys, drop_path, drop_path_schedule
-from s2mlp.models.fields import INPUT_DIVISOR, common_fields, invalid, renamed_field
+from s2mlp.models.fields import ModelFields, common_fields, invalid, renamed_field
 from s2mlp.models.layers import Dtype, classifier_head, dense, make_norm, mlp, patch_conv
 from s2mlp.shift import PATTERNS, num_groups, spatial_shift
 
@@ -87,18 +87,13 @@ class S2MLPv2Block(nn.Module):
         y = mixer(make_norm("layernorm", self.dtype, "norm1")(x))
         x = x + drop_path(y, rate, keys[0], deterministic=not train)
         y = make_norm("layernorm", self.dtype, "norm2")(x)
-        y = mlp(
-            y,
-            self.mlp_ratio * c,
-            dtype=self.dtype,
-            weight_init=self.weight_init,
-            names=("channel_mlp_fc1", "channel_mlp_fc2"),
-        )
+        init = dict(dtype=self.dtype, weight_init=self.weight_init)
+        y = mlp(y, self.mlp_ratio * c, **init, names=("channel_mlp_fc1", "channel_mlp_fc2"))
         x = x + drop_path(y, rate, keys[1], deterministic=not train)
         return block_output(self, x)
 
 
-class S2MLPv2(nn.Module):
+class S2MLPv2(ModelFields, nn.Module):
     """S²-MLPv2 on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
     Stage s: `depths[s]` blocks of width `hidden_dims[s]` (Table 1: small (4, 14) blocks of
@@ -152,8 +147,6 @@ class S2MLPv2(nn.Module):
     def divisor_of(fields: Mapping[str, Any]) -> int:
         """Image sides must be multiples of this: the patch size × 2 per downsampling, of a model with `fields`."""
         return fields["patch_size"] * 2 ** (len(fields["hidden_dims"]) - 1)
-
-    input_divisor = INPUT_DIVISOR
 
     @nn.nowrap
     def block_groups(self) -> list[tuple[str, list[str]]]:
