@@ -38,6 +38,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
+from flax import traverse_util
 
 CHECKPOINTS = "checkpoints"
 # The items of one step.
@@ -301,9 +302,8 @@ def _saved_arrays(step_dir: epath.Path, item: str) -> dict[str, Any]:
 def restore(step_dir: epath.PathLike, item: str, abstract: Any = None, sharding=None) -> Any:
     """The arrays of `item` with `abstract`'s shapes and dtypes (default: as saved), without the training state.
 
-    Arrays land on `sharding`, else on the sharding each `abstract` leaf carries, else on the
-    first local device, whatever the device layout at save time. Raises `BadCheckpoint` when
-    the files cannot be read or a floating-point array holds NaN/Inf.
+    Arrays land on `sharding`, else on the sharding each `abstract` leaf carries, else on the first local device,
+    whatever the device layout at save time. `BadCheckpoint` when the files cannot be read or hold NaN/Inf.
     """
     step_dir = epath.Path(step_dir)
     default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -327,9 +327,7 @@ def restore(step_dir: epath.PathLike, item: str, abstract: Any = None, sharding=
 
 def first_nonfinite(tree: Any) -> str | None:
     """The '/'-joined path of the first floating-point leaf of `tree` holding a NaN or Inf; None if all are finite.
-
-    One jitted reduction over all leaves: works on sharded (also multi-host) arrays and moves only flags.
-    """
+    One jitted reduction over all leaves: works on sharded (also multi-host) arrays and moves only flags."""
     flat = {k: v for k, v in flatten(tree).items() if jnp.issubdtype(v.dtype, jnp.inexact)}
     if not flat:
         return None
@@ -349,14 +347,7 @@ def params_item(step_dir: epath.PathLike, *, ema: bool) -> str:
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     """``{'a/b/kernel': leaf}`` -> nested dicts; the inverse of `flatten`."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -417,13 +408,12 @@ def _convert_mapping(node: Mapping, groups, to_scan: bool) -> dict | None:
 def convert_params(tree: Any, model, *, to_scan: bool) -> Any:
     """`tree`'s parameters of `model` (an S2MLP or S2MLPv2) moved to the scanned or the unrolled layout.
 
-    Scanned (``to_scan=True``): ``block_0`` ... ``block_{N-1}`` of each run of identical blocks are
-    stacked along a new leading axis into one entry (S²-MLP: ``blocks``; S²-MLPv2: ``stage_{s}``
-    per stage); unrolled: the reverse. Every dict in `tree` that holds the blocks is converted, so
-    a parameter tree, an EMA, or an optimizer state (Adam's ``mu``/``nu`` mirror the parameters)
-    all work; dicts already in the target layout and other leaves are returned unchanged. Values are
-    only stacked or sliced, so converting there and back gives the same arrays. Only the layout of
-    `model` matters (its `scan` field is ignored): use ``model.clone(scan=...)`` for the other model.
+    Scanned (``to_scan=True``): ``block_0`` ... ``block_{N-1}`` of each run of identical blocks are stacked along a
+    new leading axis into one entry (S²-MLP: ``blocks``; S²-MLPv2: ``stage_{s}`` per stage); unrolled: the reverse.
+    Every dict in `tree` that holds the blocks is converted, so a parameter tree, an EMA, or an optimizer state
+    (Adam's ``mu``/``nu`` mirror the parameters) all work; dicts already in the target layout and other leaves are
+    returned unchanged. Values are only stacked or sliced, so converting there and back gives the same arrays. Only
+    the layout of `model` matters (its `scan` field is ignored): use ``model.clone(scan=...)`` for the other model.
     """
     groups = model.block_groups()
 
@@ -464,12 +454,9 @@ def _other_layout(model, tree):
 # Restoring a run: resume from its workdir, or start from another run's weights (config.init_from).
 # =============================================================================
 def check_compatible(directory: epath.Path, step: int, model, abstract_params, model_name: str) -> bool:
-    """The saved parameters must have exactly the shapes of `abstract_params` (`model`'s), in either block layout.
-
-    Returns True when they were saved in the other layout (unrolled ``block_{i}`` vs scanned, see
-    `convert_params`), so the restore converts them; False when they fit as they are. `model_name` is
-    config.model.name, for the message.
-    """
+    """The saved parameters must have exactly the shapes of `abstract_params` (`model`'s), in either block layout:
+    True when they were saved in the other one (unrolled ``block_{i}`` vs scanned, see `convert_params`), so the
+    restore converts them; False when they fit as they are. `model_name` is config.model.name, for the message."""
     step_dir = directory / str(step)
     saved_shapes_ = saved_shapes(step_dir)
     problems = shape_mismatch(flat_shapes(abstract_params), saved_shapes_)
@@ -572,11 +559,11 @@ def restore_train_state(
     """The training state saved at `step`, each leaf on the sharding of `trainer` (a `train_lib.Trainer`), with
     the EMA setting `ema_decay` (config.ema_decay).
 
-    A damaged step (unreadable files, NaN/Inf values) raises `BadCheckpoint`, which names the previous
-    complete step and how to resume from it. An EMA missing from the checkpoint while ema_decay > 0 starts
-    from the restored parameters; a saved EMA with ema_decay=0 is left out (later checkpoints hold none).
-    Both are logged as warnings. `convert` (from `check_compatible`): the step was saved in the other block
-    layout (model.scan); parameters, EMA and optimizer state are read in that layout and converted.
+    A damaged step (unreadable files, NaN/Inf values) raises `BadCheckpoint`, which names the previous complete
+    step and how to resume from it. An EMA missing from the checkpoint while ema_decay > 0 starts from the restored
+    parameters; a saved EMA with ema_decay=0 is left out (later checkpoints hold none); both are logged as
+    warnings. `convert` (from `check_compatible`): the step was saved in the other block layout (model.scan);
+    parameters, EMA and optimizer state are read in that layout and converted.
     """
     step_dir = directory / str(step)
     use_ema, saved_ema = ema_decay > 0, EMA_PARAMS in saved_items(step_dir)
@@ -586,16 +573,14 @@ def restore_train_state(
     saved_config = read_json(step_dir, CONFIG) or {}
     clips, saved_clips = grad_clip_norm > 0, float(saved_config.get("grad_clip_norm") or 0) > 0
     if saved_clips != clips:
-        opt = items[OPT_STATE]
-        items[OPT_STATE] = (optax.EmptyState(), opt) if saved_clips else opt[1]
+        items[OPT_STATE] = (optax.EmptyState(), items[OPT_STATE]) if saved_clips else items[OPT_STATE][1]
         absl_logging.warning(
             "Step %d in %s was saved with%s gradient clipping; config.grad_clip_norm=%g turns it %s from here on.",
             step, directory, "" if saved_clips else "out", grad_clip_norm, "on" if clips else "off",
         )  # fmt: skip
     restored = restore_items(step_dir, items, trainer.model, convert, trainer.replicated)
     if saved_clips != clips:
-        opt = restored[OPT_STATE]
-        restored[OPT_STATE] = opt[1] if saved_clips else (optax.EmptyState(), opt)
+        restored[OPT_STATE] = restored[OPT_STATE][1] if saved_clips else (optax.EmptyState(), restored[OPT_STATE])
     ema_params = restored.get(EMA_PARAMS)
     if use_ema and not saved_ema:
         absl_logging.warning(

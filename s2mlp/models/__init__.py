@@ -60,13 +60,11 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def get_model(name: str, *, image_size: int | None = None, **overrides: Any):
     """Builds the registered model `name` with hyperparameters replaced by `overrides`.
 
-    `num_classes` defaults to 1000. `dtype` may be a string ('float32', 'bfloat16').
-    `image_size`, when given, is checked against the patch size (and, for Mixer,
-    is the one resolution the model will accept). Raises ValueError naming the
-    bad field and the valid choices (the model class's ``check_fields``) before
-    anything is compiled. Former field names (S²-MLP's ``expansion``, now ``mlp_ratio``;
-    S²-MLPv2's tuple ``num_blocks``, now ``depths``) are still accepted, with a
-    FutureWarning (the class's ``upgrade_fields``).
+    `num_classes` defaults to 1000. `dtype` may be a string ('float32', 'bfloat16'). `image_size`, when given, is
+    checked against the patch size (and, for Mixer, is the one resolution the model will accept). Raises ValueError
+    naming the bad field and the valid choices (the model class's ``check_fields``) before anything is compiled.
+    Former field names (S²-MLP's ``expansion``, now ``mlp_ratio``; S²-MLPv2's tuple ``num_blocks``, now
+    ``depths``) are still accepted, with a FutureWarning (the class's ``upgrade_fields``).
     """
     if name not in _REGISTRY:
         raise ValueError(f"model name {name!r} is unknown; choose one of {model_names()}.")

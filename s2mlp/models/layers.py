@@ -1,11 +1,7 @@
 """What the three models share: their layers (patch conv, Dense, MLP, norms, head) and initialisers.
 
 DropPath and the block stack of the S² models are in `s2mlp.models.blocks`; the checks of the fields every
-model has, in `s2mlp.models.fields`.
-
-Initialisation options (docs/notes/initialisation.md): `kernel_init(weight_init)` for every Dense and
-conv kernel except the zero-initialised heads, and `resmlp_branch_scale(depth)` for the initial
-scale of the Affine that closes each S²-MLP residual branch.
+model has, in `s2mlp.models.fields`. Initialisation options: docs/notes/initialisation.md.
 
 The helpers that build layers (`patch_conv`, `dense`, `mlp`, `classifier_head`) are called inside a
 model's ``@nn.compact`` method and create their submodules there, under the names they are given.

@@ -52,9 +52,8 @@ class MixerBlock(nn.Module):
         y = jnp.swapaxes(nn.LayerNorm(dtype=self.dtype)(x), 1, 2)
         y = jnp.swapaxes(MlpBlock(self.tokens_mlp_dim, self.dtype, self.weight_init, name="token_mixing")(y), 1, 2)
         x = x + drop(y, deterministic=not train)
-        y = MlpBlock(self.channels_mlp_dim, self.dtype, self.weight_init, name="channel_mixing")(
-            nn.LayerNorm(dtype=self.dtype)(x)
-        )
+        y = nn.LayerNorm(dtype=self.dtype)(x)
+        y = MlpBlock(self.channels_mlp_dim, self.dtype, self.weight_init, name="channel_mixing")(y)
         return x + drop(y, deterministic=not train)
 
 

@@ -66,22 +66,17 @@ class S2MLPBlock(nn.Module):
 class S2MLP(ModelFields, nn.Module):
     """S²-MLP on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
-    `mlp_ratio` is the paper's expansion ratio r of the channel MLP (fc3: c -> r·c).
+    `mlp_ratio` is the paper's expansion ratio r of the channel MLP (fc3: c -> r·c). Intermediates (``stem_out``,
+    ``block_{i}_out``, ``pre_logits``) are sown into the ``'intermediates'`` collection; pass
+    ``mutable=['intermediates']`` to get them.
 
-    Intermediates (``stem_out``, ``block_{i}_out``, ``pre_logits``) are sown into the
-    ``'intermediates'`` collection; pass ``mutable=['intermediates']`` to get them. With
-    ``scan=True`` the blocks' outputs are one stacked entry ``intermediates['blocks']['out']``
-    of shape (num_blocks, B, h, w, c) instead of ``block_{i}_out``.
-
-    `scan`: run the N identical blocks as one ``nn.scan`` (parameters ``blocks/...`` with a leading
-    axis of length N, instead of ``block_0`` ... ``block_{N-1}``): the compiled program holds one
-    block, so compile time does not grow with depth. Same function and parameters either way
-    (`s2mlp.checkpoint.convert_params` maps one layout to the other). `remat` ('none', 'full', 'dots'):
-    recompute each block's activations in the backward pass (`blocks.REMAT_POLICIES`).
-
-    `branch_scale_init` (norm='affine' only): initial scale of the Affine closing each
-    residual branch; None picks ResMLP's rule from `num_blocks` (`resmlp_branch_scale`).
-    `weight_init`: 'flax' or 'timm' kernels (`layers.kernel_init`); the head starts at zero either way.
+    `scan`: run the N identical blocks as one ``nn.scan`` (parameters ``blocks/...`` with a leading axis of length N
+    instead of ``block_0`` ... ``block_{N-1}``, outputs one stacked entry ``intermediates['blocks']['out']`` of shape
+    (N, B, h, w, c)): the compiled program holds one block, so compile time does not grow with depth. Same function
+    and parameters either way (`s2mlp.checkpoint.convert_params` maps one layout to the other). `remat` ('none',
+    'full', 'dots'): recompute each block's activations in the backward pass (`blocks.REMAT_POLICIES`).
+    `branch_scale_init`, `weight_init`: see the module docstring (`resmlp_branch_scale`, `layers.kernel_init`); the
+    head starts at zero either way.
     """
 
     num_classes: int

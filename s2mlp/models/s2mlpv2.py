@@ -96,18 +96,14 @@ class S2MLPv2Block(nn.Module):
 class S2MLPv2(ModelFields, nn.Module):
     """S²-MLPv2 on NHWC images (B, H, W, 3); returns float32 logits (B, num_classes).
 
-    Stage s: `depths[s]` blocks of width `hidden_dims[s]` (Table 1: small (4, 14) blocks of
-    (192, 384) channels); `mlp_ratio` is the channel MLP's expansion (Dense c -> mlp_ratio·c).
+    Stage s: `depths[s]` blocks of width `hidden_dims[s]` (Table 1: small (4, 14) blocks of (192, 384) channels);
+    `mlp_ratio` is the channel MLP's expansion (Dense c -> mlp_ratio·c). Intermediates (``stem_out``,
+    ``block_{i}_out`` numbered across both stages, ``pre_logits``) are sown into the ``'intermediates'`` collection.
+    `weight_init`: 'flax' or 'timm' kernels for every Dense and conv (`layers.kernel_init`); the head starts at zero.
 
-    Intermediates (``stem_out``, ``block_{i}_out`` numbered across both stages,
-    ``pre_logits``) are sown into the ``'intermediates'`` collection. `weight_init`: 'flax' or
-    'timm' kernels for every Dense and conv (`layers.kernel_init`); the head starts at zero either way.
-
-    `scan`: run each stage's blocks as one ``nn.scan`` (parameters ``stage_{s}/...`` with a leading axis
-    of the stage's depth, instead of ``block_{i}`` numbered across stages); the stage's outputs are then
-    one stacked entry ``intermediates['stage_{s}']['out']``. `remat` ('none', 'full', 'dots'):
-    recompute each block's activations in the backward pass. See `s2mlp.S2MLP` and
-    `s2mlp.checkpoint.convert_params`.
+    `scan`: run each stage's blocks as one ``nn.scan`` (parameters ``stage_{s}/...`` with a leading axis of the
+    stage's depth instead of ``block_{i}``, outputs one stacked entry ``intermediates['stage_{s}']['out']``);
+    `remat`: recompute each block's activations in the backward pass. See `S2MLP` and `checkpoint.convert_params`.
     """
 
     num_classes: int
