@@ -1,7 +1,7 @@
 """The on-disk layout of a training run, shared by the trainer and the inference API.
 
-A workdir holds ``config.json``, ``metrics.jsonl``, TensorBoard events and
-``checkpoints/<step>/``; each step is an Orbax composite checkpoint with items:
+A workdir holds ``config.json``, ``metrics.jsonl``, TensorBoard events and ``checkpoints/<step>/``; each step is an
+Orbax composite checkpoint with items:
 
 - ``params``: the model parameters (float32 pytree);
 - ``ema_params``: the EMA of the parameters (only when the EMA is on);
@@ -11,14 +11,12 @@ A workdir holds ``config.json``, ``metrics.jsonl``, TensorBoard events and
 - ``metrics``: ``{"eval_top1": x}`` (written by Orbax at evaluated steps, used to keep the best step): x is the
   top-1 of the eval that config.best_eval names (the main eval by default; the EMA's when on).
 
-Orbax writes each step to a temporary folder and renames it when complete, so a
-run killed at any moment leaves every listed step loadable; a temporary folder
-left by a killed run or a full disk is deleted when the next run's `manager`
-opens the folder. Paths may be local or ``gs://``.
+Orbax writes each step to a temporary folder and renames it when complete, so a run killed at any moment leaves
+every listed step loadable; a temporary folder left by a killed run or a full disk is deleted when the next run's
+`manager` opens the folder. Paths may be local or ``gs://``.
 
-Reading a step never succeeds silently on damaged data: unreadable or truncated
-array files and non-finite (NaN/Inf) parameters raise `BadCheckpoint` naming the
-step folder, the first bad parameter and the other complete steps of the run.
+Reading a step never succeeds silently on damaged data: unreadable or truncated array files and non-finite (NaN/Inf)
+parameters raise `BadCheckpoint` naming the step folder, the first bad parameter and the other complete steps.
 """
 
 from __future__ import annotations
@@ -64,10 +62,9 @@ def _rank(metrics: dict[str, float]) -> float:
 def manager(directory: epath.PathLike, *, keep: int = 3) -> ocp.CheckpointManager:
     """A manager that keeps the last `keep` steps plus the best one by `BEST_METRIC`, also across resumes.
 
-    `best_fn` makes Orbax write each step's metrics and read them back when a later run
-    opens the folder, so the best step of an earlier run keeps its rank; steps saved
-    without metrics are kept only while among the last `keep`. Temporary folders of
-    unfinished saves (``<step>.orbax-checkpoint-tmp-*``) are deleted on opening.
+    `best_fn` makes Orbax write each step's metrics and read them back when a later run opens the folder, so the
+    best step of an earlier run keeps its rank; steps saved without metrics are kept only while among the last
+    `keep`. Temporary folders of unfinished saves (``<step>.orbax-checkpoint-tmp-*``) are deleted on opening.
     """
     policy = ocp.checkpoint_managers.AnyPreservationPolicy(
         [
@@ -380,9 +377,7 @@ def shape_mismatch(expected: dict[str, tuple], found: dict[str, tuple], limit: i
     return "\n".join(lines)
 
 
-# =============================================================================
-# Block layout: a run saved with model.scan on reads into a model with it off, and back.
-# =============================================================================
+# ---- Block layout: a run saved with model.scan on reads into a model with it off, and back. ----------------------
 def _stack(*leaves):
     if all(isinstance(x, np.ndarray | np.generic) for x in leaves):
         return np.stack(leaves)
@@ -450,9 +445,7 @@ def _other_layout(model, tree):
     return jax.eval_shape(lambda t: convert_params(t, model, to_scan=not model.scan), plain)
 
 
-# =============================================================================
-# Restoring a run: resume from its workdir, or start from another run's weights (config.init_from).
-# =============================================================================
+# ---- Restoring a run: resume from its workdir, or start from another run's weights (config.init_from). ----------
 def check_compatible(directory: epath.Path, step: int, model, abstract_params, model_name: str) -> bool:
     """The saved parameters must have exactly the shapes of `abstract_params` (`model`'s), in either block layout:
     True when they were saved in the other one (unrolled ``block_{i}`` vs scanned, see `convert_params`), so the

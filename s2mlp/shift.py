@@ -1,13 +1,10 @@
 """The spatial-shift operation of S²-MLP and S²-MLPv2 (S²-MLP paper §3.2 and Algorithm 1).
 
-Arrays are NHWC, ``x[b, i, j, c]``: axis 1 is rows (height), axis 2 is columns
-(width). Channels are split into equal consecutive groups and each group is
-moved by one position along one spatial axis. "+1 along axis k" means
-``out[.., t, ..] = x[.., t - 1, ..]`` for ``t >= 1``; the one row/column that
-receives no value **keeps its own original value** (Algorithm 1 of both papers,
-applied literally). It is *not* ``jnp.roll`` (which wraps around) and *not* a
-zero-padded convolution (which zeroes the border): the three agree only in the
-interior.
+Arrays are NHWC, ``x[b, i, j, c]``: axis 1 is rows (height), axis 2 is columns (width). Channels are split into
+equal consecutive groups and each group is moved by one position along one spatial axis. "+1 along axis k" means
+``out[.., t, ..] = x[.., t - 1, ..]`` for ``t >= 1``; the one row/column that receives no value **keeps its own
+original value** (Algorithm 1 of both papers, applied literally). It is *not* ``jnp.roll`` (which wraps around) and
+*not* a zero-padded convolution (which zeroes the border): the three agree only in the interior.
 
 The op is built from slices and concatenates only, so XLA fuses it into the
 elementwise work around it: no gather, no scatter, no parameters, no FLOPs.
@@ -31,8 +28,8 @@ pattern        groups  directions, in channel order
 ``none``       1       no shift                  (Table 7 "w/o")
 =============  ======  ====================================================
 
-The figure in the paper does not say which single direction is which of
-(g)-(j); the four single-direction runs span 77.5-78.4 top-1 there.
+The figure in the paper does not say which single direction is which of (g)-(j); the four single-direction runs
+span 77.5-78.4 top-1 there.
 """
 
 from __future__ import annotations
@@ -87,12 +84,10 @@ def shift_axis(x: jax.Array, axis: int, step: int) -> jax.Array:
 
 
 def spatial_shift(x: jax.Array, pattern: str = "ss1") -> jax.Array:
-    """Applies the spatial shift `pattern` to NHWC `x` of shape (B, H, W, C).
+    """Applies the spatial shift `pattern` to NHWC `x` of shape (B, H, W, C); same shape and dtype out.
 
-    C is split into ``num_groups(pattern)`` equal consecutive groups; group g
-    is moved by the g-th direction of the pattern (see the module docstring).
-    A diagonal move is a row move followed by a column move, each keeping the
-    border. Returns an array of the same shape and dtype.
+    C is split into ``num_groups(pattern)`` equal consecutive groups; group g is moved by the g-th direction of the
+    pattern (see the module docstring). A diagonal move is a row move then a column move, each keeping the border.
     """
     directions = _directions(pattern)
     if x.ndim != 4:
@@ -111,9 +106,8 @@ def spatial_shift(x: jax.Array, pattern: str = "ss1") -> jax.Array:
 def shift_as_conv_kernel(pattern: str, channels: int) -> jax.Array:
     """The one-hot depthwise 3×3 kernel (3, 3, 1, C) equal to the shift in the interior.
 
-    Each group's kernel has a single 1 at the neighbour it copies from (paper §3.3):
-    the output at (i, j) reads the input at (i - dr, j - dc). Use with
-    ``feature_group_count=C`` and SAME padding; at the border the convolution
+    Each group's kernel has a single 1 at the neighbour it copies from (paper §3.3): the output at (i, j) reads the
+    input at (i - dr, j - dc). Use with ``feature_group_count=C`` and SAME padding; at the border the convolution
     zero-pads, while `spatial_shift` keeps the border value.
     """
     directions = _directions(pattern)

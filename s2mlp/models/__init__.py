@@ -115,10 +115,9 @@ def changed_fields(model, name: str) -> dict[str, Any]:
 def from_config(config, num_classes: int, *, dtype: str | None = None):
     """The model of a training config: the one "config -> model" of the trainer, inference, benchmarks and tools.
 
-    `config` is an ``ml_collections.ConfigDict`` or a run's saved ``config.json`` as a mapping; it reads
-    ``model.name``, ``model.overrides``, ``model.drop_path_rate``, ``image_size`` and ``compute_dtype``
-    (`dtype` replaces the latter). JSON lists (e.g. ``hidden_dims``) become tuples. Raises ValueError
-    starting ``config.model:`` that names the bad field.
+    `config` is an ``ml_collections.ConfigDict`` or a run's saved ``config.json`` as a mapping; it reads ``model.name``,
+    ``model.overrides``, ``model.drop_path_rate``, ``image_size`` and ``compute_dtype`` (`dtype` replaces the latter).
+    JSON lists (e.g. ``hidden_dims``) become tuples. Raises ValueError starting ``config.model:`` naming the field.
     """
     cls, kwargs = _config_fields(config, num_classes, dtype)
     return cls(**kwargs)

@@ -67,14 +67,13 @@ def block_stack(
 ) -> jax.Array:
     """Applies `depth` identical blocks `block_cls(**block_kwargs)` to `x` inside `parent`'s compact call.
 
-    Unrolled (scan=False): submodules ``block_{first}`` ... ``block_{first+depth-1}``, each output sown
-    into `parent`'s ``'intermediates'`` as ``block_{i}_out``. Scanned (scan=True): one ``nn.scan``
-    submodule `scan_name` whose parameters carry a leading axis of length `depth` (block j of the run
-    at index j), its outputs sown as one stacked entry ``intermediates[scan_name]['out']`` of shape
-    (depth, *x.shape). `rates` (float32, one per block) and `keys` (one DropPath key per block, or
-    None when nothing is dropped) are indexed the same way in both layouts, so the two compute the
-    same function (`s2mlp.checkpoint.convert_params` maps the parameters). `remat` ('none', 'full',
-    'dots') wraps each block in ``nn.remat`` with `REMAT_POLICIES[remat]`.
+    Unrolled (scan=False): submodules ``block_{first}`` ... ``block_{first+depth-1}``, each output sown into
+    `parent`'s ``'intermediates'`` as ``block_{i}_out``. Scanned (scan=True): one ``nn.scan`` submodule `scan_name`
+    whose parameters carry a leading axis of length `depth` (block j of the run at index j), its outputs sown as one
+    stacked entry ``intermediates[scan_name]['out']`` of shape (depth, *x.shape). `rates` (float32, one per block)
+    and `keys` (one DropPath key per block, or None when nothing is dropped) are indexed the same way in both
+    layouts, so the two compute the same function (`s2mlp.checkpoint.convert_params` maps the parameters). `remat`
+    ('none', 'full', 'dots') wraps each block in ``nn.remat`` with `REMAT_POLICIES[remat]`.
     """
     cls = block_cls
     if remat != "none":

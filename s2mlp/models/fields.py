@@ -65,11 +65,9 @@ def invalid(name: str, fields: Mapping[str, Any], field: str, why: str) -> Value
 
 
 def common_fields(cls: type[nn.Module], fields: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """`fields` over `cls`'s defaults, once the fields every model shares are checked.
-
-    Shared: ``num_classes``, ``drop_path_rate``, ``patch_size``, ``weight_init`` and, where `cls` has
-    them, ``scan`` and ``remat``. Raises ValueError starting ``"{name}: "`` (see `invalid`); the model
-    classes' ``check_fields`` then check their own fields in the returned dict.
+    """`fields` over `cls`'s defaults, once the fields every model shares are checked: ``num_classes``,
+    ``drop_path_rate``, ``patch_size``, ``weight_init`` and, where `cls` has them, ``scan`` and ``remat``. Raises
+    ValueError starting ``"{name}: "`` (see `invalid`); the classes' ``check_fields`` then check their own fields.
     """
     own = [f for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
     kw = {f.name: f.default for f in own if f.default is not dataclasses.MISSING} | dict(fields)
@@ -97,10 +95,8 @@ def common_fields(cls: type[nn.Module], fields: Mapping[str, Any], name: str) ->
 
 
 def renamed_field(fields: Mapping[str, Any], old: str, new: str, name: str) -> dict[str, Any]:
-    """`fields` with the field's former name `old` replaced by `new`, warning (FutureWarning) that it was used.
-
-    Saved runs and recorded commands keep working. Raises ValueError when both names are given.
-    """
+    """`fields` with the field's former name `old` replaced by `new`, warning (FutureWarning) that it was used, so
+    saved runs and recorded commands keep working. Raises ValueError when both names are given."""
     fields = dict(fields)
     if old not in fields:
         return fields

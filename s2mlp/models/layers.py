@@ -40,11 +40,8 @@ def kernel_init(weight_init: str) -> nn.initializers.Initializer:
 
 
 def resmlp_branch_scale(depth: int) -> float:
-    """ResMLP's initial scale of each residual branch for a network of `depth` blocks.
-
-    The LayerScale rule of CaiT (Touvron et al., 2021, §2.1), used by ResMLP-12/24/36:
-    0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper.
-    """
+    """ResMLP's initial scale of each residual branch for a network of `depth` blocks: the LayerScale rule of CaiT
+    (Touvron et al., 2021, §2.1), used by ResMLP-12/24/36: 0.1 up to 18 blocks, 1e-5 up to 24, 1e-6 deeper."""
     return 0.1 if depth <= 18 else 1e-5 if depth <= 24 else 1e-6
 
 
@@ -75,11 +72,9 @@ def make_norm(kind: str, dtype: Dtype, name: str, affine_scale_init: float = 1.0
 def patch_conv(
     features: int, patch: int, *, dtype: Dtype, weight_init: str, name: str, padding: str = "VALID"
 ) -> nn.Conv:
-    """A patch×patch conv with stride patch: one Dense on each flattened patch×patch×C patch.
-
-    The stems of all three models and S²-MLPv2's 2×2 downsampling. Mixer keeps vision_transformer's
-    ``padding='SAME'``, the same as 'VALID' on sides divisible by the patch.
-    """
+    """A patch×patch conv with stride patch: one Dense on each flattened patch×patch×C patch. The stems of all three
+    models and S²-MLPv2's 2×2 downsampling; Mixer keeps vision_transformer's ``padding='SAME'``, the same as 'VALID'
+    on sides divisible by the patch."""
     size, init = (patch, patch), kernel_init(weight_init)
     return nn.Conv(features, size, strides=size, padding=padding, dtype=dtype, kernel_init=init, name=name)
 
@@ -98,21 +93,17 @@ def mlp(
     names: tuple[str | None, str | None] = (None, None),
     approximate_gelu: bool = False,
 ) -> jax.Array:
-    """Dense(hidden) -> GELU -> Dense back to x's width, on the last axis of `x`.
-
-    Every model's channel MLP (S²-MLP's fc3/fc4, S²-MLPv2's channel_mlp_fc1/fc2) and Mixer's two MLPs.
-    GELU is exact (erf) unless `approximate_gelu` (tanh, Mixer's: Flax's default, as vision_transformer).
-    """
+    """Dense(hidden) -> GELU -> Dense back to x's width, on the last axis of `x`: every model's channel MLP (S²-MLP's
+    fc3/fc4, S²-MLPv2's channel_mlp_fc1/fc2) and Mixer's two MLPs. GELU is exact (erf) unless `approximate_gelu`
+    (tanh, Mixer's: Flax's default, as vision_transformer)."""
     y = dense(hidden, dtype=dtype, weight_init=weight_init, name=names[0])(x)
     y = nn.gelu(y, approximate=approximate_gelu)
     return dense(x.shape[-1], dtype=dtype, weight_init=weight_init, name=names[1])(y)
 
 
 def classifier_head(model: nn.Module, features: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
-    """Float32 logits (B, num_classes) of the pooled `features` (B, c) by a zero-initialised Dense ``head``.
-
-    `features` are sown into `model`'s ``'intermediates'`` as ``pre_logits`` first.
-    """
+    """Float32 logits (B, num_classes) of the pooled `features` (B, c) by a zero-initialised Dense ``head``;
+    `features` are first sown into `model`'s ``'intermediates'`` as ``pre_logits``."""
     model.sow("intermediates", "pre_logits", features)
     logits = nn.Dense(num_classes, kernel_init=nn.initializers.zeros, dtype=dtype, name="head")(features)
     return logits.astype(jnp.float32)

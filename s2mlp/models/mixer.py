@@ -1,16 +1,14 @@
 """MLP-Mixer (Tolstikhin et al., 2021), for side-by-side runs (§2 and Table 1 of that paper).
 
-Parameter names and shapes are exactly those of google-research/vision_transformer
-(``stem``, ``MixerBlock_{i}/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}``
-with ``Dense_0``/``Dense_1`` inside each MLP, ``pre_head_layer_norm``, ``head``),
-so its published ``.npz`` checkpoints load unchanged (see `s2mlp.mixer_npz`).
-GELU is flax's default (tanh approximation), as there. DropPath (default 0) and
-the compute `dtype` are the only additions; neither adds parameters. `weight_init`
-('flax', the default, as there; or 'timm': truncated normal std 0.02 kernels) only
-changes initial values (docs/notes/initialisation.md).
+Parameter names and shapes are exactly those of google-research/vision_transformer (``stem``,
+``MixerBlock_{i}/{LayerNorm_0,token_mixing,LayerNorm_1,channel_mixing}`` with ``Dense_0``/``Dense_1`` inside each
+MLP, ``pre_head_layer_norm``, ``head``), so its published ``.npz`` checkpoints load unchanged (see `s2mlp.mixer_npz`).
+GELU is flax's default (tanh approximation), as there. DropPath (default 0) and the compute `dtype` are the only
+additions; neither adds parameters. `weight_init` ('flax', the default, as there; or 'timm': truncated normal std
+0.02 kernels) only changes initial values (docs/notes/initialisation.md).
 
-The token-mixing MLP has a weight per token, so a Mixer is tied to the
-resolution it was built for: (image_size / patch)² tokens.
+The token-mixing MLP has a weight per token, so a Mixer is tied to the resolution it was built for:
+(image_size / patch)² tokens.
 """
 
 from __future__ import annotations

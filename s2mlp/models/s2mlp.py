@@ -1,19 +1,18 @@
 """S²-MLP (Yu et al., WACV 2022): the paper's §3.2 and Fig. 1.
 
-Patch layer (a Dense on each flattened p×p×3 patch, written as a p×p stride-p
-conv) + norm, N identical blocks, global average pool, Dense head. Each block
-puts the norm at the *end* of its residual branches (paper Fig. 1)::
+Patch layer (a Dense on each flattened p×p×3 patch, written as a p×p stride-p conv) + norm, N identical blocks,
+global average pool, Dense head. Each block puts the norm at the *end* of its residual branches (paper Fig. 1)::
 
     x = x + Norm(fc2(Shift(GELU(fc1(x)))))       fc1, fc2: c -> c
     x = x + Norm(fc4(GELU(fc3(x))))              fc3: c -> r·c, fc4: r·c -> c  (r: mlp_ratio)
 
-Parameter names follow the paper's FC1..FC4. Works at any H, W divisible by
-the patch size; the token grid is (H/p, W/p).
+Parameter names follow the paper's FC1..FC4. Works at any H, W divisible by the patch size; the token grid is
+(H/p, W/p).
 
-Initialisation (the paper does not give it; docs/notes/initialisation.md): `weight_init` picks
-the Dense/conv kernels ('flax': lecun_normal, 'timm': truncated normal std 0.02); with
-norm='affine' the Affine closing each residual branch starts at `branch_scale_init`
-(None: ResMLP's depth rule, 1e-6 for 36 blocks) while the patch norm's starts at 1, as in ResMLP.
+Initialisation (the paper does not give it; docs/notes/initialisation.md): `weight_init` picks the Dense/conv kernels
+('flax': lecun_normal, 'timm': truncated normal std 0.02); with norm='affine' the Affine closing each residual branch
+starts at `branch_scale_init` (None: ResMLP's depth rule, 1e-6 for 36 blocks) while the patch norm's starts at 1, as
+in ResMLP.
 """
 
 from __future__ import annotations
@@ -122,12 +121,9 @@ class S2MLP(ModelFields, nn.Module):
 
     @classmethod
     def check_fields(cls, fields: Mapping[str, Any], name: str | None = None) -> None:
-        """Raises ValueError ``"{name}: {field}={value!r} ..."`` for the first bad field of `fields`.
-
-        `fields` are constructor arguments (missing ones take the defaults); `name`, the class name by
-        default, starts the message (`get_model` gives the registry name). The checks every model
-        shares are in `fields.common_fields`.
-        """
+        """Raises ValueError ``"{name}: {field}={value!r} ..."`` for the first bad field of `fields` (constructor
+        arguments, missing ones taking the defaults); `name`, the class name by default, starts the message
+        (`get_model` gives the registry name). The checks every model shares are in `fields.common_fields`."""
         name = name or cls.__name__
         kw = common_fields(cls, fields, name)
         if kw["shift_pattern"] not in PATTERNS:

@@ -1,19 +1,17 @@
 """S²-MLPv2 (Yu et al., 2021): §3.1-3.2 (shift, Eq. 1; split attention, Eqs. 2-4), §4 (block, Eq. 5) and Table 1.
 
-ViP's two-stage pyramid: a 7×7 stride-7 conv patch embedding, stage 1 blocks,
-a 2×2 stride-2 conv downsampling (c1 -> c2), stage 2 blocks, final LayerNorm,
-mean pool, Dense head. Pre-norm blocks (Eq. 5) with DropPath on both branches::
+ViP's two-stage pyramid: a 7×7 stride-7 conv patch embedding, stage 1 blocks, a 2×2 stride-2 conv downsampling
+(c1 -> c2), stage 2 blocks, final LayerNorm, mean pool, Dense head. Pre-norm blocks (Eq. 5) with DropPath on both
+branches::
 
     y = x + S2MLPv2Module(LN(x))
     z = y + ChannelMLP(LN(y))           Dense(3c) -> GELU -> Dense(c)
 
-S2MLPv2Module: Dense c -> 3c, split into X1, X2, X3; X1 <- SS1(X1),
-X2 <- SS2(X2), X3 unshifted; split attention over the three; Dense c -> c.
-Split attention (ResNeSt via ViP, Eqs. 2-4) with hidden width c/4 and biases,
-the choice that reproduces the paper's 25.1M / 55.3M parameters.
-Stage s has `depths[s]` blocks of width `hidden_dims[s]`. Works at any H, W divisible by 14
-(patch 7, then downsampling by 2).
-`weight_init` picks the Dense/conv kernels ('flax' or 'timm'; docs/notes/initialisation.md).
+S2MLPv2Module: Dense c -> 3c, split into X1, X2, X3; X1 <- SS1(X1), X2 <- SS2(X2), X3 unshifted; split attention
+over the three; Dense c -> c. Split attention (ResNeSt via ViP, Eqs. 2-4) with hidden width c/4 and biases, the
+choice that reproduces the paper's 25.1M / 55.3M parameters. Stage s has `depths[s]` blocks of width
+`hidden_dims[s]`. Works at any H, W divisible by 14 (patch 7, then downsampling by 2). `weight_init` picks the
+Dense/conv kernels ('flax' or 'timm'; docs/notes/initialisation.md).
 """
 
 from __future__ import annotations
