@@ -521,8 +521,7 @@ def fine_tune_params(init_from: str, ema: bool, model, fresh_params, model_name:
     except BadCheckpoint as e:
         raise ValueError(f"config.init_from={init_from!r}: {e}") from None
     loaded = jax.tree.map(np.asarray, dict(loaded))
-    if model.block_groups():  # a run saved in the other block layout (model.scan) is converted
-        loaded = convert_params(loaded, model, to_scan=model.scan)
+    loaded = convert_params(loaded, model, to_scan=model.scan)  # saved with the other model.scan (Mixer: unchanged)
     loaded["head"] = fresh_params["head"]
     problems = shape_mismatch(flat_shapes(fresh_params), flat_shapes(loaded))
     if problems:
@@ -583,11 +582,10 @@ def restore_train_state(
         )  # fmt: skip
         ema_params = jax.device_put(restored[PARAMS], trainer.shardings.ema_params, may_alias=False)
     elif saved_ema and not use_ema:
-        saved_decay = saved_config.get("ema_decay")
         absl_logging.warning(
             "Step %d in %s holds an EMA of the parameters, but config.ema_decay=0 turns the EMA off: it is not "
             "resumed and later checkpoints hold none. To keep it, resume with --config.ema_decay=%s.",
-            step, directory, saved_decay,
+            step, directory, saved_config.get("ema_decay"),
         )  # fmt: skip
     return trainer.abstract.replace(
         step=jax.device_put(jnp.asarray(step, jnp.int32), trainer.replicated),

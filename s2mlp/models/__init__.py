@@ -103,13 +103,13 @@ def _checked_fields(name: str, image_size: int | None, overrides: dict[str, Any]
 def changed_fields(model, name: str) -> dict[str, Any]:
     """The fields of `model` whose values differ from the registered model `name`'s (the class count aside):
     what the config's overrides, DropPath rate and dtype changed, for the trainer's start-up line."""
-    reference = get_model(name)
-    changed = {}
-    for field in dataclasses.fields(model):
-        value = getattr(model, field.name)
-        if field.name not in ("parent", "name", "num_classes") and value != getattr(reference, field.name):
-            changed[field.name] = jnp.dtype(value).name if field.name == "dtype" else value
-    return changed
+    reference, values = (_values(m, skip=("parent", "name", "num_classes")) for m in (get_model(name), model))
+    return {k: jnp.dtype(v).name if k == "dtype" else v for k, v in values.items() if v != reference[k]}
+
+
+def _values(model, skip) -> dict[str, Any]:
+    """``{field: value}`` of `model`'s fields, less those in `skip`."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
 
 
 def from_config(config, num_classes: int, *, dtype: str | None = None):
@@ -179,10 +179,7 @@ _NOT_THE_FUNCTION = frozenset({"parent", "name", "scan", "remat", "dtype", "drop
 def function_changes(saved, model) -> list[str]:
     """Where `model` computes another function than `saved` (both `from_config`'s, same class) with the same
     parameters: ``'model.overrides.<field>: <saved> -> <new>'`` per field; [] when none."""
-    a, b = (
-        {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in _NOT_THE_FUNCTION}
-        for m in (saved, model)
-    )
+    a, b = (_values(m, skip=_NOT_THE_FUNCTION) for m in (saved, model))
     return [f"model.overrides.{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b[k]]
 
 
