@@ -25,13 +25,12 @@ class ModelFields:
 
     @staticmethod
     def divisor_of(fields: Mapping[str, Any]) -> int:
-        """Image sides must be multiples of this: the patch size, of a model with `fields` (a staticmethod, so that
-        the registry checks an image size before it builds anything)."""
+        """Image sides must be multiples of this: the patch size of a model with `fields` (checked before building)."""
         return fields["patch_size"]
 
     @property
     def input_divisor(self) -> int:
-        """Image sides must be multiples of this."""
+        """Image sides must be multiples of this (`divisor_of` this model's fields)."""
         return self.divisor_of(vars(self))
 
     @classmethod
