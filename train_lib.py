@@ -500,6 +500,10 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
                 with ckpt.save_errors(run.ckpt_dir, saved):  # a failed background save stops the run at once
                     run.mngr.check_for_errors()
                 pending.append(metrics)
+                # Two steps in flight at most: unchecked, the loop runs ahead of the device (up to log_every_steps
+                # steps), and a stop signal would wait for all of them before the checkpoint.
+                if len(pending) > 1:
+                    pending[-2]["loss"].block_until_ready()
                 last = step == run.total_steps
                 checkpoint = step % config.checkpoint_every_steps == 0 or last
                 # A row at each checkpoint too: a run resumed from it writes the rows an uninterrupted run writes.
