@@ -323,6 +323,7 @@ class _Run:
     saved_config: dict  # the JSON items saved with every checkpoint
     saved_dataset: dict
     evals: list[tuple[evals.EvalSpec, Any]]  # (spec, data): the main eval first, then config.evals
+    best: evals.EvalSpec  # the eval whose top-1 ranks the best checkpoint (config.best_eval)
 
     @property
     def ckpt_dir(self) -> epath.Path:
@@ -371,9 +372,9 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     config_json = json.loads(config.to_json_best_effort())  # as every checkpoint saves it
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     latest = ckpt.latest_step(ckpt_dir)
-    convert = False  # the latest step was saved in the other block layout (model.scan)
+    convert, config_at_latest = False, None  # convert: the latest step was saved in the other block layout
     if latest is not None:
-        convert = _check_checkpoint(ckpt_dir, latest, trainer, config, info, RESUME_ADVICE)
+        convert, config_at_latest = _check_checkpoint(ckpt_dir, latest, trainer, config, info, RESUME_ADVICE)
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip
@@ -391,7 +392,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
             ckpt_dir, latest, trainer, ema_decay=config.ema_decay, grad_clip_norm=config.grad_clip_norm, convert=convert
         )
         logging.info("Resumed from %s at step %d.", ckpt_dir, latest)
-        if changed := report.config_changes(ckpt.read_json(ckpt_dir / str(latest), ckpt.CONFIG) or {}, config_json):
+        if changed := report.config_changes(config_at_latest or {}, config_json):
             logging.warning(
                 "Resuming with a changed config: %s. From here on the run trains with the new values; config.json "
                 "will hold them, and each checkpoint keeps the config it was trained with.",
@@ -432,6 +433,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         saved_config=config_json,
         saved_dataset={"num_classes": info.num_classes, "class_names": list(info.class_names)},
         evals=eval_sets,
+        best=evals.best_spec([spec for spec, _ in eval_sets], config.get("best_eval") or ""),
     )
     return run, state
 
@@ -443,11 +445,12 @@ RESUME_ADVICE = (
 EVAL_ADVICE = "--mode=eval builds the model from the command line's config: evaluate with the run's settings."
 
 
-def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config, info, advice: str) -> bool:
+def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config, info, advice: str):
     """ValueError ending in `advice` when step `step` of `directory` was trained on other classes (or another
     order of them) than `info` (the config's data) gives, as a model whose parameters do not fit `trainer`'s, or
     as another model function with the same parameters (e.g. another shift pattern or input normalisation).
-    Returns whether the step was saved in the other block layout (model.scan), so the restore converts it."""
+    Returns (whether the step was saved in the other block layout (model.scan), so the restore converts it; the
+    config saved with it, None when it has none)."""
     step_dir = directory / str(step)
     ckpt.check_same_classes(step_dir, info.class_names, advice)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
@@ -455,7 +458,7 @@ def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config
     try:
         before = models.from_config(saved, info.num_classes)
     except (TypeError, KeyError, ValueError):  # no config item, or one this version cannot build: shapes only
-        return convert
+        return convert, saved
     if saved["model"]["name"] != config.model.name:
         changed = [f"model.name: {saved['model']['name']!r} -> {config.model.name!r}"]
     else:
@@ -465,7 +468,7 @@ def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config
         changed.append(f"data.normalization: {normalization!r} -> {config.data.normalization!r}")
     if changed:
         raise ValueError(f"{step_dir} was trained as another model (config.{'; config.'.join(changed)}). {advice}")
-    return convert
+    return convert, saved
 
 
 def _train(run: _Run, state: TrainState) -> dict[str, float]:
@@ -581,7 +584,7 @@ def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | N
     named by config.best_eval (the main one by default), the EMA's when on. Returns `step`."""
     _check_finite(run, state)
     args = ckpt.save_args(state, config=run.saved_config, dataset=run.saved_dataset)
-    prefix = evals.best_spec([spec for spec, _ in run.evals], run.config.get("best_eval") or "").prefix
+    prefix = run.best.prefix
     best = {ckpt.BEST_METRIC: metrics.get(f"{prefix}ema_top1", metrics[f"{prefix}top1"])} if metrics else None
     with ckpt.save_errors(run.ckpt_dir, step):
         run.mngr.save(step, args=args, metrics=best)
@@ -608,7 +611,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     # Another run's checkpoint: its results in a folder of its own, not over this run's <split>_step<N>.
     other = directory.parent != workdir and directory != workdir
     results = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval" / (directory.parent.name if other else "")
-    convert = _check_checkpoint(directory, step, trainer, config, data.info, EVAL_ADVICE)
+    convert, _ = _check_checkpoint(directory, step, trainer, config, data.info, EVAL_ADVICE)
     split = config.data.eval_split
     out_dir = evals.out_dir(results, split, step)
     runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
