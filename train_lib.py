@@ -51,7 +51,7 @@ jax.config.update("jax_threefry_partitionable", True)  # random bits independent
 
 # Errors whose message says what is wrong and how to fix it: main.py prints them without a traceback.
 CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy, ckpt.SaveFailed)
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = runs.METRICS_FILE
 
 
 # ---- the train state ---------------------------------------------------------------------------------------------
@@ -355,8 +355,6 @@ def _checked_data(config) -> tuple[Any, list[tuple[evals.EvalSpec, Any]]]:
 
 def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tuple[_Run, TrainState] | None:
     """Checks, data, trainer, the state (resumed, fine-tuned or fresh) and the writers; None when already done."""
-    from clu import metric_writers
-
     logging.info("Workdir: %s", workdir)
     data, eval_sets = _checked_data(config)
     info = data.info
@@ -411,15 +409,6 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     mngr = ckpt.manager(ckpt_dir, keep=config.keep_checkpoints)
 
     lock.started()  # the first writes into the workdir follow
-    writers = []
-    if jax.process_index() == 0:
-        # What an earlier attempt logged after its last checkpoint (all of it when it saved none) is trained again.
-        runs.drop_rows_after(workdir / METRICS_FILE, latest or 0)
-        runs.drop_events_after(workdir, latest or 0)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        tensorboard = runs.TensorBoardWriter(workdir, config.data.eval_split, evals=[s.name for s, _ in eval_sets[1:]])
-        tensorboard.write_config(config)
-        writers = [tensorboard, runs.JsonlWriter(workdir / METRICS_FILE)]
     run = _Run(
         config=config,
         workdir=workdir,
@@ -428,7 +417,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
         total_steps=total_steps,
         step_rng=step_rng,
         mngr=mngr,
-        writer=metric_writers.MultiWriter(writers),
+        writer=runs.run_writers(workdir, config, [s.name for s, _ in eval_sets[1:]], resumed_at=latest or 0),
         stop=stop,
         saved_config=config_json,
         saved_dataset={"num_classes": info.num_classes, "class_names": list(info.class_names)},
@@ -455,14 +444,9 @@ def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config
     ckpt.check_same_classes(step_dir, info.class_names, advice)
     convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
     saved = ckpt.read_json(step_dir, ckpt.CONFIG)
-    try:
-        before = models.from_config(saved, info.num_classes)
-    except (TypeError, KeyError, ValueError):  # no config item, or one this version cannot build: shapes only
+    changed = models.function_changes(saved, trainer.model, config.model.name, info.num_classes)
+    if changed is None:  # no config item, or one this version cannot build: shapes only
         return convert, saved
-    if saved["model"]["name"] != config.model.name:
-        changed = [f"model.name: {saved['model']['name']!r} -> {config.model.name!r}"]
-    else:
-        changed = models.function_changes(before, trainer.model)
     normalization = saved.get("data", {}).get("normalization", config.data.normalization)
     if normalization != config.data.normalization:
         changed.append(f"data.normalization: {normalization!r} -> {config.data.normalization!r}")
@@ -553,8 +537,18 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
 
 
 def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list, meter: runs.Throughput) -> None:
-    """The means of `pending` (then emptied), the lr and the throughput: to the writers and the log."""
-    _check_finite(run, state)
+    """The means of `pending` (then emptied), the lr and the throughput: to the writers and the log. First a
+    FloatingPointError naming the first step whose loss or gradient was NaN/Inf, and the last good checkpoint (every
+    save follows this write of its step, so no checkpoint holds a state after a bad step)."""
+    if (bad := int(state.bad_step)) >= 0:
+        kept = run.mngr.latest_step()
+        where = "No checkpoint was written yet"
+        if kept is not None:
+            where = f"The last good checkpoint (step {kept}) is kept in {run.ckpt_dir}"
+        raise FloatingPointError(
+            f"The loss or gradient became NaN/Inf at step {bad}; training stopped and that update was not "
+            f"applied. {where}. Lower base_lr, enable grad_clip_norm, or use compute_dtype='float32'."
+        )
     means = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
     pending.clear()
     images_per_s, eta = meter.next(step)
@@ -566,23 +560,9 @@ def _write_train_metrics(run: _Run, state: TrainState, step: int, pending: list,
     )  # fmt: skip
 
 
-def _check_finite(run: _Run, state: TrainState) -> None:
-    """FloatingPointError naming the first step whose loss or gradient was NaN/Inf, and the last good checkpoint."""
-    if (bad := int(state.bad_step)) >= 0:
-        kept = run.mngr.latest_step()
-        where = "No checkpoint was written yet"
-        if kept is not None:
-            where = f"The last good checkpoint (step {kept}) is kept in {run.ckpt_dir}"
-        raise FloatingPointError(
-            f"The loss or gradient became NaN/Inf at step {bad}; training stopped and that update was not "
-            f"applied. {where}. Lower base_lr, enable grad_clip_norm, or use compute_dtype='float32'."
-        )
-
-
 def _save(run: _Run, state: TrainState, step: int, metrics: dict[str, float] | None) -> int:
     """Checkpoints `state` (asynchronously); `metrics` rank the step among the kept ones: the top-1 of the eval
     named by config.best_eval (the main one by default), the EMA's when on. Returns `step`."""
-    _check_finite(run, state)
     args = ckpt.save_args(state, config=run.saved_config, dataset=run.saved_dataset)
     prefix = run.best.prefix
     best = {ckpt.BEST_METRIC: metrics.get(f"{prefix}ema_top1", metrics[f"{prefix}top1"])} if metrics else None
@@ -622,16 +602,10 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
         items = [("ema_" if item == ckpt.EMA_PARAMS else "", restored[item]) for item in saved]
         out, confusion = _evaluate_sets(trainer, eval_sets, items)
     if jax.process_index() == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for old in out_dir.glob("events.out.tfevents.*"):  # an earlier eval of this step: replaced, not doubled
-            old.unlink()
         described = {s.name: {"data": s.data, "split": s.split, **({"labels": s.labels} if s.labels else {})}
                      for s in specs}  # fmt: skip
         record = {"step": step, "checkpoint": str(step_dir), "split": split, "evals": described, **out}
-        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-        tensorboard = runs.TensorBoardWriter(out_dir, split, evals=[s.name for s in specs[1:]])
-        tensorboard.write_scalars(step, out)
-        tensorboard.close()
+        runs.write_eval_results(out_dir, record, out, split, [s.name for s in specs[1:]])
         evals.write_per_class(out_dir, confusion, data.info.class_names, spec=specs[0], step=step, item=saved[-1])
     logging.info(
         "eval of %s step %d on %s: %s. Results: %s",

@@ -33,6 +33,7 @@ from s2mlp.report import metrics_row, read_metrics
 # Exit status of main.py when SIGTERM/SIGINT stopped training after saving a checkpoint (sysexits' EX_TEMPFAIL:
 # "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
 EXIT_STOPPED = 75
+METRICS_FILE = "metrics.jsonl"  # one row per logged or evaluated step (`s2mlp.report.read_metrics`)
 
 
 class WorkdirBusy(RuntimeError):
@@ -86,6 +87,35 @@ class ProfileTrace(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         self.stop()  # a run that ends or stops inside the traced steps still writes what it traced
+
+
+def run_writers(workdir: epath.Path, config, evals: Sequence[str], *, resumed_at: int):
+    """The metric writers of a run in `workdir` (a clu MultiWriter): on process 0 metrics.jsonl and TensorBoard events
+    (`evals`: config.evals' names), after writing config.json and dropping what an earlier attempt logged after step
+    `resumed_at`, its last checkpoint (0 when it saved none), since that is trained again; on the others none."""
+    from clu import metric_writers
+
+    if jax.process_index() != 0:
+        return metric_writers.MultiWriter([])
+    drop_rows_after(workdir / METRICS_FILE, resumed_at)
+    drop_events_after(workdir, resumed_at)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    tensorboard = TensorBoardWriter(workdir, config.data.eval_split, evals=evals)
+    tensorboard.write_config(config)
+    return metric_writers.MultiWriter([tensorboard, JsonlWriter(workdir / METRICS_FILE)])
+
+
+def write_eval_results(out_dir: epath.Path, record: dict[str, Any], metrics: dict[str, float], split: str,
+                       evals: Sequence[str]) -> None:  # fmt: skip
+    """An eval-only run's results in `out_dir`: ``metrics.json`` (`record`) and TensorBoard events of `metrics` at
+    record['step'] (`TensorBoardWriter`'s tags), replacing those of an earlier eval of the same step."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("events.out.tfevents.*"):  # an earlier eval of this step: replaced, not doubled
+        old.unlink()
+    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    tensorboard = TensorBoardWriter(out_dir, split, evals=evals)
+    tensorboard.write_scalars(record["step"], metrics)
+    tensorboard.close()
 
 
 def last_eval(path: epath.Path) -> dict[str, float]:

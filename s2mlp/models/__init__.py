@@ -176,9 +176,17 @@ _NOT_THE_FUNCTION = frozenset({"parent", "name", "scan", "remat", "dtype", "drop
                                "branch_scale_init"})  # fmt: skip
 
 
-def function_changes(saved, model) -> list[str]:
-    """Where `model` computes another function than `saved` (both `from_config`'s, same class) with the same
-    parameters: ``'model.overrides.<field>: <saved> -> <new>'`` per field; [] when none."""
+def function_changes(saved_config, model, name: str, num_classes: int) -> list[str] | None:
+    """Where `model` (`from_config`'s, of config.model.name `name`) computes another function than the model of
+    `saved_config` (a checkpoint's config item) with the same parameters: ``'model.name: <saved> -> <new>'``, or
+    ``'model.overrides.<field>: <saved> -> <new>'`` per field; [] when none; None when `saved_config` is missing or
+    this version cannot build its model."""
+    try:
+        saved = from_config(saved_config, num_classes)
+    except (TypeError, KeyError, ValueError):
+        return None
+    if saved_config["model"]["name"] != name:
+        return [f"model.name: {saved_config['model']['name']!r} -> {name!r}"]
     a, b = (_values(m, skip=_NOT_THE_FUNCTION) for m in (saved, model))
     return [f"model.overrides.{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a) if a[k] != b[k]]
 
