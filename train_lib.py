@@ -595,6 +595,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     split = config.data.eval_split
     out_dir = evals.out_dir(results, split, step)
     runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")
+    runs.check_eval_dir(out_dir, step_dir)
     saved = ckpt.param_items(step_dir)  # the parameters, then their EMA when saved
     with jax.set_mesh(trainer.mesh):
         targets = dict.fromkeys(saved, trainer.targets.params)

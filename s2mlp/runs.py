@@ -118,6 +118,20 @@ def write_eval_results(out_dir: epath.Path, record: dict[str, Any], metrics: dic
     tensorboard.close()
 
 
+def check_eval_dir(out_dir: epath.Path, step_dir: epath.Path) -> None:
+    """ValueError when `out_dir` holds an eval-only run's results of another checkpoint than `step_dir` (say two
+    runs of one name, each evaluated from the same workdir): `write_eval_results` would replace them."""
+    try:
+        before = json.loads((out_dir / "metrics.json").read_text()).get("checkpoint")
+    except (FileNotFoundError, ValueError):  # none, or torn by a killed eval: replaced
+        return
+    if before != str(step_dir):
+        raise ValueError(
+            f"{out_dir} holds the results of another checkpoint ({before}); nothing was changed. Pass "
+            "--eval_dir=<another folder> to keep both."
+        )
+
+
 def last_eval(path: epath.Path) -> dict[str, float]:
     """The eval metrics of the last evaluated step in metrics.jsonl ({} when there is none)."""
     evals = [row for row in read_metrics(path).values() if "eval_top1" in row]

@@ -507,6 +507,29 @@ def test_evaluating_another_runs_checkpoint_leaves_this_runs_results_alone(tiny_
     assert {k: v for k, v in _snapshot(mine).items() if "/eval/other/" not in k} == before
 
 
+def test_evaluating_two_runs_of_one_name_keeps_the_first_ones_results(tiny_s2mlp_run, tmp_path):
+    """Both would go to <workdir>/eval/other/<split>_step<N>/: the second is refused before compiling, naming the
+    first checkpoint and --eval_dir, and leaves every file as it was; with --eval_dir both are kept."""
+    mine, first, second = tmp_path / "mine", tmp_path / "a" / "other", tmp_path / "b" / "other"
+    for path in (mine, first, second):
+        shutil.copytree(tiny_s2mlp_run, path)
+    config = tiny.get_config("s2mlp_tiny")
+    train_lib.evaluate(config, str(mine), checkpoint=str(first))
+    before, out_dir = _snapshot(mine), mine / "eval" / "other" / "test_step6"
+    with pytest.raises(ValueError) as e:
+        train_lib.evaluate(config, str(mine), checkpoint=str(second))
+    assert str(e.value) == (
+        f"{out_dir} holds the results of another checkpoint ({first / 'checkpoints' / '6'}); nothing was changed. "
+        "Pass --eval_dir=<another folder> to keep both."
+    )
+    assert _snapshot(mine) == before
+    train_lib.evaluate(config, str(mine), checkpoint=str(second), eval_dir=str(tmp_path / "evals_b"))
+    record = json.loads((tmp_path / "evals_b" / "test_step6" / "metrics.json").read_text())
+    assert record["checkpoint"] == str(second / "checkpoints" / "6") and _snapshot(mine) == before
+    train_lib.evaluate(config, str(mine), checkpoint=str(first))  # the same checkpoint again: its results replaced
+    assert json.loads((out_dir / "metrics.json").read_text())["checkpoint"] == str(first / "checkpoints" / "6")
+
+
 def test_resuming_with_a_changed_recipe_names_the_changes(tiny_s2mlp_run, tmp_path, caplog):
     """A recipe change on a resume (as the NaN message advises) trains on, with a warning naming each change."""
     workdir = tmp_path / "run"
