@@ -121,9 +121,10 @@ def write_eval_results(out_dir: epath.Path, record: dict[str, Any], metrics: dic
 def check_eval_dir(out_dir: epath.Path, step_dir: epath.Path) -> None:
     """ValueError when `out_dir` holds an eval-only run's results of another checkpoint than `step_dir` (say two
     runs of one name, each evaluated from the same workdir): `write_eval_results` would replace them."""
+    record = out_dir / "metrics.json"
     try:
-        before = json.loads((out_dir / "metrics.json").read_text()).get("checkpoint")
-    except (FileNotFoundError, ValueError):  # none, or torn by a killed eval: replaced
+        before = json.loads(record.read_text()).get("checkpoint") if record.exists() else str(step_dir)
+    except ValueError:  # torn by a killed eval: replaced
         return
     if before != str(step_dir):
         raise ValueError(
