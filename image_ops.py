@@ -144,7 +144,7 @@ def eval_image(image, kind, size: int, crop_pct: float):
         # tf.image.resize's antialiased bicubic (ScaleAndTranslate, `resize`), computed for the centre crop only: each
         # output pixel samples the image where the whole resize puts it (1.4× the images/s of resizing it all, then
         # cropping; BENCHMARKS.md). The sample points are computed with the crop's offset in another float order:
-        # about 6 of 224·224·3 values differ by one grey level from the whole resize's crop.
+        # about 1 value in 10,000 differs by one grey level from the whole resize's crop (BENCHMARKS.md).
         images, offset = tf.cast(image, tf.float32)[None], -tf.cast(top_left, tf.float32)
         scale = tf.cast(new, tf.float32) / tf.cast(hw, tf.float32)
         out = tf.raw_ops.ScaleAndTranslate(

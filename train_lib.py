@@ -51,7 +51,6 @@ jax.config.update("jax_threefry_partitionable", True)  # random bits independent
 
 # Errors whose message says what is wrong and how to fix it: main.py prints them without a traceback.
 CLEAR_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy, ckpt.SaveFailed)
-METRICS_FILE = runs.METRICS_FILE
 
 
 # ---- the train state ---------------------------------------------------------------------------------------------
@@ -338,7 +337,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     with contextlib.ExitStack() as cleanup:  # the workdir lock and the signal handlers, released on any exit
         prepared = _prepare(config, workdir, cleanup)
         if prepared is None:
-            return runs.last_eval(workdir / METRICS_FILE)
+            return runs.last_eval(workdir / runs.METRICS_FILE)
         return _train(*prepared)
 
 
@@ -531,7 +530,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
             "Done: held-out top-1 %.2f%% at step %d (%d examples). Checkpoints: %s; metrics: %s; "
             "TensorBoard: tensorboard --logdir=%s",
             100 * eval_metrics.get("eval_ema_top1", eval_metrics["eval_top1"]), run.total_steps,
-            eval_metrics["eval_num_examples"], run.ckpt_dir, run.workdir / METRICS_FILE, run.workdir,
+            eval_metrics["eval_num_examples"], run.ckpt_dir, run.workdir / runs.METRICS_FILE, run.workdir,
         )  # fmt: skip
     return eval_metrics
 

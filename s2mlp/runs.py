@@ -34,6 +34,7 @@ from s2mlp.report import metrics_row, read_metrics
 # "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
 EXIT_STOPPED = 75
 METRICS_FILE = "metrics.jsonl"  # one row per logged or evaluated step (`s2mlp.report.read_metrics`)
+EVAL_RECORD = "metrics.json"  # an eval-only run's results, in its <split>_step<N>/ folder
 
 
 class WorkdirBusy(RuntimeError):
@@ -112,7 +113,7 @@ def write_eval_results(out_dir: epath.Path, record: dict[str, Any], metrics: dic
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("events.out.tfevents.*"):  # an earlier eval of this step: replaced, not doubled
         old.unlink()
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out_dir / EVAL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     tensorboard = TensorBoardWriter(out_dir, split, evals=evals)
     tensorboard.write_scalars(record["step"], metrics)
     tensorboard.close()
@@ -121,9 +122,11 @@ def write_eval_results(out_dir: epath.Path, record: dict[str, Any], metrics: dic
 def check_eval_dir(out_dir: epath.Path, step_dir: epath.Path) -> None:
     """ValueError when `out_dir` holds an eval-only run's results of another checkpoint than `step_dir` (say two
     runs of one name, each evaluated from the same workdir): `write_eval_results` would replace them."""
-    record = out_dir / "metrics.json"
+    record = out_dir / EVAL_RECORD
+    if not record.exists():
+        return
     try:
-        before = json.loads(record.read_text()).get("checkpoint") if record.exists() else str(step_dir)
+        before = json.loads(record.read_text()).get("checkpoint")
     except ValueError:  # torn by a killed eval: replaced
         return
     if before != str(step_dir):
@@ -245,7 +248,7 @@ def check_writable(path: epath.Path, flag: str) -> None:
         existing = existing.parent
     if not os.path.isdir(existing):
         raise ValueError(f"{flag}={path}: {existing} is not a folder; choose another {flag}.")
-    for p in [existing] + [existing / name for name in ("config.json", "metrics.jsonl", ckpt.CHECKPOINTS, LOCK_FILE)]:
+    for p in [existing] + [existing / name for name in ("config.json", METRICS_FILE, ckpt.CHECKPOINTS, LOCK_FILE)]:
         if os.path.exists(p) and not os.access(p, os.W_OK):
             raise ValueError(
                 f"{flag}={path}: {p} is not writable (read-only file system or permissions); choose a writable "
