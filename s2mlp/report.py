@@ -137,13 +137,15 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 
 def mean_std(values: list[float]) -> str:
-    """'mean ± std (n)' in percent with the sample std (ddof=1); '—' for no values."""
+    """'mean ± std [min–max] (n)' in percent with the sample std (ddof=1); '—' for no values. The min–max is what
+    the README's rule reads: a difference smaller than the larger spread of the two rows is a tie."""
     if not values:
         return "—"
     mean = 100 * statistics.fmean(values)
     if len(values) == 1:
         return f"{mean:.2f} (1)"
-    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
+    spread = f"[{100 * min(values):.2f}–{100 * max(values):.2f}]"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f} {spread} ({len(values)})"
 
 
 def _top1_key(runs: list[RunInfo]) -> str:
@@ -436,7 +438,7 @@ def main_report(paths: list[str], out_dir: str | None = None, out=print, force: 
         + (" (`eval_top1` for a run without an EMA)" if key == "eval_ema_top1" else "")
         + " on the held-out split, in percent: the "
         f"last evaluation (final; of the finished runs only, where a configuration has any) and the best one (best), "
-        f"mean ± sample std (ddof=1) over seeds, n runs. {tied}"
+        f"mean ± sample std (ddof=1) [min–max] over seeds, n runs. {tied}"
         f"Params and {_macs_unit(rows)[0]} (forward multiply-accumulates per image) are counted from the model code. "
         f"Train img/s is the median of the logged throughput. Common to all runs: {settings or '—'}. "
         f"Machine: {machine()}. Total wall time of the finished runs: {hms(sum(walls))}"

@@ -533,17 +533,20 @@ def test_report_on_handwritten_workdirs(tmp_path, capsys):
     paths = [str(tmp_path / n) for n in ("a0", "a1", "b0", "c0")]
     assert report.main([*paths, f"--out={out}"]) == 0
     lines = (out / "report.md").read_text().splitlines()
-    # final: mean(0.6, 0.8) = 70.00, sample std = 0.1414 -> 14.14; best: 70 and 80 -> 75.00 ± 7.07. MACs of
-    # s2mlp_tiny at 16×16 (16 tokens, c=32, r=2, 2 blocks, 10 classes): 16·48·32 + 2·16·(2·32² + 2·2·32²) + 32·10
-    # = 221,504 (0.222 MMACs); median of 100, 200, 300 img/s (twice) = 200; wall mean(60, 120) s. Workdirs not
+    # final: mean(0.6, 0.8) = 70.00, sample std = 0.1414 -> 14.14, min-max 60-80; best: 70 and 80 -> 75.00 ± 7.07.
+    # MACs of s2mlp_tiny at 16×16 (16 tokens, c=32, r=2, 2 blocks, 10 classes): 16·48·32 + 2·16·(2·32² + 2·2·32²)
+    # + 32·10 = 221,504 (0.222 MMACs); median of 100, 200, 300 img/s (twice) = 200; wall mean(60, 120) s. Workdirs not
     # named by the study runner are labelled by the fields that vary.
-    row = "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 (2) | 75.00 ± 7.07 (2) | 14,826 | 0.222 | 200 | 15/20 |"
+    row = (
+        "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 [60.00–80.00] (2) | 75.00 ± 7.07 [70.00–80.00] (2) | 14,826 "
+        "| 0.222 | 200 | 15/20 |"
+    )
     assert row + " 0:01:30 |" in lines
     assert "| shift_pattern=none | s2mlp_tiny | 25.00 (1) | 30.00 (1) | 14,826 | 0.222 | 250 | 20/20 | — |" in lines
     assert "| shift_pattern=up | s2mlp_tiny | no metrics yet | — | — | — | — | — | — |" in lines
     assert "| configuration | model | final top-1 % (n) | best top-1 % (n) | params | MMACs |" in lines[2]
     assert "`eval_top1`" in "\n".join(lines) and "finished runs: 0:03:00; 1 run(s) not finished" in "\n".join(lines)
-    assert "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 (2)" in capsys.readouterr().out
+    assert "| shift_pattern=ss1 | s2mlp_tiny | 70.00 ± 14.14 [60.00–80.00] (2)" in capsys.readouterr().out
     # The title names the workdirs; every configuration has the same MACs: top-1 per configuration, not vs MACs.
     assert lines[0] == "# Study report: a0, a1, b0, c0"
     assert lines[-2:] == ["![top-1 vs step](top1_vs_step.png)", "![top-1 per config](top1_by_config.png)"]
@@ -564,7 +567,7 @@ def test_report_of_workdirs_pools_a_subset_seed_that_follows_the_seed(tmp_path):
     assert report.main([str(tmp_path / n) for n in ("r0", "r1", "r2", "other")] + [f"--out={tmp_path / 'o'}"]) == 0
     text = (tmp_path / "o" / "report.md").read_text()
     lines = text.splitlines()
-    assert lines[4].startswith("| shift_pattern=ss1 | s2mlp_tiny | 93.00 ± 3.00 (3) |"), lines
+    assert lines[4].startswith("| shift_pattern=ss1 | s2mlp_tiny | 93.00 ± 3.00 [90.00–96.00] (3) |"), lines
     assert lines[5].startswith("| shift_pattern=none | s2mlp_tiny | 50.00 (1) |") and lines[6] == ""
     assert "Each seed also sets data.subset_seed (equal to the seed in every run), so the spread covers both." in text
     _workdir(tmp_path / "r3", 3, "ss1", [0.9], fields={"data": {**data(3)["data"], "subset_seed": 7}})  # not tied
@@ -582,7 +585,10 @@ def test_report_final_top1_takes_the_finished_runs_of_a_row_when_it_has_some(tmp
     assert report.main([str(tmp_path / n) for n in ("a0", "a1", "a2")] + [f"--out={tmp_path / 'out'}"]) == 0
     lines = (tmp_path / "out" / "report.md").read_text().splitlines()
     # final: mean(0.6, 0.8) of the two finished runs; best over all three: mean(0.7, 0.8, 0.2) = 56.67 ± 32.15
-    assert "| all | s2mlp_tiny | 70.00 ± 14.14 (2) | 56.67 ± 32.15 (3) | 14,826 | 0.222 | 200 | 10-20/20 |" in lines[4]
+    assert (
+        "| all | s2mlp_tiny | 70.00 ± 14.14 [60.00–80.00] (2) | 56.67 ± 32.15 [20.00–80.00] (3) | 14,826 | 0.222 | 200 "
+        "| 10-20/20 |"
+    ) in lines[4]
 
 
 def test_report_leaves_resumed_runs_out_of_the_wall_time_per_run_and_names_them(tmp_path):
@@ -592,7 +598,8 @@ def test_report_leaves_resumed_runs_out_of_the_wall_time_per_run_and_names_them(
     assert report.main([str(tmp_path / n) for n in ("a0", "a1", "b0")] + [f"--out={tmp_path / 'out'}"]) == 0
     text = (tmp_path / "out" / "report.md").read_text()
     # a1's 10 s is its last attempt only: ss1's wall per run is a0's alone; b0 has no run timed whole.
-    assert "| shift_pattern=ss1 | s2mlp_tiny | 75.00 ± 7.07 (2) |" in text and "| 10/20 | 0:01:00 |" in text
+    assert "| shift_pattern=ss1 | s2mlp_tiny | 75.00 ± 7.07 [70.00–80.00] (2) |" in text
+    assert "| 10/20 | 0:01:00 |" in text
     assert "| shift_pattern=none | s2mlp_tiny | 30.00 (1) | 30.00 (1) | 14,826 | 0.222 | 150 | 10/20 | — |" in text
     assert "Total wall time of the finished runs: 0:01:40." in text
     assert "2 run(s) resumed from a checkpoint (a1, b0): their wall time counts the last attempt only" in text
@@ -625,7 +632,8 @@ def test_report_on_a_partly_run_study_lists_the_runs_not_started_on_one_line(tmp
     assert lines[0] == "# Study report: s"
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| configuration")]
     assert rows == [
-        "| shift=ss1 | s2mlp_tiny | 80.00 ± 14.14 (2) | 80.00 ± 14.14 (2) | 14,826 | 0.222 | 150 | 10/20 | — |",
+        "| shift=ss1 | s2mlp_tiny | 80.00 ± 14.14 [70.00–90.00] (2) | 80.00 ± 14.14 [70.00–90.00] (2) | 14,826 | 0.222 "
+        "| 150 | 10/20 | — |",
         "| shift=none | s2mlp_tiny | no metrics yet | — | — | — | — | — | — |",
         "| shift=up | — | no metrics yet | — | — | — | — | — | — |",
     ]
@@ -685,7 +693,8 @@ def test_report_pools_the_fields_a_study_ties_to_the_seed(tmp_path):
     (s / "study.json").write_text(json.dumps({**listing, "tied": {"data.subset_seed": "seed"}}))
     assert report.main([str(s)]) == 0
     text = (s / "report.md").read_text()
-    assert "| fraction=0.1 | s2mlp_tiny | 70.00 ± 14.14 (2) |" in text and "1 configurations, 2 runs." in text
+    assert "| fraction=0.1 | s2mlp_tiny | 70.00 ± 14.14 [60.00–80.00] (2) |" in text
+    assert "1 configurations, 2 runs." in text
     assert "Each seed also sets data.subset_seed (tied to the seed by the study), so the spread covers both." in text
 
 
@@ -694,7 +703,7 @@ def test_report_uses_the_ema_metric_and_a_study_dir(tmp_path):
     _workdir(tmp_path / "s" / "y", 1, "ss1", [0.5, 0.7], ema=True)
     assert report.main([str(tmp_path / "s")]) == 0
     text = (tmp_path / "s" / "report.md").read_text()
-    assert "| all | s2mlp_tiny | 80.00 ± 14.14 (2) |" in text and "`eval_ema_top1`" in text
+    assert "| all | s2mlp_tiny | 80.00 ± 14.14 [70.00–90.00] (2) |" in text and "`eval_ema_top1`" in text
 
 
 def test_report_reads_eval_top1_of_a_run_without_an_ema_beside_runs_with_one(tmp_path):
@@ -713,7 +722,7 @@ def test_report_pools_seeds_whose_configs_differ_only_where_the_machine_runs(tmp
     _workdir(tmp_path / "s" / "b", 1, "ss1", [0.5, 0.8], fields={"compilation_cache_dir": "/scratch/y"})
     assert report.main([str(tmp_path / "s")]) == 0
     text = (tmp_path / "s" / "report.md").read_text()
-    assert "1 configurations, 2 runs." in text and "| all | s2mlp_tiny | 70.00 ± 14.14 (2) |" in text
+    assert "1 configurations, 2 runs." in text and "| all | s2mlp_tiny | 70.00 ± 14.14 [60.00–80.00] (2) |" in text
 
 
 def test_report_names_a_path_that_is_not_a_workdir(tmp_path, capsys):
