@@ -74,6 +74,15 @@ slower than for the run above, whose work was the same plus erasing) reached **9
 ``:s2mlp`` run's train loss with erasing ended at 0.66, well above the label-smoothing floor (~0.5), as if the
 small models underfit. 0.04 points above the seed-0 run with erasing and 0.08 above the mean of its two seeds,
 whose own spread is 0.09 points: a tie, so the recipe keeps ``erase(0.25)`` and the goal stays unmet.
+
+A deeper first stage (``:s2mlpv2``, 2026-12-06): ``python main.py --config=configs/fashion_mnist.py:s2mlpv2
+--workdir=runs/fashion_mnist_v2_d35 '--config.model.overrides.depths=(3, 5)' --config.num_epochs=24``: 3 blocks at
+14×14 and 5 at 7×7, 506,134 parameters and the same 30.0 M MACs (a 14×14 block of width 48 costs what a 7×7 block of
+width 96 does), 24 epochs because its 14×14 blocks run slower on this CPU (~225 img/s at the start against ~250-286 for
+depths (2, 6)). Same machine, alone on it: 11,232 steps in 1 h 57 min (median 209 img/s) reached **93.19%** (99.92%
+top-5; 85.9, 89.0, 91.3, 92.8% at epochs 5, 10, 15, 20; Shirt 77.4%). Ahead of depths (2, 6) early (85.9 against
+84.5-84.6 at epoch 5) but 0.47 points below the two-seed row at the end, beyond its 0.09-point spread (one seed):
+within the 2-hour budget, a 14×14 block buys less than the epochs it costs. The config keeps depths (2, 6).
 """
 
 from configs import common
