@@ -25,6 +25,7 @@ from typing import Any
 
 STUDY_JSON = "study.json"
 RESULT_JSON = "result.json"
+METRICS_FILE = "metrics.jsonl"  # a workdir's metrics: one row per logged or evaluated step (`read_metrics`)
 # Fields that say where or how a machine runs, not what is trained: they may differ between the sittings of a study
 # (study.py lets them) and between seeds of one configuration, which the report pools.
 MACHINE_FIELDS = ("compilation_cache_dir", "profile_steps")
@@ -45,7 +46,7 @@ class RunInfo:
 
 
 def _is_workdir(path: Path) -> bool:
-    return any((path / f).exists() for f in ("config.json", "metrics.jsonl", "checkpoints"))
+    return any((path / f).exists() for f in ("config.json", METRICS_FILE, "checkpoints"))
 
 
 def read_metrics(path: Path) -> dict[int, dict[str, float]]:
@@ -74,7 +75,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _run(name: str, workdir: Path, pooled: tuple[str, ...] = ("seed",)) -> RunInfo:
-    return RunInfo(name, workdir, _read_json(workdir / "config.json"), read_metrics(workdir / "metrics.jsonl"),
+    return RunInfo(name, workdir, _read_json(workdir / "config.json"), read_metrics(workdir / METRICS_FILE),
                    _read_json(workdir / RESULT_JSON), pooled)  # fmt: skip
 
 

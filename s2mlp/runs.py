@@ -28,12 +28,11 @@ from absl import logging
 from etils import epath
 
 from s2mlp import checkpoint as ckpt
-from s2mlp.report import metrics_row, read_metrics
+from s2mlp.report import METRICS_FILE, metrics_row, read_metrics
 
 # Exit status of main.py when SIGTERM/SIGINT stopped training after saving a checkpoint (sysexits' EX_TEMPFAIL:
 # "try again"); rerunning the same command resumes. Checked errors exit with 1; a second signal kills the process.
 EXIT_STOPPED = 75
-METRICS_FILE = "metrics.jsonl"  # one row per logged or evaluated step (`s2mlp.report.read_metrics`)
 EVAL_RECORD = "metrics.json"  # an eval-only run's results, in its <split>_step<N>/ folder
 
 
