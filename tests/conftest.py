@@ -1,6 +1,6 @@
 """Every test process sees 8 fake CPU devices, so sharded code paths run everywhere, and compiles without LLVM's
 optimisations. pytest runs the tests in one worker process per core (pyproject's addopts; `-n 0`: in this process);
-the workers, and the `main.py` processes their tests start, share one persistent compilation cache in a temporary folder
+the `main.py` processes a worker's tests start share one persistent compilation cache in a temporary folder
 (config.compilation_cache_dir defaults to $XDG_CACHE_HOME/s2mlp/jax), never the user's ~/.cache."""
 
 import os
@@ -10,9 +10,7 @@ import tempfile
 # half the CPU time (most of a tiny run's). The README's commands run as users run them (tests/test_readme.py).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# One folder for all the session's workers: pytest-xdist starts them with this process's environment.
-os.environ.setdefault("S2MLP_TESTS_CACHE", tempfile.mkdtemp(prefix="s2mlp_tests_cache_"))
-os.environ["XDG_CACHE_HOME"] = os.environ["S2MLP_TESTS_CACHE"]
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="s2mlp_tests_cache_")
 
 import pytest  # noqa: E402
 
