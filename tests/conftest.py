@@ -6,9 +6,15 @@ the `main.py` processes a worker's tests start share one persistent compilation 
 import os
 import tempfile
 
-# LLVM's optimisations off (XLA:CPU backend level 0): the same programs and results the tests pin, compiled in about
-# half the CPU time (most of a tiny run's). The README's commands run as users run them (tests/test_readme.py).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a test process with `devices` fake CPU devices. LLVM's optimisations are off (XLA:CPU backend
+    level 0): the same programs, every assertion holding at either level, compiled in about half the CPU time (most
+    of a tiny run's). The README's commands run as users run them (tests/test_readme.py)."""
+    return f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="s2mlp_tests_cache_")
 

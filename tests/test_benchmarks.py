@@ -16,6 +16,7 @@ import sys
 import pytest
 
 from benchmarks import run
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|nan|inf", re.I)
@@ -49,7 +50,7 @@ def test_model_benchmark_table():
         "--matmul_size=64",
         "--matmul_repeats=2",
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(2))
     # Two processes side by side: XLA:CPU compiles mostly on one thread, and compiling is most of the time.
     procs = [
         subprocess.Popen(
@@ -70,7 +71,7 @@ def test_model_benchmark_table():
     single = subprocess.Popen(  # after the others: four compiling at once outlast the timeout on a busy machine
         [sys.executable, "-m", "benchmarks.run", "--models=s2mlp_tiny", *common],
         cwd=ROOT,
-        env={**env, "XLA_FLAGS": env["XLA_FLAGS"].replace("count=2", "count=1")},
+        env={**env, "XLA_FLAGS": xla_flags(1)},
         stdout=subprocess.PIPE,
         text=True,
     )

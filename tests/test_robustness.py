@@ -18,6 +18,7 @@ import tensorflow as tf
 import train_lib
 from configs import tiny
 from s2mlp import runs
+from tests.conftest import xla_flags
 from tests.test_training import LONG, _losses, _main, _rows, _snapshot, _write_image_folder, ocp_steps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
             *LONG,
             *flags,
             f"--process_id={i}",
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            env={"XLA_FLAGS": xla_flags(2)},
             stdout=subprocess.DEVNULL,
             stderr=logs[i].open("w"),
         )

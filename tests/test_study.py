@@ -24,6 +24,7 @@ from configs import overrides as overrides_lib
 from configs import studies
 from configs.studies import fields, init_ablation, mixer_vs_s2mlp, shift_ablation
 from s2mlp import report
+from tests.conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -442,7 +443,7 @@ NAMES = [f"shift_pattern={p},seed={s}" for p in ("ss1", "none") for s in (0, 1)]
 
 def _runner(study_file, workdir, **popen):
     cmd = [sys.executable, "study.py", f"--study={study_file}", f"--workdir={workdir}"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2)}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, **popen)
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 import train_lib
 from configs import tiny
 from s2mlp import checkpoint as ckpt
+from tests.conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = (
@@ -210,7 +211,7 @@ def _free_port() -> int:
 def test_two_processes_with_two_devices_each(tmp_path):
     """jax.distributed on 127.0.0.1: per-process data shards, one global batch, one checkpoint, exact eval."""
     port = _free_port()
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {"XLA_FLAGS": xla_flags(2)}
     procs = [
         _main(
             tmp_path,
@@ -250,7 +251,7 @@ def test_fsdp_fine_tune_on_two_processes_trains_as_one_process_does(tiny_run, tm
             f"--process_id={i}",
             "--config.fsdp=True",
             *[f"--config.{k}={v}" for k, v in overrides.items()],
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            env={"XLA_FLAGS": xla_flags(2)},
             stdout=logs[i].open("w"),  # a file, not a pipe: a full pipe would stall one process and so both
             stderr=subprocess.STDOUT,
         )
