@@ -502,7 +502,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
         )
         logging.warning(message)
         raise Stopped(message)
-    if confusion is not None and step == run.total_steps and jax.process_index() == 0:
+    if confusion is not None and jax.process_index() == 0:  # training finished (a stop raised above)
         item = ckpt.EMA_PARAMS if state.ema_params is not None else ckpt.PARAMS
         out_dir = evals.out_dir(run.workdir / "eval", config.data.eval_split, step)
         evals.write_per_class(out_dir, confusion, run.data.info.class_names, spec=run.evals[0][0], step=step, item=item)
