@@ -371,9 +371,7 @@ def _prepare(config, workdir: epath.Path, cleanup: contextlib.ExitStack) -> tupl
     latest = ckpt.latest_step(ckpt_dir)
     convert, config_at_latest = False, None  # convert: the latest step was saved in the other block layout
     if latest is not None:
-        convert, config_at_latest = ckpt.check_same_model(
-            ckpt_dir, latest, trainer.model, trainer.abstract.params, info, model_name=config.model.name,
-            normalization=config.data.normalization, advice=RESUME_ADVICE)  # fmt: skip
+        convert, config_at_latest = _check_checkpoint(ckpt_dir, latest, trainer, config, info, RESUME_ADVICE)
     elif config.get("init_from"):
         ckpt.check_init_from(config.init_from, config.init_from_ema, trainer.model, trainer.abstract.params,
                              config.model.name)  # fmt: skip
@@ -433,6 +431,27 @@ RESUME_ADVICE = (
     "in a new --workdir (--config.init_from=<this workdir> starts it from these weights)."
 )
 EVAL_ADVICE = "--mode=eval builds the model from the command line's config: evaluate with the run's settings."
+
+
+def _check_checkpoint(directory: epath.Path, step: int, trainer: Trainer, config, info, advice: str):
+    """ValueError ending in `advice` when step `step` of `directory` was trained on other classes (or another
+    order of them) than `info` (the config's data) gives, as a model whose parameters do not fit `trainer`'s, or
+    as another model function with the same parameters (e.g. another shift pattern or input normalisation).
+    Returns (whether the step was saved in the other block layout (model.scan), so the restore converts it; the
+    config saved with it, None when it has none)."""
+    step_dir = directory / str(step)
+    ckpt.check_same_classes(step_dir, info.class_names, advice)
+    convert = ckpt.check_compatible(directory, step, trainer.model, trainer.abstract.params, config.model.name)
+    saved = ckpt.read_json(step_dir, ckpt.CONFIG)
+    changed = models.function_changes(saved, trainer.model, config.model.name, info.num_classes)
+    if changed is None:  # no config item, or one this version cannot build: shapes only
+        return convert, saved
+    normalization = saved.get("data", {}).get("normalization", config.data.normalization)
+    if normalization != config.data.normalization:
+        changed.append(f"data.normalization: {normalization!r} -> {config.data.normalization!r}")
+    if changed:
+        raise ValueError(f"{step_dir} was trained as another model (config.{'; config.'.join(changed)}). {advice}")
+    return convert, saved
 
 
 def _train(run: _Run, state: TrainState) -> dict[str, float]:
@@ -571,8 +590,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
     # Another run's checkpoint: its results in a folder of its own, not over this run's <split>_step<N>.
     other = directory.parent != workdir and directory != workdir
     results = ckpt.absolute(eval_dir) if eval_dir else workdir / "eval" / (directory.parent.name if other else "")
-    convert, _ = ckpt.check_same_model(directory, step, trainer.model, trainer.abstract.params, data.info,
-        model_name=config.model.name, normalization=config.data.normalization, advice=EVAL_ADVICE)  # fmt: skip
+    convert, _ = _check_checkpoint(directory, step, trainer, config, data.info, EVAL_ADVICE)
     split = config.data.eval_split
     out_dir = evals.out_dir(results, split, step)
     runs.check_writable(out_dir, "--eval_dir" if eval_dir else "--workdir")

@@ -488,31 +488,6 @@ def check_same_classes(step_dir: epath.Path, class_names, advice: str) -> None:
     )
 
 
-def check_same_model(
-    directory: epath.Path, step: int, model, abstract_params, info, *, model_name: str, normalization: str, advice: str
-) -> tuple[bool, dict | None]:
-    """ValueError ending in `advice` when step `step` of `directory` was trained on other classes (or another
-    order of them) than `info` (the config's `DatasetInfo`) gives, as a model whose parameters do not fit
-    `abstract_params` (`model`'s, of config.model.name `model_name`), or as another model function with the same
-    parameters (another shift pattern, say, or another config.data.normalization than `normalization`).
-    Returns (whether the step was saved in the other block layout, so the restore converts it; the config saved
-    with it, None when it has none)."""
-    from s2mlp import models
-
-    step_dir = directory / str(step)
-    check_same_classes(step_dir, info.class_names, advice)
-    convert = check_compatible(directory, step, model, abstract_params, model_name)
-    saved = read_json(step_dir, CONFIG)
-    changed = models.function_changes(saved, model, model_name, info.num_classes)
-    if changed is None:  # no config item, or one this version cannot build: shapes only
-        return convert, saved
-    if (saved_normalization := saved.get("data", {}).get("normalization", normalization)) != normalization:
-        changed.append(f"data.normalization: {saved_normalization!r} -> {normalization!r}")
-    if changed:
-        raise ValueError(f"{step_dir} was trained as another model (config.{'; config.'.join(changed)}). {advice}")
-    return convert, saved
-
-
 def _some(names, k: int = 4) -> str:
     return ", ".join(map(repr, names[:k])) + (", ..." if len(names) > k else "")
 
