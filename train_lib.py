@@ -293,19 +293,6 @@ def setup_from_config(config, num_classes: int, *, steps_per_epoch: int = 1, tot
 
 
 # ---- train loop --------------------------------------------------------------------------------------------------
-def _evaluate_sets(trainer: Trainer, eval_sets: list[tuple[evals.EvalSpec, Any]], items: list[tuple[str, Any]]):
-    """Each (spec, data) of `eval_sets` with each (key infix, params) of `items` ('' the parameters, 'ema_' their
-    EMA): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item, the EMA's when on)."""
-    out, confusion = {}, None
-    for spec, data in eval_sets:
-        for infix, params in items:
-            sums = trainer.eval_sums(params, data.eval_iterator(), multi_label=bool(spec.labels))
-            out |= {f"{spec.prefix}{infix}{k}": v for k, v in evals.eval_metrics(sums).items()}
-            if spec.main:
-                confusion = sums["confusion"]
-    return out, confusion
-
-
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """What the train loop reads and never reassigns; built by `_prepare`."""
@@ -499,7 +486,7 @@ def _train(run: _Run, state: TrainState) -> dict[str, float]:
                 if evaluated:
                     # The parameters' and their EMA's: eval_*, eval_ema_*, eval_NAME_*, eval_NAME_ema_*.
                     items = [(k, p) for k, p in [("", state.params), ("ema_", state.ema_params)] if p is not None]
-                    eval_metrics, confusion = _evaluate_sets(trainer, run.evals, items)
+                    eval_metrics, confusion = evals.evaluate_sets(trainer.eval_sums, run.evals, items)
                     run.writer.write_scalars(step, eval_metrics)
                     logging.info("eval step %d: %s", step, " | ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 if checkpoint:
@@ -600,7 +587,7 @@ def evaluate(config, workdir: str, checkpoint: str | None = None, eval_dir: str 
         targets = dict.fromkeys(saved, trainer.targets.params)
         restored = ckpt.restore_items(step_dir, targets, trainer.model, convert, trainer.replicated)
         items = [("ema_" if item == ckpt.EMA_PARAMS else "", restored[item]) for item in saved]
-        out, confusion = _evaluate_sets(trainer, eval_sets, items)
+        out, confusion = evals.evaluate_sets(trainer.eval_sums, eval_sets, items)
     if jax.process_index() == 0:
         described = {s.name: {"data": s.data, "split": s.split, **({"labels": s.labels} if s.labels else {})}
                      for s in specs}  # fmt: skip

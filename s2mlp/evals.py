@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -308,6 +308,21 @@ def eval_metrics(sums: dict[str, np.ndarray]) -> dict[str, float]:
     if "loss" in sums:
         out["loss"] = float(sums["loss"]) / count
     return out | {"num_examples": count}
+
+
+def evaluate_sets(eval_sums: Callable, eval_sets: Sequence[tuple[EvalSpec, Any]], items: Sequence[tuple[str, Any]]):
+    """Each (spec, data) of `eval_sets` (`input_pipeline.build_evals`'s) with each (key infix, params) of `items`
+    ('' the parameters, 'ema_' their EMA), summed by `eval_sums(params, batches, multi_label=...)` (the
+    `train_lib.Trainer`'s): (metrics.jsonl's keys -> values, the main eval's confusion matrix of the last item, the
+    EMA's when on)."""
+    out, confusion = {}, None
+    for spec, data in eval_sets:
+        for infix, params in items:
+            sums = eval_sums(params, data.eval_iterator(), multi_label=bool(spec.labels))
+            out |= {f"{spec.prefix}{infix}{k}": v for k, v in eval_metrics(sums).items()}
+            if spec.main:
+                confusion = sums["confusion"]
+    return out, confusion
 
 
 def out_dir(eval_dir, split: str, step: int):

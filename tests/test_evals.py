@@ -88,16 +88,16 @@ def test_the_best_checkpoint_is_ranked_by_the_named_eval(best_eval, kept, tmp_pa
     at 2). keep_checkpoints=1 keeps the latest step and the best one by config.best_eval."""
     scripted = {"eval_": [0.1, 0.2, 0.3], "eval_trainset_": [0.9, 0.5, 0.4]}
     calls = []
-    real = train_lib._evaluate_sets
+    real = evals.evaluate_sets
 
-    def evaluate_sets(trainer, eval_sets, items):
-        out, confusion = real(trainer, eval_sets, items)
+    def evaluate_sets(eval_sums, eval_sets, items):
+        out, confusion = real(eval_sums, eval_sets, items)
         for prefix, values in scripted.items():
             out[f"{prefix}top1"] = out[f"{prefix}ema_top1"] = values[len(calls)]
         calls.append(out)
         return out, confusion
 
-    monkeypatch.setattr(train_lib, "_evaluate_sets", evaluate_sets)
+    monkeypatch.setattr(evals, "evaluate_sets", evaluate_sets)
     config = _config(evals=(EXTRA,), best_eval=best_eval, eval_every_steps=2, checkpoint_every_steps=2)
     config.keep_checkpoints = 1
     train_lib.train_and_evaluate(config, str(tmp_path))
