@@ -25,7 +25,8 @@ Recipe: the S²-MLPv2 paper's AdamW / cosine / label smoothing / DropPath (0.05)
 small grey, centred images: a shift of up to ±2 pixels (``pad_crop(2)``: torchvision's RandomCrop(28,
 padding=2)), horizontal flip (clothes are left-right symmetric), random erasing 0.25; no RandAugment (its
 colour ops do little on grey images), no Mixup/CutMix, no EMA. The lr is higher than ImageNet's (a short run
-of a small model). 32 epochs fill the 2-hour budget on the 2-core CPU.
+of a small model). 32 epochs fill the 2-hour budget on the 2-core CPU at its 2026-12-05 speed (~286 img/s); the
+shared host ran at ~210 img/s on 2026-12-07, at which they take about 2 h 40 min.
 
 Runs, on the 2-core development machine (``lscpu``: AMD EPYC, 2 cores, AVX-512; Python 3.11, JAX 0.10.2), each
 ``python main.py --config=configs/fashion_mnist.py[:MODEL] --workdir=runs/NAME [FLAGS]``, 14,976 steps (32 epochs)
