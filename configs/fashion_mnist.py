@@ -74,8 +74,8 @@ What they say (a difference within the spread over seeds is a tie):
   that is not yet a measured difference.
 - The S²-MLP is 0.55 points above the Mixer of matched parameters with 65% of its MACs, at about twice its
   images/s on this CPU: one seed each, a tie on accuracy; the cost gap is measured.
-- Without random erasing, two seeds: 93.62% (93.49-93.74), against 93.64% (93.61-93.70) with it: a tie, and
-  the wider spread of the two. The recipe keeps ``erase(0.25)``.
+- Without random erasing, two seeds: 93.62% (93.49-93.74), against 93.64% (93.61-93.70) with it: a tie, the
+  0.02-point gap well inside either spread. The recipe keeps ``erase(0.25)``.
 - A horizontal flip at test time adds nothing: the seed-2 weights score 93.62% on the mean of the logits of each
   test image and its mirror (``s2mlp.inference.load(workdir, ema=False).logits`` on both), against 93.61%.
 - Depths (3, 5): 0.45 points below the three-seed row, beyond its spread: within 2 hours the extra 14×14 block buys
