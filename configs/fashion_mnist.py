@@ -77,7 +77,8 @@ What they say (a difference within the spread over seeds is a tie):
 - Without random erasing, two seeds: 93.62% (93.49-93.74), against 93.64% (93.61-93.70) with it: a tie, the
   0.02-point gap well inside either spread. The recipe keeps ``erase(0.25)``.
 - A horizontal flip at test time adds nothing: the seed-2 weights score 93.62% on the mean of the logits of each
-  test image and its mirror (``s2mlp.inference.load(workdir, ema=False).logits`` on both), against 93.61%.
+  test image and its mirror, against 93.61% (``clf = s2mlp.inference.load(workdir, ema=False)``, then
+  ``clf.logits`` of ``clf.preprocess(images)`` and of the same flipped along the width axis).
 - Depths (3, 5): 0.45 points below the three-seed row, beyond its spread: within 2 hours the extra 14×14 block buys
   less than the epochs it costs. The config keeps depths (2, 6).
 - The EMA: 0.06 points below its own run's weights at the end, a tie. It led while the lr was high (92.0 against
