@@ -66,7 +66,7 @@ Shirt, the weak class, confused with T-shirt/top, coat and pullover). A run "in 
 - ``:s2mlpv2 --config.batch_size=64``, runs/fashion_mnist_v2_b64, 2026-12-07, in two sittings: the same 32 epochs
   in twice the steps (29,984), the lr scaled with the batch (peak 1.5e-3); evals every 2,345 steps, 2.5 epochs. At
   batch 64 the step ran at 0.96× the images/s of batch 128 (203 against 211 img/s, interleaved in one process), so
-  the epochs cost about the same: ~200-220 img/s on the day, a slow one for the shared host. **93.76%** (99.89%;
+  the epochs cost about the same: median 198 img/s on the day, a slow one for the shared host. **93.76%** (99.89%;
   86.7, 88.3, 91.1, 92.1, 93.1, 93.8; Shirt 79.9%; train loss 0.62 at the end).
 
 What they say (a difference within the spread over seeds is a tie):
