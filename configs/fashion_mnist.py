@@ -92,12 +92,13 @@ What they say (a difference within the spread over seeds is a tie):
   91.3% at epoch 20) and fell behind as the cosine schedule's last epochs settled the weights themselves. The
   recipe keeps no EMA.
 - Batch 64, two seeds: **93.85%** (93.76-93.93), 0.21 points above the three-seed row at batch 128, both seeds above
-  its best (93.61-93.70); seed 1 is 0.07 short of the goal. Their top-1 was above the batch-128 range at epochs 15
-  and 30 and within or above it at 5-25. A gain so far, on two seeds against three: seed 2 decides whether the
-  config moves to batch 64.
+  its best (93.61-93.70); seed 1 is 0.07 short of the goal. Both seeds' top-1 was above the batch-128 range at epochs
+  15 and 30, and within it or above at 5, 10, 20 and 25. A gain so far, on two seeds against three: seed 2
+  decides whether the config moves to batch 64.
 - The models underfit rather than overfit: neither fits its own training images. On the 60,000 train images,
-  preprocessed as the test ones (no augmentation), the batch-64 weights (seed 0) score 95.64% against 93.76% on the
-  test images, and the batch-128 weights of seed 2 95.28% against 93.61%; Shirt 85.8 and 84.7% on the train images
+  preprocessed as the test ones (no augmentation), the batch-64 weights of seed 0 (runs/fashion_mnist_v2_b64) score
+  95.64% against 93.76% on the test images, and the batch-128 weights of seed 2 (runs/fashion_mnist_v2_ema_seed2)
+  95.28% against 93.61%; Shirt 85.8 and 84.7% on the train images
   (``clf = s2mlp.inference.load(workdir, ema=False)``, then ``clf.logits(clf.preprocess(images))`` over the images
   of ``data_sources.idx_split(DATA_DIR, "train")``, 2026-12-07). That points to more capacity or more steps per hour
   rather than more regularisation, as does the tie without random erasing.
