@@ -80,7 +80,8 @@ nothing.
 What they say (a difference within the spread over seeds is a tie):
 - The S²-MLPv2 over seeds 0, 1 and 2 at batch 64, the config's: **93.84%** (93.76-93.93); at batch 128, 93.64%
   (93.61-93.70). Both are above Zalando's "2 Conv + pooling + BN" (93.4%), VGG16 (93.5%) and Capsule Network
-  (93.6%) rows and short of the 94.0% goal. The comparisons below are at batch 128, as those runs were.
+  (93.6%) rows and short of the 94.0% goal. The comparisons with the S²-MLP, the Mixer and the recipe variants
+  below are at batch 128, as those runs were.
 - ``:s2mlp`` is above Zalando's MLP rows (88.3%) and "2 Conv, < 100K parameters" (92.5%), below "2 Conv + pooling
   + BN". The S²-MLPv2 leads it from epoch 15 on, with 71% of its parameters and 77% of its MACs (its first stage
   keeps the 14×14 grid the patch-4 model gives up), by 0.82 points at the end (0.76 over its three seeds). The
