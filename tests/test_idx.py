@@ -183,6 +183,16 @@ def test_28x28_images_at_another_image_size(tmp_path):
     assert batch["label"].tolist() == written["test"][1].tolist()
 
 
+def test_fashion_mnist_batches_and_cadences_are_the_ones_its_rows_ran_at():
+    """The S²-MLPv2 at batch 64 (its three seeds), the others at 128; evals every ~5 epochs, checkpoints every
+    ~1 epoch, a step past each at both batches (60,000 images: 468 steps an epoch at 128, 937 at 64)."""
+    got = {}
+    for model in fashion_mnist.MODELS:
+        c = fashion_mnist.get_config(model)
+        got[model] = (c.batch_size, c.eval_every_steps, c.checkpoint_every_steps)
+    assert got == {"s2mlp": (128, 2_345, 469), "mixer": (128, 2_345, 469), "s2mlpv2": (64, 4_690, 938)}
+
+
 def test_the_shipped_fashion_mnist_recipe_shifts_and_mirrors_each_stored_image(tmp_path):
     """configs/fashion_mnist.py's train chain without its erasing: an epoch holds every stored image once, shifted
     by at most 2 pixels with zeros shifted in (`pad_crop(2)`), mirrored or not, with its own label."""
